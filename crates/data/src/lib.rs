@@ -1,0 +1,42 @@
+//! Datasets and batches on the host: CIFAR-10/100 binary readers, an image-folder reader,
+//! the training transforms, and a loader that prepares batches on background threads.
+//!
+//! Nothing here knows about Burn: a batch is plain `f32` NCHW data plus labels. Every random
+//! draw comes from a generator keyed by (seed, stream, epoch, index), so the same seed gives the
+//! same batches whatever the number of worker threads.
+
+mod cifar;
+mod error;
+mod image_folder;
+mod loader;
+mod seed;
+mod transforms;
+
+pub use cifar::{Cifar, CifarKind, Split};
+pub use error::DataError;
+pub use image_folder::ImageFolder;
+pub use loader::{Batch, Loader, LoaderConfig};
+pub use seed::{Stream, keyed_rng};
+pub use transforms::{CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Transform};
+
+/// An RGB image, 8 bits per channel, stored row-major as `[height][width][3]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// A labelled dataset that can hand out any example by index, from any thread.
+pub trait Dataset: Send + Sync {
+    /// Number of examples.
+    fn len(&self) -> usize;
+    /// Whether there are no examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of classes (labels are `0..num_classes`).
+    fn num_classes(&self) -> usize;
+    /// The image and label of example `index`.
+    fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError>;
+}

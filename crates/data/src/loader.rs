@@ -1,0 +1,388 @@
+//! A loader that prepares batches on background threads, in a fixed order for a given seed and
+//! epoch whatever the number of threads.
+//!
+//! Workers claim batch numbers in order, at most `prefetch` ahead of the consumer, and the
+//! consumer puts finished batches back in order; every example's transform draws from a
+//! generator keyed by (seed, epoch, position in the epoch), not by the thread that ran it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use rand::seq::SliceRandom;
+
+use crate::{DataError, Dataset, Stream, Transform, keyed_rng};
+
+/// How batches are cut and prepared.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Reshuffle the examples every epoch (from the seed and the epoch number).
+    pub shuffle: bool,
+    /// Leave out a last, smaller batch.
+    pub drop_last: bool,
+    /// Background threads preparing batches; 0 prepares them on the calling thread.
+    pub workers: usize,
+    /// How many batches may be prepared ahead of the one being consumed.
+    pub prefetch: usize,
+    pub seed: u64,
+}
+
+/// A prepared batch: normalised images, channel-major, and their labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `[len][3][size][size]` values.
+    pub images: Vec<f32>,
+    pub labels: Vec<usize>,
+    /// Side of each image.
+    pub size: usize,
+}
+
+impl Batch {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+struct Shared {
+    dataset: Arc<dyn Dataset>,
+    indices: Vec<usize>,
+    transform: Transform,
+    mean: [f32; 3],
+    std: [f32; 3],
+    config: LoaderConfig,
+}
+
+/// Batches of a dataset (or of a subset of its indices), epoch after epoch.
+pub struct Loader {
+    shared: Arc<Shared>,
+}
+
+impl Loader {
+    /// A loader over `indices` of `dataset` (all of them when `None`).
+    pub fn new(
+        dataset: Arc<dyn Dataset>,
+        indices: Option<Vec<usize>>,
+        transform: Transform,
+        mean: [f32; 3],
+        std: [f32; 3],
+        config: LoaderConfig,
+    ) -> Self {
+        assert!(config.batch_size > 0, "batch size must be positive");
+        let indices = indices.unwrap_or_else(|| (0..dataset.len()).collect());
+        Self {
+            shared: Arc::new(Shared {
+                dataset,
+                indices,
+                transform,
+                mean,
+                std,
+                config,
+            }),
+        }
+    }
+
+    /// Number of examples per epoch.
+    pub fn len(&self) -> usize {
+        self.shared.indices.len()
+    }
+
+    /// Whether an epoch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.num_batches() == 0
+    }
+
+    /// Number of batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let (n, b) = (self.len(), self.shared.config.batch_size);
+        if self.shared.config.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The batches of `epoch`, in order.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let shared = &self.shared;
+        let mut order = shared.indices.clone();
+        if shared.config.shuffle {
+            order.shuffle(&mut keyed_rng(shared.config.seed, Stream::Order, epoch, 0));
+        }
+        let plan = Arc::new(Plan {
+            shared: shared.clone(),
+            order,
+            epoch,
+            batches: self.num_batches(),
+        });
+        EpochIter::start(plan)
+    }
+}
+
+/// One epoch's order of examples.
+struct Plan {
+    shared: Arc<Shared>,
+    order: Vec<usize>,
+    epoch: u64,
+    batches: usize,
+}
+
+impl Plan {
+    fn build(&self, batch: usize) -> Result<Batch, DataError> {
+        let s = &self.shared;
+        let b = s.config.batch_size;
+        let positions = batch * b..((batch + 1) * b).min(self.order.len());
+        let size = s.transform.size();
+        let per_image = 3 * size * size;
+        let mut images = vec![0.0; positions.len() * per_image];
+        let mut labels = Vec::with_capacity(positions.len());
+        for (slot, position) in positions.enumerate() {
+            let (image, label) = s.dataset.get(self.order[position])?;
+            let mut rng = keyed_rng(
+                s.config.seed,
+                Stream::Transform,
+                self.epoch,
+                position as u64,
+            );
+            s.transform.apply(
+                &image,
+                &mut rng,
+                s.mean,
+                s.std,
+                &mut images[slot * per_image..(slot + 1) * per_image],
+            );
+            labels.push(label);
+        }
+        Ok(Batch {
+            images,
+            labels,
+            size,
+        })
+    }
+}
+
+/// Claims of batch numbers, shared by the workers and the consumer.
+struct Claims {
+    next: usize,
+    consumed: usize,
+}
+
+struct Workers {
+    claims: Mutex<Claims>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+/// The batches of one epoch; dropping it stops its workers.
+pub struct EpochIter {
+    plan: Arc<Plan>,
+    expected: usize,
+    ready: BTreeMap<usize, Result<Batch, DataError>>,
+    receiver: Option<Receiver<(usize, Result<Batch, DataError>)>>,
+    workers: Arc<Workers>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl EpochIter {
+    fn start(plan: Arc<Plan>) -> Self {
+        let workers = Arc::new(Workers {
+            claims: Mutex::new(Claims {
+                next: 0,
+                consumed: 0,
+            }),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let threads = plan.shared.config.workers;
+        let capacity = plan.shared.config.prefetch.max(1);
+        let (sender, receiver) = channel();
+        let handles = (0..threads)
+            .map(|_| {
+                let (plan, workers, sender) = (plan.clone(), workers.clone(), sender.clone());
+                std::thread::spawn(move || {
+                    loop {
+                        let batch = {
+                            let mut claims = workers.claims.lock().expect("loader lock");
+                            loop {
+                                if workers.stop.load(Ordering::Relaxed)
+                                    || claims.next >= plan.batches
+                                {
+                                    return;
+                                }
+                                if claims.next < claims.consumed + capacity {
+                                    break;
+                                }
+                                claims = workers.wake.wait(claims).expect("loader lock");
+                            }
+                            claims.next += 1;
+                            claims.next - 1
+                        };
+                        if sender.send((batch, plan.build(batch))).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            plan,
+            expected: 0,
+            ready: BTreeMap::new(),
+            receiver: (threads > 0).then_some(receiver),
+            workers,
+            handles,
+        }
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.expected >= self.plan.batches {
+            return None;
+        }
+        let batch = match &self.receiver {
+            None => self.plan.build(self.expected),
+            Some(receiver) => loop {
+                if let Some(batch) = self.ready.remove(&self.expected) {
+                    break batch;
+                }
+                let (index, batch) = receiver.recv().expect("loader workers stopped early");
+                self.ready.insert(index, batch);
+            },
+        };
+        self.expected += 1;
+        self.workers.claims.lock().expect("loader lock").consumed = self.expected;
+        self.workers.wake.notify_all();
+        Some(batch)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.plan.batches - self.expected;
+        (left, Some(left))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.workers.stop.store(true, Ordering::Relaxed);
+        self.workers.wake.notify_all();
+        self.receiver = None;
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RgbImage;
+
+    /// Images whose pixels encode their index, so batches can be told apart.
+    struct Numbered(usize);
+
+    impl Dataset for Numbered {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn num_classes(&self) -> usize {
+            10
+        }
+        fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError> {
+            let pixels = (0..8 * 8 * 3)
+                .map(|i| ((index * 31 + i) % 256) as u8)
+                .collect();
+            Ok((
+                RgbImage {
+                    width: 8,
+                    height: 8,
+                    pixels,
+                },
+                index % 10,
+            ))
+        }
+    }
+
+    fn epochs(workers: usize) -> Vec<Batch> {
+        let loader = Loader::new(
+            Arc::new(Numbered(37)),
+            None,
+            Transform::CifarTrain {
+                size: 8,
+                padding: 2,
+            },
+            [0.5; 3],
+            [0.25; 3],
+            LoaderConfig {
+                batch_size: 5,
+                shuffle: true,
+                drop_last: false,
+                workers,
+                prefetch: 2,
+                seed: 11,
+            },
+        );
+        assert_eq!(loader.num_batches(), 8);
+        (0..2)
+            .flat_map(|e| loader.epoch(e).map(Result::unwrap).collect::<Vec<_>>())
+            .collect()
+    }
+
+    #[test]
+    fn batches_are_the_same_whatever_the_number_of_workers() {
+        let reference = epochs(0);
+        assert_eq!(reference.len(), 16);
+        assert_eq!(reference[7].len(), 2);
+        for workers in [1, 3] {
+            assert_eq!(epochs(workers), reference, "{workers} workers");
+        }
+    }
+
+    #[test]
+    fn every_example_appears_once_per_epoch_in_a_new_order() {
+        let batches = epochs(2);
+        let labels = |range: std::ops::Range<usize>| -> Vec<usize> {
+            batches[range]
+                .iter()
+                .flat_map(|b| b.labels.clone())
+                .collect()
+        };
+        let (first, second) = (labels(0..8), labels(8..16));
+        assert_ne!(first, second);
+        let mut counts = [0; 10];
+        first.iter().for_each(|&l| counts[l] += 1);
+        assert_eq!(counts, [4, 4, 4, 4, 4, 4, 4, 3, 3, 3]);
+    }
+
+    #[test]
+    fn dropping_an_epoch_early_stops_its_workers() {
+        let loader = Loader::new(
+            Arc::new(Numbered(1000)),
+            None,
+            Transform::CifarEval { size: 8 },
+            [0.0; 3],
+            [1.0; 3],
+            LoaderConfig {
+                batch_size: 4,
+                shuffle: false,
+                drop_last: true,
+                workers: 2,
+                prefetch: 2,
+                seed: 0,
+            },
+        );
+        let mut epoch = loader.epoch(0);
+        assert_eq!(epoch.next().unwrap().unwrap().labels, vec![0, 1, 2, 3]);
+        drop(epoch);
+    }
+}

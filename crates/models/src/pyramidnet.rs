@@ -1,0 +1,182 @@
+//! PyramidNet (Han et al., 2017) as the CutMix reference's `pyramidnet.py` builds it for CIFAR.
+//!
+//! The width grows by `alpha / (3 n)` at every block; block `k` has `round(16 + k * alpha / 3n)`
+//! planes (Python's round half to even, on the running float sum as the reference accumulates
+//! it), and a bottleneck block outputs 4x that. Blocks are pre-activation without the first
+//! ReLU and without a ReLU after the addition; the shortcut is identity, or a 2x2 average pool
+//! when strided, with missing channels zero-padded.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, Linear};
+use burn::tensor::activation::relu;
+use burn::tensor::module::avg_pool2d;
+use burn::tensor::ops::AvgPoolOptions;
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+
+use crate::init;
+use crate::resnet::global_average_pool;
+
+/// One PyramidNet block: BN, conv, BN, ReLU, conv, BN (basic) or BN, conv1x1, BN, ReLU,
+/// conv3x3 (stride), BN, ReLU, conv1x1 (4x), BN (bottleneck); then the zero-padded shortcut is
+/// added.
+#[derive(Module, Debug)]
+pub struct PyramidBlock {
+    pub bn1: BatchNorm,
+    pub conv1: Conv2d,
+    pub bn2: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn3: BatchNorm,
+    pub conv3: Option<Conv2d>,
+    pub bn4: Option<BatchNorm>,
+    /// Spatial stride of the block; the shortcut average-pools when it is 2.
+    pub stride: usize,
+}
+
+impl PyramidBlock {
+    fn new(
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        bottleneck: bool,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        if bottleneck {
+            Self {
+                bn1: init::batch_norm(inplanes, device),
+                conv1: init::conv(inplanes, planes, 1, 1, rng, device),
+                bn2: init::batch_norm(planes, device),
+                conv2: init::conv(planes, planes, 3, stride, rng, device),
+                bn3: init::batch_norm(planes, device),
+                conv3: Some(init::conv(planes, planes * 4, 1, 1, rng, device)),
+                bn4: Some(init::batch_norm(planes * 4, device)),
+                stride,
+            }
+        } else {
+            Self {
+                bn1: init::batch_norm(inplanes, device),
+                conv1: init::conv(inplanes, planes, 3, stride, rng, device),
+                bn2: init::batch_norm(planes, device),
+                conv2: init::conv(planes, planes, 3, 1, rng, device),
+                bn3: init::batch_norm(planes, device),
+                conv3: None,
+                bn4: None,
+                stride,
+            }
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, inplanes, h, w]`
+    /// - output: `[batch, outplanes, h / stride, w / stride]`, `outplanes >= inplanes`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut out = self.conv1.forward(self.bn1.forward(x.clone()));
+        out = self.conv2.forward(relu(self.bn2.forward(out)));
+        out = self.bn3.forward(out);
+        if let (Some(conv3), Some(bn4)) = (&self.conv3, &self.bn4) {
+            out = bn4.forward(conv3.forward(relu(out)));
+        }
+        let shortcut = if self.stride == 1 {
+            x
+        } else {
+            avg_pool2d(
+                x,
+                AvgPoolOptions::new([2, 2])
+                    .with_stride([2, 2])
+                    .with_ceil_mode(true),
+            )
+        };
+        let [batch, out_channels, h, w] = out.dims();
+        let shortcut_channels = shortcut.dims()[1];
+        let shortcut = if out_channels > shortcut_channels {
+            let padding = Tensor::zeros(
+                [batch, out_channels - shortcut_channels, h, w],
+                &shortcut.device(),
+            );
+            Tensor::cat(vec![shortcut, padding], 1)
+        } else {
+            shortcut
+        };
+        out + shortcut
+    }
+}
+
+/// PyramidNet for 32x32 inputs: conv3x3(3 -> 16) + BN stem (no ReLU), three stages of `n`
+/// blocks, then BN, ReLU, global average pool and `fc`.
+#[derive(Module, Debug)]
+pub struct PyramidNet {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub layer1: Vec<PyramidBlock>,
+    pub layer2: Vec<PyramidBlock>,
+    pub layer3: Vec<PyramidBlock>,
+    pub bn_final: BatchNorm,
+    pub fc: Linear,
+}
+
+impl PyramidNet {
+    /// Builds a PyramidNet with `n` blocks per stage and total widening `alpha`.
+    pub(crate) fn new(
+        n: usize,
+        alpha: f64,
+        bottleneck: bool,
+        num_classes: usize,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        let expansion = if bottleneck { 4 } else { 1 };
+        let add_rate = alpha / (3 * n) as f64;
+        let conv1 = init::conv(3, 16, 3, 1, rng, device);
+        let bn1 = init::batch_norm(16, device);
+        // The reference keeps a running float width and rounds it per block.
+        let mut width = 16.0_f64;
+        let mut inplanes = 16;
+        let mut stages = Vec::with_capacity(3);
+        for stage in 0..3 {
+            let stride = if stage == 0 { 1 } else { 2 };
+            let mut layer = Vec::with_capacity(n);
+            for i in 0..n {
+                width += add_rate;
+                let planes = width.round_ties_even() as usize;
+                let block_stride = if i == 0 { stride } else { 1 };
+                layer.push(PyramidBlock::new(
+                    inplanes,
+                    planes,
+                    block_stride,
+                    bottleneck,
+                    rng,
+                    device,
+                ));
+                inplanes = planes * expansion;
+            }
+            stages.push(layer);
+        }
+        let bn_final = init::batch_norm(inplanes, device);
+        let fc = init::linear(inplanes, num_classes, rng, device);
+        let [layer1, layer2, layer3]: [Vec<PyramidBlock>; 3] =
+            stages.try_into().expect("three stages");
+        Self {
+            conv1,
+            bn1,
+            layer1,
+            layer2,
+            layer3,
+            bn_final,
+            fc,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]`
+    /// - output: `[batch, num_classes]` (logits)
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = self.bn1.forward(self.conv1.forward(x));
+        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
+            x = block.forward(x);
+        }
+        let x = relu(self.bn_final.forward(x));
+        self.fc.forward(global_average_pool(x))
+    }
+}

@@ -1,0 +1,297 @@
+//! Builds any model from its [`ModelConfig`]: the depth tables live here.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+
+use crate::pyramidnet::PyramidNet;
+use crate::resnet::{ResNet, Stem};
+
+/// The architecture families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// torchvision's ImageNet ResNet: depth 18, 34 (basic), 50, 101, 152 (bottleneck).
+    ResNet,
+    /// The reference's CIFAR ResNet: depth 6n+2 (basic) or 9n+2 (bottleneck).
+    CifarResNet,
+    /// The reference's CIFAR PyramidNet: depth 6n+2 (basic) or 9n+2 (bottleneck), any alpha.
+    PyramidNet,
+}
+
+impl Arch {
+    /// The config spelling of each architecture.
+    pub const NAMES: [&'static str; 3] = ["resnet", "cifar_resnet", "pyramidnet"];
+
+    /// Parses the config spelling (`resnet`, `cifar_resnet`, `pyramidnet`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "resnet" => Some(Self::ResNet),
+            "cifar_resnet" => Some(Self::CifarResNet),
+            "pyramidnet" => Some(Self::PyramidNet),
+            _ => None,
+        }
+    }
+}
+
+/// What is wrong with a model description.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error("depth {depth} is not a {arch} depth: {expected}")]
+    InvalidDepth {
+        arch: &'static str,
+        depth: usize,
+        expected: String,
+    },
+    #[error("alpha must be a finite number >= 0, got {0}")]
+    InvalidAlpha(f64),
+    #[error("num_classes must be at least 1")]
+    NoClasses,
+}
+
+/// Which network to build. `alpha` applies to PyramidNet only and `bottleneck` to the CIFAR
+/// families only (ImageNet ResNets use bottlenecks from depth 50, as torchvision).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub depth: usize,
+    pub alpha: f64,
+    pub bottleneck: bool,
+    pub num_classes: usize,
+}
+
+/// A built network, ready to train or evaluate.
+#[derive(Module, Debug)]
+pub enum Model {
+    ResNet(ResNet),
+    PyramidNet(PyramidNet),
+}
+
+impl Model {
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]` (normalised images)
+    /// - output: `[batch, num_classes]` (logits)
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        match self {
+            Self::ResNet(model) => model.forward(x),
+            Self::PyramidNet(model) => model.forward(x),
+        }
+    }
+}
+
+/// torchvision's ImageNet ResNet table: blocks per stage and whether blocks are bottlenecks.
+fn imagenet_resnet_table(depth: usize) -> Option<(&'static [usize], bool)> {
+    match depth {
+        18 => Some((&[2, 2, 2, 2], false)),
+        34 => Some((&[3, 4, 6, 3], false)),
+        50 => Some((&[3, 4, 6, 3], true)),
+        101 => Some((&[3, 4, 23, 3], true)),
+        152 => Some((&[3, 8, 36, 3], true)),
+        _ => None,
+    }
+}
+
+/// Blocks per stage of a CIFAR-style network: (depth - 2) / 6 for basic blocks, / 9 for
+/// bottlenecks; the depth must fit exactly and give at least one block.
+fn cifar_blocks_per_stage(depth: usize, bottleneck: bool) -> Option<usize> {
+    let per_block = if bottleneck { 9 } else { 6 };
+    (depth > 2 && (depth - 2) % per_block == 0).then(|| (depth - 2) / per_block)
+}
+
+impl ModelConfig {
+    /// Checks the description without building anything.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.num_classes == 0 {
+            return Err(ModelError::NoClasses);
+        }
+        match self.arch {
+            Arch::ResNet => {
+                if imagenet_resnet_table(self.depth).is_none() {
+                    return Err(ModelError::InvalidDepth {
+                        arch: "resnet",
+                        depth: self.depth,
+                        expected: "one of 18, 34, 50, 101, 152".into(),
+                    });
+                }
+            }
+            Arch::CifarResNet | Arch::PyramidNet => {
+                if cifar_blocks_per_stage(self.depth, self.bottleneck).is_none() {
+                    let (form, examples) = if self.bottleneck {
+                        ("9n+2 with bottleneck = true", "e.g. 164, 200, 272")
+                    } else {
+                        ("6n+2 with bottleneck = false", "e.g. 20, 56, 110")
+                    };
+                    return Err(ModelError::InvalidDepth {
+                        arch: if self.arch == Arch::PyramidNet {
+                            "pyramidnet"
+                        } else {
+                            "cifar_resnet"
+                        },
+                        depth: self.depth,
+                        expected: format!("{form} ({examples})"),
+                    });
+                }
+                if self.arch == Arch::PyramidNet && !(self.alpha.is_finite() && self.alpha >= 0.0) {
+                    return Err(ModelError::InvalidAlpha(self.alpha));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the network on `device`, drawing every weight from `rng`.
+    pub fn init(&self, rng: &mut impl Rng, device: &Device) -> Result<Model, ModelError> {
+        self.validate()?;
+        let classes = self.num_classes;
+        Ok(match self.arch {
+            Arch::ResNet => {
+                let (blocks, bottleneck) =
+                    imagenet_resnet_table(self.depth).expect("validated depth");
+                Model::ResNet(ResNet::new(
+                    Stem::ImageNet,
+                    blocks,
+                    bottleneck,
+                    classes,
+                    rng,
+                    device,
+                ))
+            }
+            Arch::CifarResNet => {
+                let n = cifar_blocks_per_stage(self.depth, self.bottleneck).expect("validated");
+                Model::ResNet(ResNet::new(
+                    Stem::Cifar,
+                    &[n, n, n],
+                    self.bottleneck,
+                    classes,
+                    rng,
+                    device,
+                ))
+            }
+            Arch::PyramidNet => {
+                let n = cifar_blocks_per_stage(self.depth, self.bottleneck).expect("validated");
+                Model::PyramidNet(PyramidNet::new(
+                    n,
+                    self.alpha,
+                    self.bottleneck,
+                    classes,
+                    rng,
+                    device,
+                ))
+            }
+        })
+    }
+}
+
+/// Counts trainable parameters as PyTorch's `sum(p.numel() for p in model.parameters())` does:
+/// BatchNorm running statistics are buffers, not parameters, and are left out.
+pub fn count_params<M: Module>(module: &M) -> usize {
+    struct Counter {
+        path: Vec<String>,
+        count: usize,
+    }
+    impl ModuleVisitor for Counter {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let is_buffer = matches!(
+                self.path.last().map(String::as_str),
+                Some("running_mean" | "running_var")
+            );
+            if !is_buffer {
+                self.count += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut counter = Counter {
+        path: Vec::new(),
+        count: 0,
+    };
+    module.visit(&mut counter);
+    counter.count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn params(arch: Arch, depth: usize, alpha: f64, bottleneck: bool, classes: usize) -> usize {
+        let config = ModelConfig {
+            arch,
+            depth,
+            alpha,
+            bottleneck,
+            num_classes: classes,
+        };
+        let model = config
+            .init(&mut StdRng::seed_from_u64(0), &Device::flex())
+            .unwrap();
+        count_params(&model)
+    }
+
+    #[test]
+    fn pyramidnet_200_alpha_240_has_the_reference_parameter_count() {
+        assert_eq!(params(Arch::PyramidNet, 200, 240.0, true, 100), 26_844_952);
+        assert_eq!(params(Arch::PyramidNet, 200, 240.0, true, 10), 26_752_702);
+    }
+
+    #[test]
+    fn resnet_50_has_torchvisions_parameter_count() {
+        assert_eq!(params(Arch::ResNet, 50, 0.0, false, 1000), 25_557_032);
+    }
+
+    #[test]
+    fn cifar_resnet_20_has_the_option_b_parameter_count() {
+        // 0.27M for the 6n+2 network with projection shortcuts (conv1x1 + BN) at the two
+        // stage changes: 16*32 + 2*32 and 32*64 + 2*64 beyond the option-A count of 269,722.
+        assert_eq!(
+            params(Arch::CifarResNet, 20, 0.0, false, 10),
+            269_722 + 576 + 2_176
+        );
+    }
+
+    #[test]
+    fn invalid_depths_are_rejected_with_the_rule() {
+        let config = ModelConfig {
+            arch: Arch::PyramidNet,
+            depth: 201,
+            alpha: 240.0,
+            bottleneck: true,
+            num_classes: 100,
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("9n+2"), "{error}");
+        let resnet = ModelConfig {
+            arch: Arch::ResNet,
+            depth: 20,
+            ..config
+        };
+        assert!(resnet.validate().is_err());
+    }
+
+    #[test]
+    fn forward_gives_one_row_of_logits_per_image() {
+        let device = Device::flex();
+        for (arch, depth, bottleneck) in [
+            (Arch::CifarResNet, 8, false),
+            (Arch::CifarResNet, 11, true),
+            (Arch::PyramidNet, 8, false),
+            (Arch::PyramidNet, 11, true),
+        ] {
+            let config = ModelConfig {
+                arch,
+                depth,
+                alpha: 12.0,
+                bottleneck,
+                num_classes: 7,
+            };
+            let model = config.init(&mut StdRng::seed_from_u64(1), &device).unwrap();
+            let logits = model.forward(Tensor::zeros([2, 3, 32, 32], &device));
+            assert_eq!(logits.dims(), [2, 7]);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! ResNet in torchvision's layout (stride on the 3x3 conv, downsample = conv1x1 + BN, `fc`
+//! last), with the ImageNet stem (7x7/2 conv, 3x3/2 max pool, four stages) or the CIFAR stem of
+//! the CutMix reference's `resnet.py` (3x3 conv, three stages of 16/32/64 planes).
+//!
+//! Parameter names follow torchvision: `conv1`, `bn1`, `layer1.0.conv1`,
+//! `layer1.0.downsample.0`, ..., `fc`.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, Linear};
+use burn::tensor::activation::relu;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::ops::MaxPoolOptions;
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+
+use crate::init;
+
+/// One residual block. Basic (two 3x3 convs) when `conv3` is absent, bottleneck
+/// (1x1, 3x3 with the stride, 1x1 to 4x the planes) when present.
+#[derive(Module, Debug)]
+pub struct ResidualBlock {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn2: BatchNorm,
+    pub conv3: Option<Conv2d>,
+    pub bn3: Option<BatchNorm>,
+    /// Projection shortcut (conv1x1 with the block's stride, then BN) when the shape changes.
+    pub downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl ResidualBlock {
+    /// Builds a block taking `inplanes` channels to `planes * expansion`.
+    fn new(
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        bottleneck: bool,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        let expansion = if bottleneck { 4 } else { 1 };
+        let outplanes = planes * expansion;
+        let (conv1, conv2, conv3) = if bottleneck {
+            (
+                init::conv(inplanes, planes, 1, 1, rng, device),
+                init::conv(planes, planes, 3, stride, rng, device),
+                Some(init::conv(planes, outplanes, 1, 1, rng, device)),
+            )
+        } else {
+            (
+                init::conv(inplanes, planes, 3, stride, rng, device),
+                init::conv(planes, planes, 3, 1, rng, device),
+                None,
+            )
+        };
+        let downsample = (stride != 1 || inplanes != outplanes).then(|| {
+            (
+                init::conv(inplanes, outplanes, 1, stride, rng, device),
+                init::batch_norm(outplanes, device),
+            )
+        });
+        Self {
+            conv1,
+            bn1: init::batch_norm(planes, device),
+            conv2,
+            bn2: init::batch_norm(if bottleneck { planes } else { outplanes }, device),
+            conv3,
+            bn3: bottleneck.then(|| init::batch_norm(outplanes, device)),
+            downsample,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, inplanes, h, w]`
+    /// - output: `[batch, planes * expansion, h / stride, w / stride]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn.forward(conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let mut out = relu(self.bn1.forward(self.conv1.forward(x)));
+        out = self.bn2.forward(self.conv2.forward(out));
+        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
+            out = bn3.forward(conv3.forward(relu(out)));
+        }
+        relu(out + shortcut)
+    }
+}
+
+/// The stem of a ResNet: which dataset family it was laid out for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stem {
+    /// 7x7/2 conv, BN, ReLU, 3x3/2 max pool; stages of 64, 128, 256, 512 planes.
+    ImageNet,
+    /// 3x3 conv, BN, ReLU; stages of 16, 32, 64 planes (32x32 inputs).
+    Cifar,
+}
+
+/// A ResNet (see the module docs). `layer4` is empty for the CIFAR stem.
+#[derive(Module, Debug)]
+pub struct ResNet {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub layer1: Vec<ResidualBlock>,
+    pub layer2: Vec<ResidualBlock>,
+    pub layer3: Vec<ResidualBlock>,
+    pub layer4: Vec<ResidualBlock>,
+    pub fc: Linear,
+    /// Whether the stem max-pools (ImageNet stem).
+    pub max_pool: bool,
+}
+
+impl ResNet {
+    /// Builds a ResNet with `blocks[i]` blocks in stage `i`.
+    pub(crate) fn new(
+        stem: Stem,
+        blocks: &[usize],
+        bottleneck: bool,
+        num_classes: usize,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        let (stem_planes, stem_kernel, stem_stride, stage_planes): (usize, usize, usize, &[usize]) =
+            match stem {
+                Stem::ImageNet => (64, 7, 2, &[64, 128, 256, 512]),
+                Stem::Cifar => (16, 3, 1, &[16, 32, 64]),
+            };
+        let conv1 = init::conv(3, stem_planes, stem_kernel, stem_stride, rng, device);
+        let bn1 = init::batch_norm(stem_planes, device);
+        let expansion = if bottleneck { 4 } else { 1 };
+        let mut inplanes = stem_planes;
+        let mut stages: Vec<Vec<ResidualBlock>> = Vec::new();
+        for (stage, (&planes, &count)) in stage_planes.iter().zip(blocks).enumerate() {
+            let stride = if stage == 0 { 1 } else { 2 };
+            let layer = (0..count)
+                .map(|i| {
+                    let block = ResidualBlock::new(
+                        inplanes,
+                        planes,
+                        if i == 0 { stride } else { 1 },
+                        bottleneck,
+                        rng,
+                        device,
+                    );
+                    inplanes = planes * expansion;
+                    block
+                })
+                .collect();
+            stages.push(layer);
+        }
+        stages.resize_with(4, Vec::new);
+        let fc = init::linear(inplanes, num_classes, rng, device);
+        let mut stages = stages.into_iter();
+        let mut next = || stages.next().unwrap_or_default();
+        Self {
+            conv1,
+            bn1,
+            layer1: next(),
+            layer2: next(),
+            layer3: next(),
+            layer4: next(),
+            fc,
+            max_pool: stem == Stem::ImageNet,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]`
+    /// - output: `[batch, num_classes]` (logits)
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if self.max_pool {
+            x = max_pool2d(
+                x,
+                MaxPoolOptions::new([3, 3])
+                    .with_stride([2, 2])
+                    .with_padding([1, 1]),
+            );
+        }
+        for block in self
+            .layer1
+            .iter()
+            .chain(&self.layer2)
+            .chain(&self.layer3)
+            .chain(&self.layer4)
+        {
+            x = block.forward(x);
+        }
+        self.fc.forward(global_average_pool(x))
+    }
+}
+
+/// Mean over the spatial dimensions.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, h, w]`
+/// - output: `[batch, channels]`
+pub(crate) fn global_average_pool(x: Tensor<4>) -> Tensor<2> {
+    let [batch, channels, _, _] = x.dims();
+    x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+}

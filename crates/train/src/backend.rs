@@ -1,0 +1,130 @@
+//! Turns the `backend` setting into a Burn device (DESIGN.md, "Backends").
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, DeviceKind};
+
+use crate::config::BackendChoice;
+
+/// The device a run trains on, and how to name it in logs and metrics.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub device: Device,
+    /// `flex`, `wgpu` or `ndarray`, as written into `metrics.jsonl`.
+    pub name: &'static str,
+    /// A line for the log: the backend and the adapter it runs on.
+    pub description: String,
+}
+
+/// A wgpu adapter as wgpu reports it.
+struct Adapter {
+    name: String,
+    kind: wgpu::DeviceType,
+    api: wgpu::Backend,
+}
+
+/// Lists the adapters wgpu can see, without creating a device.
+fn wgpu_adapters() -> Vec<Adapter> {
+    let instance = wgpu::Instance::default();
+    let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters
+        .into_iter()
+        .map(|a| {
+            let info = a.get_info();
+            Adapter {
+                name: info.name,
+                kind: info.device_type,
+                api: info.backend,
+            }
+        })
+        .collect()
+}
+
+/// Runs a future that completes without waiting on anything outside it.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut context) {
+            return value;
+        }
+        std::thread::yield_now();
+    }
+}
+
+fn is_real_gpu(kind: wgpu::DeviceType) -> bool {
+    matches!(
+        kind,
+        wgpu::DeviceType::DiscreteGpu
+            | wgpu::DeviceType::IntegratedGpu
+            | wgpu::DeviceType::VirtualGpu
+    )
+}
+
+fn flex() -> Backend {
+    Backend {
+        device: Device::flex(),
+        name: "flex",
+        description: "flex (CPU)".into(),
+    }
+}
+
+/// wgpu on the best adapter: a real GPU when there is one, else a software (CPU) adapter such as
+/// Mesa's lavapipe.
+fn wgpu() -> Result<Backend> {
+    let adapters = wgpu_adapters();
+    if let Some(gpu) = adapters.iter().find(|a| is_real_gpu(a.kind)) {
+        return Ok(Backend {
+            device: Device::wgpu(DeviceKind::DefaultDevice),
+            name: "wgpu",
+            description: format!("wgpu on {} ({:?}, {:?})", gpu.name, gpu.kind, gpu.api),
+        });
+    }
+    if let Some(cpu) = adapters.iter().find(|a| a.kind == wgpu::DeviceType::Cpu) {
+        return Ok(Backend {
+            device: Device::wgpu(DeviceKind::Cpu),
+            name: "wgpu",
+            description: format!(
+                "wgpu on {} (software adapter on the CPU: correct but slow; use flex to train on a CPU)",
+                cpu.name
+            ),
+        });
+    }
+    bail!(
+        "backend wgpu: no GPU adapter found; install the GPU's Vulkan driver (or mesa-vulkan-drivers for a software one), or use --backend flex"
+    )
+}
+
+#[cfg(feature = "ndarray")]
+#[allow(deprecated)] // users ask for it by name; the deprecation is upstream's
+fn ndarray() -> Result<Backend> {
+    Ok(Backend {
+        device: Device::ndarray(),
+        name: "ndarray",
+        description: "ndarray (CPU; deprecated upstream and about 40x slower than flex)".into(),
+    })
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray() -> Result<Backend> {
+    bail!(
+        "backend ndarray is not built in: rebuild with `cargo run --release --features ndarray --bin train -- ...` (or use --backend flex, about 40x faster)"
+    )
+}
+
+/// Picks the device for `choice`.
+pub fn select(choice: BackendChoice) -> Result<Backend> {
+    match choice {
+        BackendChoice::Flex => Ok(flex()),
+        BackendChoice::Wgpu => wgpu(),
+        BackendChoice::Ndarray => ndarray(),
+        BackendChoice::Auto => {
+            if wgpu_adapters().iter().any(|a| is_real_gpu(a.kind)) {
+                wgpu()
+            } else {
+                let mut backend = flex();
+                backend.description = "flex (CPU; auto found no GPU)".into();
+                Ok(backend)
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The run folder and its checkpoints (DESIGN.md, "Run folder").
+//!
+//! A checkpoint is a folder holding `model.bpk` (the weights, BatchNorm statistics included),
+//! `optimizer.bpk` (momentum buffers) and `state.json` (epoch, step, best error). It is written
+//! under a temporary name, flushed, and renamed into place, so a crash never leaves a broken one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use serde::{Deserialize, Serialize};
+
+use cutmix_models::Model;
+
+/// Training progress stored beside the weights: with the seed, enough to redraw every random
+/// stream (they are keyed by seed, epoch and step).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: usize,
+    pub seed: u64,
+    pub val_top1_err: f64,
+    pub best_val_top1_err: f64,
+    pub best_epoch: usize,
+}
+
+/// Creates `<output_dir>/<name>/`, or `<name>-2`, `<name>-3`, ... when it exists: an existing run
+/// is never overwritten. Returns the folder and whether the name had to change.
+pub fn create_run_dir(output_dir: &Path, name: &str) -> Result<(PathBuf, bool)> {
+    fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create output folder {}", output_dir.display()))?;
+    for n in 1.. {
+        let candidate = if n == 1 {
+            output_dir.join(name)
+        } else {
+            output_dir.join(format!("{name}-{n}"))
+        };
+        match fs::create_dir(&candidate) {
+            Ok(()) => {
+                fs::create_dir(candidate.join("checkpoints")).with_context(|| {
+                    format!("cannot create {}", candidate.join("checkpoints").display())
+                })?;
+                return Ok((candidate, n > 1));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create {}", candidate.display()));
+            }
+        }
+    }
+    unreachable!("some numbered run folder name is free")
+}
+
+/// Writes `contents` to `path` through a temporary file, flushed and renamed.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Replaces the folder `dest` by `staged` (a sibling): the old one is moved aside first and
+/// removed after, so at every moment one complete copy exists.
+fn publish(staged: &Path, dest: &Path) -> Result<()> {
+    let parent = dest.parent().expect("checkpoint folders have a parent");
+    let old = parent.join(format!(
+        ".old-{}",
+        dest.file_name().expect("named").to_string_lossy()
+    ));
+    if old.exists() {
+        fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+    }
+    if dest.exists() {
+        fs::rename(dest, &old).with_context(|| format!("cannot move {}", dest.display()))?;
+    }
+    fs::rename(staged, dest).with_context(|| format!("cannot publish {}", dest.display()))?;
+    sync_dir(parent).with_context(|| format!("cannot sync {}", parent.display()))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// Fills `staged` with links to (or copies of) the files of `source`.
+fn stage_copy(source: &Path, staged: &Path) -> Result<()> {
+    if staged.exists() {
+        fs::remove_dir_all(staged)?;
+    }
+    fs::create_dir(staged).with_context(|| format!("cannot create {}", staged.display()))?;
+    for entry in fs::read_dir(source)? {
+        let entry = entry?;
+        let to = staged.join(entry.file_name());
+        if fs::hard_link(entry.path(), &to).is_err() {
+            fs::copy(entry.path(), &to)
+                .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Saves the checkpoints of an epoch: always `last`, `best` when `is_best`, and
+/// `epoch-NNNN` for the `keep_last` most recent epochs.
+pub fn save(
+    run_dir: &Path,
+    model: &Model,
+    optimizer: &ModuleOptimizer,
+    state: &TrainState,
+    is_best: bool,
+    keep_last: usize,
+) -> Result<()> {
+    let dir = run_dir.join("checkpoints");
+    let epoch_name = format!("epoch-{:04}", state.epoch);
+    let staged = dir.join(format!(".tmp-{epoch_name}"));
+    if staged.exists() {
+        fs::remove_dir_all(&staged)?;
+    }
+    fs::create_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
+    model
+        .clone()
+        .save_file(staged.join("model.bpk"))
+        .with_context(|| format!("cannot write {}", staged.join("model.bpk").display()))?;
+    optimizer
+        .save(staged.join("optimizer.bpk"))
+        .with_context(|| format!("cannot write {}", staged.join("optimizer.bpk").display()))?;
+    let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
+    write_atomically(&staged.join("state.json"), &state_json)?;
+    for file in ["model.bpk", "optimizer.bpk"] {
+        fs::File::open(staged.join(file))?.sync_all()?;
+    }
+    sync_dir(&staged)?;
+
+    for (name, wanted) in [("last", true), ("best", is_best)] {
+        if wanted {
+            let link = dir.join(format!(".tmp-{name}"));
+            stage_copy(&staged, &link)?;
+            publish(&link, &dir.join(name))?;
+        }
+    }
+    if keep_last > 0 {
+        publish(&staged, &dir.join(&epoch_name))?;
+    } else {
+        fs::remove_dir_all(&staged)?;
+    }
+    prune_epochs(&dir, keep_last)
+}
+
+/// Removes all but the `keep` most recent `epoch-NNNN` folders.
+fn prune_epochs(dir: &Path, keep: usize) -> Result<()> {
+    let mut epochs: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("epoch-"))
+        })
+        .collect();
+    epochs.sort();
+    let excess = epochs.len().saturating_sub(keep);
+    for old in &epochs[..excess] {
+        fs::remove_dir_all(old).with_context(|| format!("cannot remove {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads `state.json` of a checkpoint folder.
+pub fn load_state(checkpoint: &Path) -> Result<TrainState> {
+    let path = checkpoint.join("state.json");
+    let text = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{}: not a training state", path.display()))
+}

@@ -1,0 +1,498 @@
+//! The run configuration: a TOML file, `--set section.key=value` overrides, and the checks that
+//! run before anything is written.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use cutmix_models::{Arch, ModelConfig};
+
+/// Which device trains the model (DESIGN.md, "Backends").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// A real GPU through wgpu if there is one, else flex.
+    Auto,
+    Wgpu,
+    Flex,
+    Ndarray,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Run folder name: `<output_dir>/<name>/`.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_backend")]
+    pub backend: BackendChoice,
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub augment: AugmentSection,
+    pub train: TrainSection,
+}
+
+fn default_backend() -> BackendChoice {
+    BackendChoice::Auto
+}
+
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+/// `[model]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `resnet`, `cifar_resnet` or `pyramidnet`.
+    pub arch: String,
+    pub depth: usize,
+    /// PyramidNet's total widening.
+    #[serde(default)]
+    pub alpha: f64,
+    /// Bottleneck blocks (CIFAR families; ImageNet ResNets decide by depth).
+    #[serde(default)]
+    pub bottleneck: bool,
+    pub num_classes: usize,
+    /// Optional burnpack (`.bpk`) weights to start from.
+    #[serde(default)]
+    pub init_from: String,
+}
+
+/// Which dataset reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    Cifar10,
+    Cifar100,
+    Imagefolder,
+}
+
+/// Which family of host transforms (and normalisation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransformKind {
+    /// Pad-and-crop + flip, CIFAR mean and std.
+    Cifar,
+    /// RandomResizedCrop + flip, resize + centre crop for evaluation, ImageNet mean and std.
+    Imagenet,
+}
+
+/// `[data]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub dataset: DatasetKind,
+    /// CIFAR: the folder with the `.bin` files; imagefolder: holds `train/` and `val/`.
+    pub root: PathBuf,
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Transform family; by default `cifar` for the CIFAR datasets, `imagenet` for folders.
+    #[serde(default)]
+    pub transforms: Option<TransformKind>,
+    /// Background threads preparing batches (0: on the training thread).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Batches prepared ahead of the one in use.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// 0 = all; else a seeded random subset of this many training examples.
+    #[serde(default)]
+    pub train_limit: usize,
+    /// 0 = all; else a seeded random subset of this many validation examples.
+    #[serde(default)]
+    pub val_limit: usize,
+}
+
+fn default_image_size() -> usize {
+    32
+}
+
+fn default_workers() -> usize {
+    2
+}
+
+fn default_prefetch() -> usize {
+    4
+}
+
+impl DataSection {
+    /// The transform family in effect.
+    pub fn transform_kind(&self) -> TransformKind {
+        self.transforms.unwrap_or(match self.dataset {
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => TransformKind::Cifar,
+            DatasetKind::Imagefolder => TransformKind::Imagenet,
+        })
+    }
+}
+
+/// Batch mixing methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixMethod {
+    None,
+    Cutmix,
+}
+
+/// How CutMix draws: `batch` is the reference (one lambda and box per batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixMode {
+    Batch,
+}
+
+/// `[augment]` (every key optional: no mixing unless `method` says so).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentSection {
+    pub method: MixMethod,
+    /// lambda ~ Beta(beta, beta).
+    pub beta: f64,
+    /// Share of batches that are mixed.
+    pub prob: f64,
+    pub mode: MixMode,
+}
+
+impl Default for AugmentSection {
+    fn default() -> Self {
+        Self {
+            method: MixMethod::None,
+            beta: 1.0,
+            prob: 0.5,
+            mode: MixMode::Batch,
+        }
+    }
+}
+
+/// Learning-rate schedules, stepped per epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// x gamma at each epoch in `milestones`.
+    Multistep,
+    /// x gamma every `step_size` epochs.
+    Step,
+    /// Cosine from lr to 0 over the epochs after warmup.
+    Cosine,
+}
+
+/// `[train]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default = "default_true")]
+    pub nesterov: bool,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    #[serde(default)]
+    pub milestones: Vec<usize>,
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+    /// Epochs between decays for `schedule = "step"`.
+    #[serde(default)]
+    pub step_size: usize,
+    /// Epochs of linear warmup from 0 to lr (per step).
+    #[serde(default)]
+    pub warmup_epochs: usize,
+    /// How many `checkpoints/epoch-NNNN` folders to keep (`last` and `best` are always kept).
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_weight_decay() -> f64 {
+    1e-4
+}
+
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Multistep
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+
+fn default_keep_last() -> usize {
+    2
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`section.key=value`, in order) and checks the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+        }
+        let config = Self::from_table(table).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Deserialises a table, naming the full dotted key of any bad entry.
+    pub fn from_table(table: toml::Table) -> Result<Self> {
+        let value = toml::Value::Table(table);
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = one_line(&e.inner().to_string());
+            if path == "." || path.is_empty() {
+                anyhow!("{message}")
+            } else {
+                anyhow!("config key {path}: {message}")
+            }
+        })
+    }
+
+    /// The model description this config asks for.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let arch = Arch::parse(&self.model.arch).ok_or_else(|| {
+            anyhow!(
+                "config key model.arch: unknown architecture `{}`, expected one of {}",
+                self.model.arch,
+                Arch::NAMES.join(", ")
+            )
+        })?;
+        Ok(ModelConfig {
+            arch,
+            depth: self.model.depth,
+            alpha: self.model.alpha,
+            bottleneck: self.model.bottleneck,
+            num_classes: self.model.num_classes,
+        })
+    }
+
+    /// Rejects impossible values, naming the key, before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        let model = self.model_config()?;
+        model.validate().map_err(|e| {
+            let key = match e {
+                cutmix_models::ModelError::InvalidDepth { .. } => "model.depth",
+                cutmix_models::ModelError::InvalidAlpha(_) => "model.alpha",
+                cutmix_models::ModelError::NoClasses => "model.num_classes",
+            };
+            anyhow!("config key {key}: {e}")
+        })?;
+        let check = |ok: bool, key: &str, why: &str| -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                bail!("config key {key}: {why}")
+            }
+        };
+        let name_ok = !self.name.is_empty()
+            && !self.name.contains(['/', '\\'])
+            && self.name != "."
+            && self.name != "..";
+        check(
+            name_ok,
+            "name",
+            "must be a non-empty folder name without slashes",
+        )?;
+        let t = &self.train;
+        check(t.epochs >= 1, "train.epochs", "must be at least 1")?;
+        check(t.batch_size >= 1, "train.batch_size", "must be at least 1")?;
+        check(
+            t.lr.is_finite() && t.lr > 0.0,
+            "train.lr",
+            "must be a positive number",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.momentum),
+            "train.momentum",
+            "must be in [0, 1)",
+        )?;
+        check(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "train.weight_decay",
+            "must be a number >= 0",
+        )?;
+        check(
+            t.gamma.is_finite() && t.gamma > 0.0,
+            "train.gamma",
+            "must be a positive number",
+        )?;
+        check(
+            t.milestones.windows(2).all(|w| w[0] < w[1]),
+            "train.milestones",
+            "must be strictly increasing",
+        )?;
+        check(
+            t.schedule != ScheduleKind::Step || t.step_size >= 1,
+            "train.step_size",
+            "must be at least 1 with schedule = \"step\"",
+        )?;
+        let a = &self.augment;
+        if a.method == MixMethod::Cutmix {
+            check(
+                a.beta.is_finite() && a.beta > 0.0,
+                "augment.beta",
+                "must be a positive number",
+            )?;
+            check(
+                (0.0..=1.0).contains(&a.prob),
+                "augment.prob",
+                "must be in [0, 1]",
+            )?;
+        }
+        check(
+            self.data.image_size >= 8,
+            "data.image_size",
+            "must be at least 8",
+        )?;
+        Ok(())
+    }
+
+    /// The resolved config as TOML, as written into the run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config always serialises")
+    }
+}
+
+/// TOML errors span several lines with a source excerpt; keep the message's first line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with("-->"))
+        .filter(|l| !l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses `--set` values as TOML (`3`, `0.1`, `true`, `[150, 225]`, `"text"`); anything else is
+/// taken as a plain string.
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("value = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+/// Applies one `section.key=value` override.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {assignment}: expected section.key=value"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment}: `{key}` is not a dotted config key");
+    }
+    let (last, sections) = parts.split_last().expect("split gives one part at least");
+    let mut current = table;
+    for (depth, section) in sections.iter().enumerate() {
+        let entry = current
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| {
+            anyhow!(
+                "--set {assignment}: config key {} is a value, not a section",
+                parts[..=depth].join(".")
+            )
+        })?;
+    }
+    current.insert(last.to_string(), parse_value(value.trim()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        name = "t"
+        [model]
+        arch = "cifar_resnet"
+        depth = 20
+        num_classes = 10
+        [data]
+        dataset = "cifar10"
+        root = "data"
+        [train]
+        epochs = 3
+        batch_size = 8
+        lr = 0.1
+        milestones = [1, 2]
+    "#;
+
+    fn load(overrides: &[&str]) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(BASE).unwrap();
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config = Config::from_table(table)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn error(overrides: &[&str]) -> String {
+        load(overrides).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn overrides_parse_toml_values_and_fall_back_to_strings() {
+        let config = load(&[
+            "train.lr=0.5",
+            "train.milestones=[5, 9]",
+            "data.root=/data/cifar-10",
+            "augment.method=cutmix",
+            "train.nesterov=false",
+        ])
+        .unwrap();
+        assert_eq!(config.train.lr, 0.5);
+        assert_eq!(config.train.milestones, vec![5, 9]);
+        assert_eq!(config.data.root, PathBuf::from("/data/cifar-10"));
+        assert_eq!(config.augment.method, MixMethod::Cutmix);
+        assert!(!config.train.nesterov);
+    }
+
+    #[test]
+    fn bad_keys_and_values_name_the_full_dotted_key() {
+        assert!(
+            error(&["train.lrr=1"]).contains("lrr"),
+            "{}",
+            error(&["train.lrr=1"])
+        );
+        assert!(error(&["train.lr=fast"]).contains("train.lr"));
+        assert!(error(&["train.lr=-1"]).contains("train.lr"));
+        assert!(error(&["train.batch_size=0"]).contains("train.batch_size"));
+        assert!(error(&["train.milestones=[3, 2]"]).contains("train.milestones"));
+        assert!(error(&["model.depth=21"]).contains("model.depth"));
+        assert!(error(&["augment.method=mixer"]).contains("augment.method"));
+        assert!(error(&["train.lr.x=1"]).contains("train.lr"));
+    }
+
+    #[test]
+    fn milestones_past_the_last_epoch_are_allowed() {
+        assert!(load(&["train.milestones=[150, 225]"]).is_ok());
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let config = load(&[]).unwrap();
+        let again = Config::from_table(toml::from_str(&config.to_toml()).unwrap()).unwrap();
+        assert_eq!(again.to_toml(), config.to_toml());
+    }
+}

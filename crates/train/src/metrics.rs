@@ -1,0 +1,115 @@
+//! Per-epoch metrics and the accuracy counts behind them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// One line of `metrics.jsonl` (errors in percent, as the paper reports them).
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    /// Top-1 error on the training batches as fed (after mixing), against the original labels.
+    pub train_top1_err: f64,
+    pub val_loss: f64,
+    pub val_top1_err: f64,
+    pub val_top5_err: f64,
+    pub images_per_sec: f64,
+    pub epoch_seconds: f64,
+    pub backend: String,
+}
+
+/// Appends one JSON object per line to `metrics.jsonl`.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            path: run_dir.join("metrics.jsonl"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&self, metrics: &EpochMetrics) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let line = serde_json::to_string(metrics).expect("metrics serialise");
+        writeln!(file, "{line}").with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Running sums for loss and top-k accuracy over an epoch.
+#[derive(Default, Debug, Clone)]
+pub struct Tally {
+    pub images: usize,
+    loss_sum: f64,
+    top1_wrong: usize,
+    top5_wrong: usize,
+}
+
+impl Tally {
+    /// Adds a batch: its mean loss, its logits (`[labels.len()][classes]`, row-major) and labels.
+    pub fn add(&mut self, mean_loss: f64, logits: &[f32], labels: &[usize]) {
+        let classes = logits.len() / labels.len().max(1);
+        let k = classes.min(5);
+        for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+            let own = row[label];
+            // Rank of the true class: classes that score higher (ties counted against it
+            // only when they come first, as a stable sort would place them).
+            let higher = row
+                .iter()
+                .enumerate()
+                .filter(|&(c, &v)| v > own || (v == own && c < label))
+                .count();
+            self.top1_wrong += usize::from(higher >= 1);
+            self.top5_wrong += usize::from(higher >= k);
+        }
+        self.loss_sum += mean_loss * labels.len() as f64;
+        self.images += labels.len();
+    }
+
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.images.max(1) as f64
+    }
+
+    pub fn top1_err(&self) -> f64 {
+        100.0 * self.top1_wrong as f64 / self.images.max(1) as f64
+    }
+
+    pub fn top5_err(&self) -> f64 {
+        100.0 * self.top5_wrong as f64 / self.images.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_counts_by_rank_of_the_true_class() {
+        let mut tally = Tally::default();
+        // 6 classes; true class ranks 1st, 2nd and 6th.
+        let logits = [
+            9.0, 1.0, 2.0, 3.0, 4.0, 5.0, //
+            1.0, 9.0, 2.0, 3.0, 4.0, 5.0, //
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0,
+        ];
+        tally.add(2.0, &logits, &[0, 5, 0]);
+        assert_eq!(tally.images, 3);
+        assert!((tally.top1_err() - 200.0 / 3.0).abs() < 1e-9);
+        assert!((tally.top5_err() - 100.0 / 3.0).abs() < 1e-9);
+        assert!((tally.loss() - 2.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,348 @@
+//! The training loop, top to bottom: data, model, loss, optimizer, schedule, then per epoch
+//! `train_one_epoch`, `evaluate`, metrics and checkpoints.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::loss::cross_entropy_with_logits;
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use cutmix_augment::{CutMix, Mixing, soft_targets};
+use cutmix_data::{Batch, Loader, Stream, keyed_rng};
+use cutmix_models::{Model, count_params};
+
+use crate::backend::{self, Backend};
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Config, MixMethod, TrainSection};
+use crate::datasets::{self, Datasets};
+use crate::metrics::{EpochMetrics, MetricsLog, Tally};
+use crate::schedule::learning_rate;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub metrics: Vec<EpochMetrics>,
+    pub best_val_top1_err: f64,
+    pub best_epoch: usize,
+}
+
+/// SGD as PyTorch's `torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0)`.
+pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
+    let momentum = (train.momentum > 0.0).then(|| MomentumConfig {
+        momentum: train.momentum,
+        dampening: 0.0,
+        nesterov: train.nesterov,
+    });
+    let weight_decay = (train.weight_decay > 0.0).then(|| WeightDecayConfig {
+        penalty: train.weight_decay as f32,
+    });
+    SgdConfig::new()
+        .with_momentum(momentum)
+        .with_weight_decay(weight_decay)
+        .init()
+}
+
+/// The mixing a config asks for.
+pub fn mixing(config: &Config) -> Mixing {
+    match config.augment.method {
+        MixMethod::None => Mixing::None,
+        MixMethod::Cutmix => Mixing::CutMix(CutMix {
+            beta: config.augment.beta,
+            prob: config.augment.prob,
+        }),
+    }
+}
+
+/// Uploads a host batch as an NCHW tensor.
+pub fn images_tensor(batch: &Batch, device: &Device) -> Tensor<4> {
+    let shape = [batch.len(), 3, batch.size, batch.size];
+    Tensor::from_data(TensorData::new(batch.images.clone(), shape), device)
+}
+
+/// What one optimisation step saw.
+pub struct StepOutput {
+    pub loss: f32,
+    /// `[batch][classes]` logits, row-major.
+    pub logits: Vec<f32>,
+}
+
+/// One SGD step on a mixed batch: soft-target cross-entropy, backward, update.
+pub fn train_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    images: Tensor<4>,
+    targets: Tensor<2>,
+    lr: f64,
+) -> (Model, StepOutput) {
+    let logits = model.forward(images);
+    let loss = cross_entropy_with_logits(logits.clone(), targets);
+    let loss_value = loss.clone().into_scalar::<f32>();
+    let logits: Vec<f32> = logits
+        .detach()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 logits");
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = optimizer.step(lr, model, grads);
+    (
+        model,
+        StepOutput {
+            loss: loss_value,
+            logits,
+        },
+    )
+}
+
+fn progress_bar(len: usize, prefix: String) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:28.cyan/blue}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Trains for one epoch; returns the tally over the batches as fed and the images per second.
+#[allow(clippy::too_many_arguments)]
+fn train_one_epoch(
+    mut model: Model,
+    optimizer: &mut ModuleOptimizer,
+    loader: &Loader,
+    mixing: &Mixing,
+    config: &Config,
+    num_classes: usize,
+    epoch: usize,
+    step: &mut usize,
+    device: &Device,
+) -> Result<(Model, Tally, f64)> {
+    let steps_per_epoch = loader.num_batches();
+    let bar = progress_bar(
+        steps_per_epoch,
+        format!("epoch {}/{}", epoch + 1, config.train.epochs),
+    );
+    let mut tally = Tally::default();
+    let start = Instant::now();
+    for (index, batch) in loader.epoch(epoch as u64).enumerate() {
+        let batch = batch?;
+        // BatchNorm cannot normalise over a single image (PyTorch refuses it too).
+        if batch.len() < 2 {
+            bar.inc(1);
+            continue;
+        }
+        let lr = learning_rate(&config.train, epoch, index, steps_per_epoch);
+        let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
+        let mixed = mixing.apply(
+            images_tensor(&batch, device),
+            &batch.labels,
+            num_classes,
+            &mut rng,
+        );
+        let (next, out) = train_step(model, optimizer, mixed.images, mixed.targets, lr);
+        model = next;
+        if !out.loss.is_finite() {
+            bar.abandon();
+            bail!(
+                "training loss is {} at epoch {} step {}: the run diverged; lower train.lr (now {lr}) and start again from the last checkpoint",
+                out.loss,
+                epoch + 1,
+                *step + 1
+            );
+        }
+        *step += 1;
+        tally.add(f64::from(out.loss), &out.logits, &batch.labels);
+        let rate = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "loss {:.4} lr {lr:.4} {rate:.1} img/s",
+            tally.loss()
+        ));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let images_per_sec = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    Ok((model, tally, images_per_sec))
+}
+
+/// Loss, top-1 and top-5 over the validation loader, with BatchNorm's running statistics.
+pub fn evaluate(
+    model: &Model,
+    loader: &Loader,
+    num_classes: usize,
+    device: &Device,
+) -> Result<Tally> {
+    let model = model.valid();
+    let mut tally = Tally::default();
+    let bar = progress_bar(loader.num_batches(), "  validate".into());
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let logits = model.forward(images_tensor(&batch, device));
+        let targets = soft_targets(&batch.labels, &batch.labels, 1.0, num_classes, device);
+        let loss = cross_entropy_with_logits(logits.clone(), targets).into_scalar::<f32>();
+        let logits: Vec<f32> = logits
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 logits");
+        tally.add(f64::from(loss), &logits, &batch.labels);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(tally)
+}
+
+/// Runs a whole training as `config` describes, printing progress, and returns its summary.
+pub fn train(config: &Config) -> Result<RunSummary> {
+    // Everything that can fail on user input fails here, before the run folder is made.
+    let Backend {
+        device,
+        name: backend_name,
+        description,
+    } = backend::select(config.backend)?;
+    let Datasets {
+        train: train_loader,
+        val: val_loader,
+        num_classes: dataset_classes,
+        classes,
+    } = datasets::build(config)?;
+    let model_config = config.model_config()?;
+    let train_device = device.clone().autodiff();
+    let mut init_rng = keyed_rng(config.seed, Stream::Init, 0, 0);
+    let mut model = model_config.init(&mut init_rng, &train_device)?;
+    if !config.model.init_from.is_empty() {
+        let path = PathBuf::from(&config.model.init_from);
+        model = model.try_load_file(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "config key model.init_from: cannot load {} as burnpack weights of this model: {e}",
+                path.display()
+            )
+        })?;
+    }
+
+    let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
+    if renamed {
+        println!(
+            "{} exists; this run writes to {}",
+            config.output_dir.join(&config.name).display(),
+            run_dir.display()
+        );
+    }
+    checkpoint::write_atomically(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+    if let Some(classes) = &classes {
+        checkpoint::write_atomically(&run_dir.join("classes.txt"), classes.join("\n").as_bytes())?;
+    }
+    println!("backend: {description}");
+    println!(
+        "model: {} depth {}{} ({} parameters), {} classes",
+        config.model.arch,
+        config.model.depth,
+        if config.model.arch == "pyramidnet" {
+            format!(" alpha {}", config.model.alpha)
+        } else {
+            String::new()
+        },
+        count_params(&model),
+        model_config.num_classes
+    );
+    println!(
+        "data: {} training and {} validation images ({} classes) from {}, batch {}",
+        train_loader.len(),
+        val_loader.len(),
+        dataset_classes,
+        config.data.root.display(),
+        config.train.batch_size
+    );
+    println!("run folder: {}", run_dir.display());
+
+    let mixing = mixing(config);
+    let mut optimizer = sgd(&config.train);
+    let metrics_log = MetricsLog::new(&run_dir);
+    let num_classes = model_config.num_classes;
+    let mut step = 0;
+    let mut all_metrics = Vec::new();
+    let (mut best_err, mut best_epoch) = (f64::INFINITY, 0);
+    for epoch in 0..config.train.epochs {
+        let start = Instant::now();
+        let (next, train_tally, images_per_sec) = train_one_epoch(
+            model,
+            &mut optimizer,
+            &train_loader,
+            &mixing,
+            config,
+            num_classes,
+            epoch,
+            &mut step,
+            &train_device,
+        )?;
+        model = next;
+        let val = evaluate(&model, &val_loader, num_classes, &device)?;
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            lr: learning_rate(&config.train, epoch, 0, train_loader.num_batches()),
+            train_loss: train_tally.loss(),
+            train_top1_err: train_tally.top1_err(),
+            val_loss: val.loss(),
+            val_top1_err: val.top1_err(),
+            val_top5_err: val.top5_err(),
+            images_per_sec,
+            epoch_seconds: start.elapsed().as_secs_f64(),
+            backend: backend_name.to_string(),
+        };
+        let is_best = metrics.val_top1_err < best_err;
+        if is_best {
+            best_err = metrics.val_top1_err;
+            best_epoch = epoch + 1;
+        }
+        metrics_log.append(&metrics)?;
+        let state = TrainState {
+            epoch: epoch + 1,
+            step,
+            seed: config.seed,
+            val_top1_err: metrics.val_top1_err,
+            best_val_top1_err: best_err,
+            best_epoch,
+        };
+        checkpoint::save(
+            &run_dir,
+            &model,
+            &optimizer,
+            &state,
+            is_best,
+            config.train.keep_last,
+        )
+        .context("saving the checkpoint")?;
+        println!(
+            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} err {:5.2}%  val loss {:.4} top-1 {:5.2}% top-5 {:5.2}%  {:.1} img/s  {:.1}s",
+            epoch + 1,
+            config.train.epochs,
+            metrics.lr,
+            metrics.train_loss,
+            metrics.train_top1_err,
+            metrics.val_loss,
+            metrics.val_top1_err,
+            metrics.val_top5_err,
+            metrics.images_per_sec,
+            metrics.epoch_seconds
+        );
+        all_metrics.push(metrics);
+    }
+    println!(
+        "done: best val top-1 error {best_err:.2}% at epoch {best_epoch}; metrics in {}, checkpoints in {}",
+        metrics_log.path().display(),
+        run_dir.join("checkpoints").display()
+    );
+    Ok(RunSummary {
+        run_dir,
+        metrics: all_metrics,
+        best_val_top1_err: best_err,
+        best_epoch,
+    })
+}

@@ -1,0 +1,326 @@
+//! Whole runs of the `train` binary and of the training step, on small real data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::{Device, DeviceKind};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use cutmix_augment::{CutMix, Mixing};
+use cutmix_data::{Dataset, ImageFolder};
+use cutmix_models::{Arch, ModelConfig};
+use cutmix_train::config::TrainSection;
+use cutmix_train::trainer::{images_tensor, sgd, train_step};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn mini() -> PathBuf {
+    repo().join("assets/cifar10-mini")
+}
+
+fn train(config: &Path, sets: &[String]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command.arg("--config").arg(config);
+    for set in sets {
+        command.arg("--set").arg(set);
+    }
+    command.output().expect("train runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A small, fast quickstart: ResNet-8 on 192 + 64 of the shipped images.
+fn quick_sets(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        format!("output_dir={}", out.display()),
+        format!("data.root={}", mini().display()),
+        "backend=flex".into(),
+        "model.depth=8".into(),
+        "train.epochs=2".into(),
+        "train.batch_size=32".into(),
+        "data.train_limit=192".into(),
+        "data.val_limit=64".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    sets
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn quickstart_writes_metrics_and_checkpoints_and_never_overwrites_a_run() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let output = train(&config, &quick_sets(out.path(), &[]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = out.path().join("quickstart");
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 2);
+    for key in [
+        "epoch",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_top1_err",
+        "val_top5_err",
+        "images_per_sec",
+        "epoch_seconds",
+        "backend",
+    ] {
+        assert!(lines[1].get(key).is_some(), "metrics lack {key}");
+    }
+    assert_eq!(lines[1]["backend"], "flex");
+    for folder in ["last", "best", "epoch-0002"] {
+        for file in ["model.bpk", "optimizer.bpk", "state.json"] {
+            assert!(
+                run.join("checkpoints").join(folder).join(file).is_file(),
+                "{folder}/{file}"
+            );
+        }
+    }
+    // keep_last = 1 in the quickstart: the first epoch's folder is gone.
+    assert!(!run.join("checkpoints/epoch-0001").exists());
+    assert!(run.join("config.toml").is_file() && run.join("classes.txt").is_file());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("metrics.jsonl"), "{stdout}");
+
+    // The weights load back into the same architecture.
+    let model = ModelConfig {
+        arch: Arch::CifarResNet,
+        depth: 8,
+        alpha: 0.0,
+        bottleneck: false,
+        num_classes: 10,
+    }
+    .init(&mut StdRng::seed_from_u64(9), &Device::flex())
+    .unwrap();
+    use burn::module::Module;
+    model
+        .try_load_file(run.join("checkpoints/last/model.bpk"))
+        .expect("checkpoint loads");
+
+    // A second run with the same name goes to quickstart-2.
+    let again = train(&config, &quick_sets(out.path(), &["train.epochs=1"]));
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(metrics(&run).len(), 2);
+    assert_eq!(metrics(&out.path().join("quickstart-2")).len(), 1);
+}
+
+#[test]
+fn same_seed_gives_the_same_run_whatever_the_worker_count() {
+    let config = repo().join("configs/quickstart.toml");
+    let runs: Vec<(tempfile::TempDir, PathBuf)> = ["data.workers=0", "data.workers=3"]
+        .iter()
+        .map(|workers| {
+            let out = tempfile::tempdir().unwrap();
+            let output = train(
+                &config,
+                &quick_sets(out.path(), &[workers, "augment.prob=1.0"]),
+            );
+            assert!(output.status.success(), "{}", stderr(&output));
+            let run = out.path().join("quickstart");
+            (out, run)
+        })
+        .collect();
+    let (a, b) = (metrics(&runs[0].1), metrics(&runs[1].1));
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["train_loss", "train_top1_err", "val_loss", "val_top1_err"] {
+            assert_eq!(x[key], y[key], "{key} differs between worker counts");
+        }
+    }
+    let weights = |run: &Path| std::fs::read(run.join("checkpoints/last/model.bpk")).unwrap();
+    assert!(
+        weights(&runs[0].1) == weights(&runs[1].1),
+        "weights differ between processes"
+    );
+}
+
+/// Writes the first `count` shipped images as a CIFAR-100 binary file (fine label = class).
+fn write_cifar100(path: &Path, count: usize, offset: usize) {
+    let folder = ImageFolder::open(&mini().join("train"), None).unwrap();
+    let mut bytes = Vec::new();
+    for i in 0..count {
+        // Spread over the classes: the folder is sorted by class.
+        let index = (offset + i * 97) % folder.len();
+        let (image, label) = folder.get(index).unwrap();
+        bytes.extend([label as u8 / 2, label as u8]);
+        for c in 0..3 {
+            bytes.extend(image.pixels.iter().skip(c).step_by(3));
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn the_papers_cifar100_recipe_runs_unchanged_on_a_small_file() {
+    let data = tempfile::tempdir().unwrap();
+    write_cifar100(&data.path().join("train.bin"), 24, 0);
+    write_cifar100(&data.path().join("test.bin"), 16, 5);
+    let out = tempfile::tempdir().unwrap();
+    let output = train(
+        &repo().join("configs/cifar100_cutmix.toml"),
+        &[
+            format!("output_dir={}", out.path().display()),
+            format!("data.root={}", data.path().display()),
+            "backend=flex".into(),
+            "train.epochs=1".into(),
+            "train.batch_size=8".into(),
+            "data.train_limit=16".into(),
+            "data.val_limit=16".into(),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("26844952 parameters"), "{stdout}");
+    let run = out.path().join("cifar100_pyramidnet200_cutmix");
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["lr"], 0.25);
+    assert!(run.join("checkpoints/last/model.bpk").is_file());
+}
+
+/// Asserts a failed run printed exactly one line that contains every `needle`.
+fn assert_one_line_error(output: &Output, needles: &[&str]) {
+    assert!(!output.status.success(), "the run should fail");
+    let err = stderr(output);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` missing from: {err}");
+    }
+}
+
+#[test]
+fn user_mistakes_end_in_one_clear_line() {
+    let out = tempfile::tempdir().unwrap();
+    let paper = repo().join("configs/cifar100_cutmix.toml");
+    let base = |root: &Path| {
+        vec![
+            format!("output_dir={}", out.path().display()),
+            format!("data.root={}", root.display()),
+            "backend=flex".to_string(),
+        ]
+    };
+
+    let missing = out.path().join("nowhere/cifar-100-binary");
+    let output = train(&paper, &base(&missing));
+    assert_one_line_error(&output, &["train.bin", "fetch_cifar.sh cifar100"]);
+
+    let mut sets = base(&missing);
+    sets.push("train.lrr=0.1".into());
+    assert_one_line_error(&train(&paper, &sets), &["lrr"]);
+
+    let mut sets = base(&missing);
+    sets.push("model.depth=100".into());
+    assert_one_line_error(&train(&paper, &sets), &["model.depth", "9n+2"]);
+
+    let truncated = tempfile::tempdir().unwrap();
+    write_cifar100(&truncated.path().join("train.bin"), 3, 0);
+    write_cifar100(&truncated.path().join("test.bin"), 2, 0);
+    let file = truncated.path().join("train.bin");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    assert_one_line_error(
+        &train(&paper, &base(truncated.path())),
+        &["train.bin", "not a whole number"],
+    );
+
+    // Nothing was written for any of them.
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
+#[cfg(not(feature = "ndarray"))]
+#[test]
+fn ndarray_without_the_feature_says_how_to_build_it_in() {
+    let out = tempfile::tempdir().unwrap();
+    let output = train(
+        &repo().join("configs/quickstart.toml"),
+        &quick_sets(out.path(), &["backend=ndarray"]),
+    );
+    assert_one_line_error(&output, &["--features ndarray"]);
+}
+
+/// One training step from the same weights and batch on two devices.
+fn two_steps(device: &Device) -> (f32, f32) {
+    let train_device = device.clone().autodiff();
+    let model = ModelConfig {
+        arch: Arch::CifarResNet,
+        depth: 8,
+        alpha: 0.0,
+        bottleneck: false,
+        num_classes: 10,
+    }
+    .init(&mut StdRng::seed_from_u64(3), &train_device)
+    .unwrap();
+    let folder = ImageFolder::open(&mini().join("train"), None).unwrap();
+    let loader = cutmix_data::Loader::new(
+        std::sync::Arc::new(folder),
+        Some((0..8).map(|i| i * 250).collect()),
+        cutmix_data::Transform::CifarTrain {
+            size: 32,
+            padding: 4,
+        },
+        cutmix_data::CIFAR_MEAN,
+        cutmix_data::CIFAR_STD,
+        cutmix_data::LoaderConfig {
+            batch_size: 8,
+            shuffle: true,
+            drop_last: false,
+            workers: 0,
+            prefetch: 1,
+            seed: 1,
+        },
+    );
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let mixing = Mixing::CutMix(CutMix {
+        beta: 1.0,
+        prob: 1.0,
+    });
+    let section: TrainSection = toml::from_str("epochs = 1\nbatch_size = 8\nlr = 0.1").unwrap();
+    let mut optimizer = sgd(&section);
+    let mut losses = Vec::new();
+    let mut model = model;
+    for _ in 0..2 {
+        let mixed = mixing.apply(
+            images_tensor(&batch, &train_device),
+            &batch.labels,
+            10,
+            &mut StdRng::seed_from_u64(4),
+        );
+        let (next, out) = train_step(model, &mut optimizer, mixed.images, mixed.targets, 0.1);
+        model = next;
+        losses.push(out.loss);
+    }
+    (losses[0], losses[1])
+}
+
+#[test]
+fn a_training_step_gives_the_same_loss_on_wgpu_and_flex() {
+    let flex = two_steps(&Device::flex());
+    // The software Vulkan adapter (mesa-vulkan-drivers) stands in for a GPU here.
+    let wgpu = two_steps(&Device::wgpu(DeviceKind::Cpu));
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
+    assert!(
+        close(flex.0, wgpu.0),
+        "first step: flex {} wgpu {}",
+        flex.0,
+        wgpu.0
+    );
+    assert!(
+        close(flex.1, wgpu.1),
+        "after one update: flex {} wgpu {}",
+        flex.1,
+        wgpu.1
+    );
+    assert!(flex.1 < flex.0, "the step lowers the loss on its own batch");
+}
