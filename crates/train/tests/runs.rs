@@ -139,11 +139,43 @@ fn same_seed_gives_the_same_run_whatever_the_worker_count() {
             assert_eq!(x[key], y[key], "{key} differs between worker counts");
         }
     }
-    let weights = |run: &Path| std::fs::read(run.join("checkpoints/last/model.bpk")).unwrap();
-    assert!(
-        weights(&runs[0].1) == weights(&runs[1].1),
-        "weights differ between processes"
-    );
+    // The files carry per-process parameter ids; the values must be identical.
+    let (w0, w1) = (weights(Some(&runs[0].1)), weights(Some(&runs[1].1)));
+    assert_eq!(w0.len(), w1.len());
+    assert!(w0 == w1, "weights differ between processes");
+    assert!(w0 != weights(None), "the checkpoint's weights were loaded");
+}
+
+/// Every tensor of a run's last model (BatchNorm statistics included), flattened in order;
+/// with no run, of a freshly initialised one.
+fn weights(run: Option<&Path>) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
+            self.0.extend(values);
+        }
+    }
+    let model = ModelConfig {
+        arch: Arch::CifarResNet,
+        depth: 8,
+        alpha: 0.0,
+        bottleneck: false,
+        num_classes: 10,
+    }
+    .init(&mut StdRng::seed_from_u64(123), &Device::flex())
+    .unwrap();
+    let model = match run {
+        Some(run) => model
+            .try_load_file(run.join("checkpoints/last/model.bpk"))
+            .unwrap(),
+        None => model,
+    };
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    collect.0
 }
 
 /// Writes the first `count` shipped images as a CIFAR-100 binary file (fine label = class).
