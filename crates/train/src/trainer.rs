@@ -286,7 +286,12 @@ pub fn train(config: &Config) -> Result<RunSummary> {
         let val = evaluate(&model, &val_loader, num_classes, &device)?;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
-            lr: learning_rate(&config.train, epoch, 0, train_loader.num_batches()),
+            lr: learning_rate(
+                &config.train,
+                epoch,
+                train_loader.num_batches().saturating_sub(1),
+                train_loader.num_batches(),
+            ),
             train_loss: train_tally.loss(),
             train_top1_err: train_tally.top1_err(),
             val_loss: val.loss(),

@@ -46,6 +46,13 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers open a Wayland connection when wgpu lists adapters, and print an
+    // error line when XDG_RUNTIME_DIR is unset (headless servers, containers). Give them a
+    // folder without a display in it.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
