@@ -103,11 +103,7 @@ impl CutMix {
         let [batch, channels, height, width] = images.dims();
         let device = images.device();
         let Some(draw) = self.draw(batch, height, width, rng) else {
-            return Mixed {
-                images,
-                targets: soft_targets(labels, labels, 1.0, num_classes, &device),
-                lambda: 1.0,
-            };
+            return Mixed::unmixed(images, labels, num_classes);
         };
         let partners: Vec<usize> = draw.permutation.iter().map(|&p| labels[p]).collect();
         let targets = soft_targets(labels, &partners, draw.lambda, num_classes, &device);

@@ -23,6 +23,18 @@ pub struct Mixed {
     pub lambda: f32,
 }
 
+impl Mixed {
+    /// The batch as it is, with one-hot targets.
+    pub fn unmixed(images: Tensor<4>, labels: &[usize], num_classes: usize) -> Self {
+        let targets = soft_targets(labels, labels, 1.0, num_classes, &images.device());
+        Self {
+            images,
+            targets,
+            lambda: 1.0,
+        }
+    }
+}
+
 /// Which mixing a run applies to each training batch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Mixing {
@@ -45,14 +57,7 @@ impl Mixing {
         rng: &mut impl Rng,
     ) -> Mixed {
         match self {
-            Self::None => {
-                let device = images.device();
-                Mixed {
-                    images,
-                    targets: soft_targets(labels, labels, 1.0, num_classes, &device),
-                    lambda: 1.0,
-                }
-            }
+            Self::None => Mixed::unmixed(images, labels, num_classes),
             Self::CutMix(cutmix) => cutmix.apply(images, labels, num_classes, rng),
         }
     }

@@ -34,6 +34,19 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The CIFAR ResNet-8 the quick runs train, initialised from `seed`.
+fn resnet8(seed: u64, device: &Device) -> cutmix_models::Model {
+    ModelConfig {
+        arch: Arch::CifarResNet,
+        depth: 8,
+        alpha: 0.0,
+        bottleneck: false,
+        num_classes: 10,
+    }
+    .init(&mut StdRng::seed_from_u64(seed), device)
+    .unwrap()
+}
+
 /// A small, fast quickstart: ResNet-8 on 192 + 64 of the shipped images.
 fn quick_sets(out: &Path, extra: &[&str]) -> Vec<String> {
     let mut sets = vec![
@@ -96,19 +109,7 @@ fn quickstart_writes_metrics_and_checkpoints_and_never_overwrites_a_run() {
     assert!(stdout.contains("metrics.jsonl"), "{stdout}");
 
     // The weights load back into the same architecture.
-    let model = ModelConfig {
-        arch: Arch::CifarResNet,
-        depth: 8,
-        alpha: 0.0,
-        bottleneck: false,
-        num_classes: 10,
-    }
-    .init(&mut StdRng::seed_from_u64(9), &Device::flex())
-    .unwrap();
-    use burn::module::Module;
-    model
-        .try_load_file(run.join("checkpoints/last/model.bpk"))
-        .expect("checkpoint loads");
+    assert!(!weights(Some(&run)).is_empty());
 
     // A second run with the same name goes to quickstart-2.
     let again = train(&config, &quick_sets(out.path(), &["train.epochs=1"]));
@@ -158,15 +159,7 @@ fn weights(run: Option<&Path>) -> Vec<f32> {
             self.0.extend(values);
         }
     }
-    let model = ModelConfig {
-        arch: Arch::CifarResNet,
-        depth: 8,
-        alpha: 0.0,
-        bottleneck: false,
-        num_classes: 10,
-    }
-    .init(&mut StdRng::seed_from_u64(123), &Device::flex())
-    .unwrap();
+    let model = resnet8(123, &Device::flex());
     let model = match run {
         Some(run) => model
             .try_load_file(run.join("checkpoints/last/model.bpk"))
@@ -285,15 +278,7 @@ fn ndarray_without_the_feature_says_how_to_build_it_in() {
 /// One training step from the same weights and batch on two devices.
 fn two_steps(device: &Device) -> (f32, f32) {
     let train_device = device.clone().autodiff();
-    let model = ModelConfig {
-        arch: Arch::CifarResNet,
-        depth: 8,
-        alpha: 0.0,
-        bottleneck: false,
-        num_classes: 10,
-    }
-    .init(&mut StdRng::seed_from_u64(3), &train_device)
-    .unwrap();
+    let model = resnet8(3, &train_device);
     let folder = ImageFolder::open(&mini().join("train"), None).unwrap();
     let loader = cutmix_data::Loader::new(
         std::sync::Arc::new(folder),
