@@ -60,6 +60,8 @@ pub struct ModelConfig {
 }
 
 /// A built network, ready to train or evaluate.
+// A run holds one model: the size difference between variants costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
     ResNet(ResNet),
@@ -94,7 +96,7 @@ fn imagenet_resnet_table(depth: usize) -> Option<(&'static [usize], bool)> {
 /// bottlenecks; the depth must fit exactly and give at least one block.
 fn cifar_blocks_per_stage(depth: usize, bottleneck: bool) -> Option<usize> {
     let per_block = if bottleneck { 9 } else { 6 };
-    (depth > 2 && (depth - 2) % per_block == 0).then(|| (depth - 2) / per_block)
+    (depth > 2 && (depth - 2).is_multiple_of(per_block)).then(|| (depth - 2) / per_block)
 }
 
 impl ModelConfig {

@@ -35,12 +35,12 @@ pub struct RunSummary {
 
 /// SGD as PyTorch's `torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0)`.
 pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
-    let momentum = (train.momentum > 0.0).then(|| MomentumConfig {
+    let momentum = (train.momentum > 0.0).then_some(MomentumConfig {
         momentum: train.momentum,
         dampening: 0.0,
         nesterov: train.nesterov,
     });
-    let weight_decay = (train.weight_decay > 0.0).then(|| WeightDecayConfig {
+    let weight_decay = (train.weight_decay > 0.0).then_some(WeightDecayConfig {
         penalty: train.weight_decay as f32,
     });
     SgdConfig::new()
