@@ -19,6 +19,8 @@ pub enum DataError {
     },
     #[error("{path}: cannot decode image: {reason}")]
     Decode { path: PathBuf, reason: String },
+    #[error("a loader thread panicked while preparing batch {batch}: {message}")]
+    WorkerPanic { batch: usize, message: String },
 }
 
 impl DataError {

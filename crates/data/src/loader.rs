@@ -225,7 +225,19 @@ impl EpochIter {
                             claims.next += 1;
                             claims.next - 1
                         };
-                        if sender.send((batch, plan.build(batch))).is_err() {
+                        // A panic must reach the consumer as an error, not leave it waiting.
+                        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            plan.build(batch)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            let message = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            Err(DataError::WorkerPanic { batch, message })
+                        });
+                        if sender.send((batch, built)).is_err() {
                             return;
                         }
                     }
@@ -362,6 +374,49 @@ mod tests {
         let mut counts = [0; 10];
         first.iter().for_each(|&l| counts[l] += 1);
         assert_eq!(counts, [4, 4, 4, 4, 4, 4, 4, 3, 3, 3]);
+    }
+
+    /// Panics on one example, as a bug in a reader or transform would.
+    struct Faulty;
+
+    impl Dataset for Faulty {
+        fn len(&self) -> usize {
+            40
+        }
+        fn num_classes(&self) -> usize {
+            10
+        }
+        fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError> {
+            assert_ne!(index, 9, "planted failure");
+            Numbered(40).get(index)
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_worker_reaches_the_consumer_as_an_error() {
+        let loader = Loader::new(
+            Arc::new(Faulty),
+            None,
+            Transform::CifarEval { size: 8 },
+            [0.0; 3],
+            [1.0; 3],
+            LoaderConfig {
+                batch_size: 4,
+                shuffle: false,
+                drop_last: false,
+                workers: 2,
+                prefetch: 1,
+                seed: 0,
+            },
+        );
+        let results: Vec<_> = loader.epoch(0).collect();
+        assert_eq!(results.len(), 10);
+        let error = results[2].as_ref().unwrap_err().to_string();
+        assert!(
+            error.contains("batch 2") && error.contains("planted failure"),
+            "{error}"
+        );
+        assert!(results[3].is_ok());
     }
 
     #[test]

@@ -60,10 +60,11 @@ pub fn mixing(config: &Config) -> Mixing {
     }
 }
 
-/// Uploads a host batch as an NCHW tensor.
-pub fn images_tensor(batch: &Batch, device: &Device) -> Tensor<4> {
+/// Uploads a host batch's images as an NCHW tensor; returns it with the labels.
+pub fn images_tensor(batch: Batch, device: &Device) -> (Tensor<4>, Vec<usize>) {
     let shape = [batch.len(), 3, batch.size, batch.size];
-    Tensor::from_data(TensorData::new(batch.images.clone(), shape), device)
+    let images = Tensor::from_data(TensorData::new(batch.images, shape), device);
+    (images, batch.labels)
 }
 
 /// What one optimisation step saw.
@@ -142,12 +143,8 @@ fn train_one_epoch(
         }
         let lr = learning_rate(&config.train, epoch, index, steps_per_epoch);
         let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
-        let mixed = mixing.apply(
-            images_tensor(&batch, device),
-            &batch.labels,
-            num_classes,
-            &mut rng,
-        );
+        let (images, labels) = images_tensor(batch, device);
+        let mixed = mixing.apply(images, &labels, num_classes, &mut rng);
         let (next, out) = train_step(model, optimizer, mixed.images, mixed.targets, lr);
         model = next;
         if !out.loss.is_finite() {
@@ -160,7 +157,7 @@ fn train_one_epoch(
             );
         }
         *step += 1;
-        tally.add(f64::from(out.loss), &out.logits, &batch.labels);
+        tally.add(f64::from(out.loss), &out.logits, &labels);
         let rate = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
             "loss {:.4} lr {lr:.4} {rate:.1} img/s",
@@ -184,15 +181,15 @@ pub fn evaluate(
     let mut tally = Tally::default();
     let bar = progress_bar(loader.num_batches(), "  validate".into());
     for batch in loader.epoch(0) {
-        let batch = batch?;
-        let logits = model.forward(images_tensor(&batch, device));
-        let targets = soft_targets(&batch.labels, &batch.labels, 1.0, num_classes, device);
+        let (images, labels) = images_tensor(batch?, device);
+        let logits = model.forward(images);
+        let targets = soft_targets(&labels, &labels, 1.0, num_classes, device);
         let loss = cross_entropy_with_logits(logits.clone(), targets).into_scalar::<f32>();
         let logits: Vec<f32> = logits
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("f32 logits");
-        tally.add(f64::from(loss), &logits, &batch.labels);
+        tally.add(f64::from(loss), &logits, &labels);
         bar.inc(1);
     }
     bar.finish_and_clear();

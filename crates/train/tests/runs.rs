@@ -308,12 +308,8 @@ fn two_steps(device: &Device) -> (f32, f32) {
     let mut losses = Vec::new();
     let mut model = model;
     for _ in 0..2 {
-        let mixed = mixing.apply(
-            images_tensor(&batch, &train_device),
-            &batch.labels,
-            10,
-            &mut StdRng::seed_from_u64(4),
-        );
+        let (images, labels) = images_tensor(batch.clone(), &train_device);
+        let mixed = mixing.apply(images, &labels, 10, &mut StdRng::seed_from_u64(4));
         let (next, out) = train_step(model, &mut optimizer, mixed.images, mixed.targets, 0.1);
         model = next;
         losses.push(out.loss);
