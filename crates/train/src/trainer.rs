@@ -114,6 +114,16 @@ fn progress_bar(len: usize, prefix: String) -> ProgressBar {
     bar
 }
 
+/// The rest of the run at the pace so far, as `1h02m`, `3m05s` or `12s`.
+fn time_left(elapsed: std::time::Duration, done: usize, total: usize) -> String {
+    let seconds = (elapsed.as_secs_f64() / done as f64 * (total - done) as f64).round() as u64;
+    match seconds {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Trains for one epoch; returns the tally over the batches as fed and the images per second.
 #[allow(clippy::too_many_arguments)]
 fn train_one_epoch(
@@ -266,6 +276,7 @@ pub fn train(config: &Config) -> Result<RunSummary> {
     let mut step = 0;
     let mut all_metrics = Vec::new();
     let (mut best_err, mut best_epoch) = (f64::INFINITY, 0);
+    let run_start = Instant::now();
     for epoch in 0..config.train.epochs {
         let start = Instant::now();
         let (next, train_tally, images_per_sec) = train_one_epoch(
@@ -322,7 +333,7 @@ pub fn train(config: &Config) -> Result<RunSummary> {
         )
         .context("saving the checkpoint")?;
         println!(
-            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} err {:5.2}%  val loss {:.4} top-1 {:5.2}% top-5 {:5.2}%  {:.1} img/s  {:.1}s",
+            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} err {:5.2}%  val loss {:.4} top-1 {:5.2}% top-5 {:5.2}%  {:.1} img/s  {:.1}s  run left {}",
             epoch + 1,
             config.train.epochs,
             metrics.lr,
@@ -332,7 +343,8 @@ pub fn train(config: &Config) -> Result<RunSummary> {
             metrics.val_top1_err,
             metrics.val_top5_err,
             metrics.images_per_sec,
-            metrics.epoch_seconds
+            metrics.epoch_seconds,
+            time_left(run_start.elapsed(), epoch + 1, config.train.epochs)
         );
         all_metrics.push(metrics);
     }
