@@ -257,6 +257,11 @@ impl Config {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let message = one_line(&e.inner().to_string());
+            // toml repeats the key at the end of some messages; it is named in front already.
+            let message = message
+                .strip_suffix(&format!(" in `{path}`"))
+                .unwrap_or(&message)
+                .to_string();
             if path == "." || path.is_empty() {
                 anyhow!("{message}")
             } else {
