@@ -376,6 +376,25 @@ mod tests {
         assert_eq!(counts, [4, 4, 4, 4, 4, 4, 4, 3, 3, 3]);
     }
 
+    /// Unshuffled batches of 4 untransformed images from two workers.
+    fn in_order(dataset: Arc<dyn Dataset>, prefetch: usize) -> Loader {
+        Loader::new(
+            dataset,
+            None,
+            Transform::CifarEval { size: 8 },
+            [0.0; 3],
+            [1.0; 3],
+            LoaderConfig {
+                batch_size: 4,
+                shuffle: false,
+                drop_last: false,
+                workers: 2,
+                prefetch,
+                seed: 0,
+            },
+        )
+    }
+
     /// Panics on one example, as a bug in a reader or transform would.
     struct Faulty;
 
@@ -394,21 +413,7 @@ mod tests {
 
     #[test]
     fn a_panic_in_a_worker_reaches_the_consumer_as_an_error() {
-        let loader = Loader::new(
-            Arc::new(Faulty),
-            None,
-            Transform::CifarEval { size: 8 },
-            [0.0; 3],
-            [1.0; 3],
-            LoaderConfig {
-                batch_size: 4,
-                shuffle: false,
-                drop_last: false,
-                workers: 2,
-                prefetch: 1,
-                seed: 0,
-            },
-        );
+        let loader = in_order(Arc::new(Faulty), 1);
         let results: Vec<_> = loader.epoch(0).collect();
         assert_eq!(results.len(), 10);
         let error = results[2].as_ref().unwrap_err().to_string();
@@ -421,21 +426,7 @@ mod tests {
 
     #[test]
     fn dropping_an_epoch_early_stops_its_workers() {
-        let loader = Loader::new(
-            Arc::new(Numbered(1000)),
-            None,
-            Transform::CifarEval { size: 8 },
-            [0.0; 3],
-            [1.0; 3],
-            LoaderConfig {
-                batch_size: 4,
-                shuffle: false,
-                drop_last: true,
-                workers: 2,
-                prefetch: 2,
-                seed: 0,
-            },
-        );
+        let loader = in_order(Arc::new(Numbered(1000)), 2);
         let mut epoch = loader.epoch(0);
         assert_eq!(epoch.next().unwrap().unwrap().labels, vec![0, 1, 2, 3]);
         drop(epoch);
