@@ -173,11 +173,3 @@ fn prune_epochs(dir: &Path, keep: usize) -> Result<()> {
     }
     Ok(())
 }
-
-/// Reads `state.json` of a checkpoint folder.
-pub fn load_state(checkpoint: &Path) -> Result<TrainState> {
-    let path = checkpoint.join("state.json");
-    let text = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&text)
-        .with_context(|| format!("{}: not a training state", path.display()))
-}

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use cutmix_augment::{CutMix, Mixing, soft_targets};
 use cutmix_data::{Batch, Loader, Stream, keyed_rng};
-use cutmix_models::{Model, count_params};
+use cutmix_models::{Arch, Model, count_params};
 
 use crate::backend::{self, Backend};
 use crate::checkpoint::{self, TrainState};
@@ -251,7 +251,7 @@ pub fn train(config: &Config) -> Result<RunSummary> {
         "model: {} depth {}{} ({} parameters), {} classes",
         config.model.arch,
         config.model.depth,
-        if config.model.arch == "pyramidnet" {
+        if model_config.arch == Arch::PyramidNet {
             format!(" alpha {}", config.model.alpha)
         } else {
             String::new()
