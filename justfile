@@ -21,6 +21,18 @@ train CONFIG *ARGS:
 fetch-cifar WHICH:
     scripts/fetch_cifar.sh {{WHICH}} data
 
+# List the model zoo with parameter counts and multiply-accumulates.
+models:
+    cargo run --release --bin train -- --list-models
+
+# Check weights against PyTorch both ways (export, import, fine-tune, parameter counts, MACs).
+# Makes .venv with torch, torchvision and safetensors from PyPI on first use (python3 -m venv).
+interop:
+    test -x .venv/bin/python || python3 -m venv .venv
+    .venv/bin/python -c "import torch, torchvision, safetensors" 2>/dev/null || .venv/bin/pip install torch torchvision safetensors numpy
+    cargo build --release
+    .venv/bin/python scripts/check_torch_interop.py
+
 # Format and lint.
 fmt:
     cargo fmt --all

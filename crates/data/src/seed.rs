@@ -18,6 +18,8 @@ pub enum Stream {
     Transform = 4,
     /// Batch mixing (CutMix draws).
     Mix = 5,
+    /// Stochastic layers inside the model (ShakeDrop's gates and scales).
+    Regularize = 6,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

@@ -4,7 +4,8 @@
 //! planes (Python's round half to even, on the running float sum as the reference accumulates
 //! it), and a bottleneck block outputs 4x that. Blocks are pre-activation without the first
 //! ReLU and without a ReLU after the addition; the shortcut is identity, or a 2x2 average pool
-//! when strided, with missing channels zero-padded.
+//! when strided, with missing channels zero-padded. With ShakeDrop, each residual branch is
+//! gated before the addition (see [`ShakeDrop`]).
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -15,8 +16,10 @@ use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
+use crate::cost::conv_macs;
 use crate::init;
 use crate::resnet::global_average_pool;
+use crate::shakedrop::ShakeDrop;
 
 /// One PyramidNet block: BN, conv, BN, ReLU, conv, BN (basic) or BN, conv1x1, BN, ReLU,
 /// conv3x3 (stride), BN, ReLU, conv1x1 (4x), BN (bottleneck); then the zero-padded shortcut is
@@ -32,6 +35,8 @@ pub struct PyramidBlock {
     pub bn4: Option<BatchNorm>,
     /// Spatial stride of the block; the shortcut average-pools when it is 2.
     pub stride: usize,
+    /// The branch's ShakeDrop gate (`drop_prob` 0 without ShakeDrop).
+    pub shakedrop: ShakeDrop,
 }
 
 impl PyramidBlock {
@@ -40,6 +45,7 @@ impl PyramidBlock {
         planes: usize,
         stride: usize,
         bottleneck: bool,
+        shakedrop: ShakeDrop,
         rng: &mut impl Rng,
         device: &Device,
     ) -> Self {
@@ -53,6 +59,7 @@ impl PyramidBlock {
                 conv3: Some(init::conv(planes, planes * 4, 1, 1, rng, device)),
                 bn4: Some(init::batch_norm(planes * 4, device)),
                 stride,
+                shakedrop,
             }
         } else {
             Self {
@@ -64,20 +71,44 @@ impl PyramidBlock {
                 conv3: None,
                 bn4: None,
                 stride,
+                shakedrop,
             }
         }
     }
 
+    /// Evaluation forward pass (ShakeDrop, if any, scales by its keep probability).
+    ///
     /// # Shapes
     /// - `x`: `[batch, inplanes, h, w]`
     /// - output: `[batch, outplanes, h / stride, w / stride]`, `outplanes >= inplanes`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut out = self.conv1.forward(self.bn1.forward(x.clone()));
+        let branch = self.shakedrop.forward_eval(self.branch(x.clone()));
+        self.add_shortcut(branch, x)
+    }
+
+    /// Training forward pass: ShakeDrop draws its gate and scales from `rng`.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward).
+    pub fn forward_train(&self, x: Tensor<4>, rng: &mut impl Rng) -> Tensor<4> {
+        let branch = self.shakedrop.forward_train(self.branch(x.clone()), rng);
+        self.add_shortcut(branch, x)
+    }
+
+    /// The residual branch, up to its last BatchNorm.
+    fn branch(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut out = self.conv1.forward(self.bn1.forward(x));
         out = self.conv2.forward(relu(self.bn2.forward(out)));
         out = self.bn3.forward(out);
         if let (Some(conv3), Some(bn4)) = (&self.conv3, &self.bn4) {
             out = bn4.forward(conv3.forward(relu(out)));
         }
+        out
+    }
+
+    /// Adds the shortcut: `x` itself, or 2x2-average-pooled when strided, zero-padded to the
+    /// branch's channels.
+    fn add_shortcut(&self, branch: Tensor<4>, x: Tensor<4>) -> Tensor<4> {
         let shortcut = if self.stride == 1 {
             x
         } else {
@@ -88,7 +119,7 @@ impl PyramidBlock {
                     .with_ceil_mode(true),
             )
         };
-        let [batch, out_channels, h, w] = out.dims();
+        let [batch, out_channels, h, w] = branch.dims();
         let shortcut_channels = shortcut.dims()[1];
         let shortcut = if out_channels > shortcut_channels {
             let padding = Tensor::zeros(
@@ -99,7 +130,19 @@ impl PyramidBlock {
         } else {
             shortcut
         };
-        out + shortcut
+        branch + shortcut
+    }
+
+    /// Multiply-accumulates of the convolutions for an `[h, w]` input; returns them with the
+    /// output size.
+    fn macs(&self, hw: [usize; 2]) -> (u64, [usize; 2]) {
+        let (mut total, mut hw) = conv_macs(&self.conv1, hw);
+        for conv in std::iter::once(&self.conv2).chain(&self.conv3) {
+            let (macs, next) = conv_macs(conv, hw);
+            total += macs;
+            hw = next;
+        }
+        (total, hw)
     }
 }
 
@@ -117,11 +160,13 @@ pub struct PyramidNet {
 }
 
 impl PyramidNet {
-    /// Builds a PyramidNet with `n` blocks per stage and total widening `alpha`.
+    /// Builds a PyramidNet with `n` blocks per stage and total widening `alpha`; `shakedrop`
+    /// is the last block's drop probability (0 = no ShakeDrop).
     pub(crate) fn new(
         n: usize,
         alpha: f64,
         bottleneck: bool,
+        shakedrop: f64,
         num_classes: usize,
         rng: &mut impl Rng,
         device: &Device,
@@ -146,6 +191,7 @@ impl PyramidNet {
                     planes,
                     block_stride,
                     bottleneck,
+                    ShakeDrop::linear_decay(shakedrop, stage * n + i, 3 * n),
                     rng,
                     device,
                 ));
@@ -168,15 +214,49 @@ impl PyramidNet {
         }
     }
 
+    /// Evaluation forward pass.
+    ///
     /// # Shapes
     /// - `x`: `[batch, 3, h, w]`
     /// - output: `[batch, num_classes]` (logits)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let mut x = self.bn1.forward(self.conv1.forward(x));
-        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
+        for block in self.blocks() {
             x = block.forward(x);
         }
+        self.head(x)
+    }
+
+    /// Training forward pass: ShakeDrop draws from `rng` block by block.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward).
+    pub fn forward_train(&self, x: Tensor<4>, rng: &mut impl Rng) -> Tensor<2> {
+        let mut x = self.bn1.forward(self.conv1.forward(x));
+        for block in self.blocks() {
+            x = block.forward_train(x, rng);
+        }
+        self.head(x)
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = &PyramidBlock> {
+        self.layer1.iter().chain(&self.layer2).chain(&self.layer3)
+    }
+
+    fn head(&self, x: Tensor<4>) -> Tensor<2> {
         let x = relu(self.bn_final.forward(x));
         self.fc.forward(global_average_pool(x))
+    }
+
+    /// Multiply-accumulates of the convolutions and the classifier for one `[h, w]` image.
+    pub fn macs(&self, hw: [usize; 2]) -> u64 {
+        let (mut total, mut hw) = conv_macs(&self.conv1, hw);
+        for block in self.blocks() {
+            let (macs, next) = block.macs(hw);
+            total += macs;
+            hw = next;
+        }
+        let [features, classes] = self.fc.weight.lazy_shape().dims();
+        total + (features * classes) as u64
     }
 }

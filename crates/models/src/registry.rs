@@ -46,16 +46,21 @@ pub enum ModelError {
     InvalidAlpha(f64),
     #[error("num_classes must be at least 1")]
     NoClasses,
+    #[error("shakedrop must be a probability in [0, 1], got {0}")]
+    InvalidShakeDrop(f64),
 }
 
-/// Which network to build. `alpha` applies to PyramidNet only and `bottleneck` to the CIFAR
-/// families only (ImageNet ResNets use bottlenecks from depth 50, as torchvision).
+/// Which network to build. `alpha` and `shakedrop` apply to PyramidNet only and `bottleneck`
+/// to the CIFAR families only (ImageNet ResNets use bottlenecks from depth 50, as torchvision).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
     pub depth: usize,
     pub alpha: f64,
     pub bottleneck: bool,
+    /// ShakeDrop's drop probability at the last block (0 = off; 0.5 in the paper), decaying
+    /// linearly to 0 towards the first.
+    pub shakedrop: f64,
     pub num_classes: usize,
 }
 
@@ -69,6 +74,10 @@ pub enum Model {
 }
 
 impl Model {
+    /// The forward pass without stochastic regularisation (evaluation; also training when
+    /// there is no ShakeDrop). BatchNorm uses batch statistics on an autodiff device in training
+    /// mode and its running statistics otherwise.
+    ///
     /// # Shapes
     /// - `x`: `[batch, 3, h, w]` (normalised images)
     /// - output: `[batch, num_classes]` (logits)
@@ -77,6 +86,109 @@ impl Model {
             Self::ResNet(model) => model.forward(x),
             Self::PyramidNet(model) => model.forward(x),
         }
+    }
+
+    /// The training forward pass: stochastic layers (ShakeDrop) draw from `rng`.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward).
+    pub fn forward_train(&self, x: Tensor<4>, rng: &mut impl Rng) -> Tensor<2> {
+        match self {
+            Self::ResNet(model) => model.forward(x),
+            Self::PyramidNet(model) => model.forward_train(x, rng),
+        }
+    }
+
+    /// Multiply-accumulates per `[h, w]` image over convolutions and the classifier (what
+    /// torchvision's tables call GFLOPS).
+    pub fn macs(&self, hw: [usize; 2]) -> u64 {
+        match self {
+            Self::ResNet(model) => model.macs(hw),
+            Self::PyramidNet(model) => model.macs(hw),
+        }
+    }
+}
+
+/// A named model of the zoo: the networks the paper and its baselines use.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    pub name: &'static str,
+    pub config: ModelConfig,
+    /// The input side the network is laid out for (224 ImageNet, 32 CIFAR).
+    pub input_size: usize,
+}
+
+impl Variant {
+    /// Every named model, smallest family first.
+    pub fn all() -> Vec<Variant> {
+        let resnet = |name, depth| Variant {
+            name,
+            config: ModelConfig {
+                arch: Arch::ResNet,
+                depth,
+                alpha: 0.0,
+                bottleneck: depth >= 50,
+                shakedrop: 0.0,
+                num_classes: 1000,
+            },
+            input_size: 224,
+        };
+        let cifar = |name, arch, depth, alpha, bottleneck, classes| Variant {
+            name,
+            config: ModelConfig {
+                arch,
+                depth,
+                alpha,
+                bottleneck,
+                shakedrop: 0.0,
+                num_classes: classes,
+            },
+            input_size: 32,
+        };
+        vec![
+            resnet("resnet18", 18),
+            resnet("resnet34", 34),
+            resnet("resnet50", 50),
+            resnet("resnet101", 101),
+            resnet("resnet152", 152),
+            cifar("cifar_resnet20", Arch::CifarResNet, 20, 0.0, false, 10),
+            cifar("cifar_resnet56", Arch::CifarResNet, 56, 0.0, false, 10),
+            cifar("cifar_resnet110", Arch::CifarResNet, 110, 0.0, false, 10),
+            cifar("cifar_resnet164", Arch::CifarResNet, 164, 0.0, true, 100),
+            cifar("pyramidnet110_a48", Arch::PyramidNet, 110, 48.0, false, 100),
+            cifar(
+                "pyramidnet110_a270",
+                Arch::PyramidNet,
+                110,
+                270.0,
+                false,
+                100,
+            ),
+            cifar(
+                "pyramidnet164_a270",
+                Arch::PyramidNet,
+                164,
+                270.0,
+                true,
+                100,
+            ),
+            cifar(
+                "pyramidnet200_a240",
+                Arch::PyramidNet,
+                200,
+                240.0,
+                true,
+                100,
+            ),
+            cifar(
+                "pyramidnet272_a200",
+                Arch::PyramidNet,
+                272,
+                200.0,
+                true,
+                100,
+            ),
+        ]
     }
 }
 
@@ -135,6 +247,9 @@ impl ModelConfig {
                 if self.arch == Arch::PyramidNet && !(self.alpha.is_finite() && self.alpha >= 0.0) {
                     return Err(ModelError::InvalidAlpha(self.alpha));
                 }
+                if self.arch == Arch::PyramidNet && !(0.0..=1.0).contains(&self.shakedrop) {
+                    return Err(ModelError::InvalidShakeDrop(self.shakedrop));
+                }
             }
         }
         Ok(())
@@ -174,6 +289,7 @@ impl ModelConfig {
                     n,
                     self.alpha,
                     self.bottleneck,
+                    self.shakedrop,
                     classes,
                     rng,
                     device,
@@ -227,6 +343,7 @@ mod tests {
             depth,
             alpha,
             bottleneck,
+            shakedrop: 0.0,
             num_classes: classes,
         };
         let model = config
@@ -242,8 +359,44 @@ mod tests {
     }
 
     #[test]
-    fn resnet_50_has_torchvisions_parameter_count() {
+    fn imagenet_resnets_have_torchvisions_parameter_counts() {
+        assert_eq!(params(Arch::ResNet, 18, 0.0, false, 1000), 11_689_512);
+        assert_eq!(params(Arch::ResNet, 34, 0.0, false, 1000), 21_797_672);
         assert_eq!(params(Arch::ResNet, 50, 0.0, false, 1000), 25_557_032);
+        assert_eq!(params(Arch::ResNet, 101, 0.0, false, 1000), 44_549_160);
+        assert_eq!(params(Arch::ResNet, 152, 0.0, false, 1000), 60_192_808);
+    }
+
+    #[test]
+    fn multiply_accumulates_match_torchvisions_tables() {
+        let macs = |depth| {
+            let config = ModelConfig {
+                arch: Arch::ResNet,
+                depth,
+                alpha: 0.0,
+                bottleneck: false,
+                shakedrop: 0.0,
+                num_classes: 1000,
+            };
+            let model = config
+                .init(&mut StdRng::seed_from_u64(0), &Device::flex())
+                .unwrap();
+            model.macs([224, 224])
+        };
+        // torchvision's model tables: 1.81, 4.09 and 7.80 "GFLOPS"; exact values from PyTorch
+        // forward hooks over Conv2d and Linear (scripts/check_torch_interop.py counts the same).
+        assert_eq!(macs(18), 1_814_073_344);
+        assert_eq!(macs(50), 4_089_184_256);
+        assert_eq!(macs(101), 7_801_405_440);
+    }
+
+    #[test]
+    fn every_named_variant_builds_and_validates() {
+        let names: Vec<&str> = Variant::all().iter().map(|v| v.name).collect();
+        assert!(names.contains(&"pyramidnet200_a240") && names.contains(&"resnet50"));
+        for variant in Variant::all() {
+            variant.config.validate().unwrap();
+        }
     }
 
     #[test]
@@ -263,6 +416,7 @@ mod tests {
             depth: 201,
             alpha: 240.0,
             bottleneck: true,
+            shakedrop: 0.0,
             num_classes: 100,
         };
         let error = config.validate().unwrap_err().to_string();
@@ -289,6 +443,7 @@ mod tests {
                 depth,
                 alpha: 12.0,
                 bottleneck,
+                shakedrop: 0.5,
                 num_classes: 7,
             };
             let model = config.init(&mut StdRng::seed_from_u64(1), &device).unwrap();

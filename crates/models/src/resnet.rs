@@ -14,6 +14,7 @@ use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
+use crate::cost::conv_macs;
 use crate::init;
 
 /// One residual block. Basic (two 3x3 convs) when `conv3` is absent, bottleneck
@@ -86,6 +87,22 @@ impl ResidualBlock {
             out = bn3.forward(conv3.forward(relu(out)));
         }
         relu(out + shortcut)
+    }
+
+    /// Multiply-accumulates of the convolutions for an `[h, w]` input; returns them with the
+    /// output size.
+    fn macs(&self, hw: [usize; 2]) -> (u64, [usize; 2]) {
+        let shortcut = self
+            .downsample
+            .as_ref()
+            .map_or(0, |(conv, _)| conv_macs(conv, hw).0);
+        let (mut total, mut out) = conv_macs(&self.conv1, hw);
+        for conv in std::iter::once(&self.conv2).chain(&self.conv3) {
+            let (macs, next) = conv_macs(conv, out);
+            total += macs;
+            out = next;
+        }
+        (total + shortcut, out)
     }
 }
 
@@ -179,16 +196,33 @@ impl ResNet {
                     .with_padding([1, 1]),
             );
         }
-        for block in self
-            .layer1
+        for block in self.blocks() {
+            x = block.forward(x);
+        }
+        self.fc.forward(global_average_pool(x))
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = &ResidualBlock> {
+        self.layer1
             .iter()
             .chain(&self.layer2)
             .chain(&self.layer3)
             .chain(&self.layer4)
-        {
-            x = block.forward(x);
+    }
+
+    /// Multiply-accumulates of the convolutions and the classifier for one `[h, w]` image.
+    pub fn macs(&self, hw: [usize; 2]) -> u64 {
+        let (mut total, mut hw) = conv_macs(&self.conv1, hw);
+        if self.max_pool {
+            hw = hw.map(|size| (size + 2 - 3) / 2 + 1);
         }
-        self.fc.forward(global_average_pool(x))
+        for block in self.blocks() {
+            let (macs, next) = block.macs(hw);
+            total += macs;
+            hw = next;
+        }
+        let [features, classes] = self.fc.weight.lazy_shape().dims();
+        total + (features * classes) as u64
     }
 }
 

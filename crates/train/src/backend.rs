@@ -132,3 +132,13 @@ pub fn select(choice: BackendChoice) -> Result<Backend> {
         }
     }
 }
+
+/// Mesa's Vulkan drivers open a Wayland connection when wgpu lists adapters, and print an error
+/// line when `XDG_RUNTIME_DIR` is unset (headless servers, containers): give them a folder
+/// without a display in it. Call first thing in `main`, before any thread exists.
+pub fn quiet_mesa() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: called at the start of `main`, before other threads exist.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
+}

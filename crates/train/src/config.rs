@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use cutmix_models::{Arch, ModelConfig};
 
 /// Which device trains the model (DESIGN.md, "Backends").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// A real GPU through wgpu if there is one, else flex.
@@ -60,7 +60,11 @@ pub struct ModelSection {
     #[serde(default)]
     pub bottleneck: bool,
     pub num_classes: usize,
-    /// Optional burnpack (`.bpk`) weights to start from.
+    /// ShakeDrop's drop probability at the last PyramidNet block (0 = off, 0.5 = the paper).
+    #[serde(default)]
+    pub shakedrop: f64,
+    /// Optional weights to start from: safetensors (PyTorch names), a PyTorch checkpoint
+    /// (`.pth`, `.pth.tar`) or a burnpack (`.bpk`) of this project.
     #[serde(default)]
     pub init_from: String,
 }
@@ -284,6 +288,7 @@ impl Config {
             depth: self.model.depth,
             alpha: self.model.alpha,
             bottleneck: self.model.bottleneck,
+            shakedrop: self.model.shakedrop,
             num_classes: self.model.num_classes,
         })
     }
@@ -296,6 +301,7 @@ impl Config {
                 cutmix_models::ModelError::InvalidDepth { .. } => "model.depth",
                 cutmix_models::ModelError::InvalidAlpha(_) => "model.alpha",
                 cutmix_models::ModelError::NoClasses => "model.num_classes",
+                cutmix_models::ModelError::InvalidShakeDrop(_) => "model.shakedrop",
             };
             anyhow!("config key {key}: {e}")
         })?;

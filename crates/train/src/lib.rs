@@ -1,6 +1,7 @@
 //! Training, evaluation and checkpoints for the CutMix recipes: the config and its checks, the
 //! backend choice, the loop (SGD with Nesterov momentum, multistep/step/cosine schedules,
-//! soft-target cross-entropy), metrics, and crash-safe checkpoints in the run folder.
+//! soft-target cross-entropy), metrics, crash-safe checkpoints in the run folder, and weights in
+//! and out (fine-tuning from safetensors / PyTorch / burnpack files, export to safetensors).
 
 pub mod backend;
 pub mod checkpoint;
@@ -9,3 +10,4 @@ pub mod datasets;
 pub mod metrics;
 pub mod schedule;
 pub mod trainer;
+pub mod weights;

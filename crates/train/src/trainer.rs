@@ -23,6 +23,7 @@ use crate::config::{Config, MixMethod, TrainSection};
 use crate::datasets::{self, Datasets};
 use crate::metrics::{EpochMetrics, MetricsLog, Tally};
 use crate::schedule::learning_rate;
+use crate::weights;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -74,15 +75,17 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
 }
 
-/// One SGD step on a mixed batch: soft-target cross-entropy, backward, update.
+/// One SGD step on a mixed batch: soft-target cross-entropy, backward, update. Stochastic
+/// layers (ShakeDrop) draw from `rng`.
 pub fn train_step(
     model: Model,
     optimizer: &mut ModuleOptimizer,
     images: Tensor<4>,
     targets: Tensor<2>,
     lr: f64,
+    rng: &mut impl rand::Rng,
 ) -> (Model, StepOutput) {
-    let logits = model.forward(images);
+    let logits = model.forward_train(images, rng);
     let loss = cross_entropy_with_logits(logits.clone(), targets);
     let loss_value = loss.clone().into_scalar::<f32>();
     let logits: Vec<f32> = logits
@@ -155,7 +158,15 @@ fn train_one_epoch(
         let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
         let (images, labels) = images_tensor(batch, device);
         let mixed = mixing.apply(images, &labels, num_classes, &mut rng);
-        let (next, out) = train_step(model, optimizer, mixed.images, mixed.targets, lr);
+        let mut model_rng = keyed_rng(config.seed, Stream::Regularize, epoch as u64, index as u64);
+        let (next, out) = train_step(
+            model,
+            optimizer,
+            mixed.images,
+            mixed.targets,
+            lr,
+            &mut model_rng,
+        );
         model = next;
         if !out.loss.is_finite() {
             bar.abandon();
@@ -224,14 +235,13 @@ pub fn train(config: &Config) -> Result<RunSummary> {
     let train_device = device.clone().autodiff();
     let mut init_rng = keyed_rng(config.seed, Stream::Init, 0, 0);
     let mut model = model_config.init(&mut init_rng, &train_device)?;
+    let mut init_summary = None;
     if !config.model.init_from.is_empty() {
         let path = PathBuf::from(&config.model.init_from);
-        model = model.try_load_file(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "config key model.init_from: cannot load {} as burnpack weights of this model: {e}",
-                path.display()
-            )
-        })?;
+        let (loaded, summary) =
+            weights::load(model, &path).context("config key model.init_from")?;
+        model = loaded;
+        init_summary = Some((path, summary));
     }
 
     let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
@@ -259,6 +269,9 @@ pub fn train(config: &Config) -> Result<RunSummary> {
         count_params(&model),
         model_config.num_classes
     );
+    if let Some((path, summary)) = &init_summary {
+        println!("init from {}: {summary}", path.display());
+    }
     println!(
         "data: {} training and {} validation images ({} classes) from {}, batch {}",
         train_loader.len(),

@@ -41,6 +41,7 @@ fn resnet8(seed: u64, device: &Device) -> cutmix_models::Model {
         depth: 8,
         alpha: 0.0,
         bottleneck: false,
+        shakedrop: 0.0,
         num_classes: 10,
     }
     .init(&mut StdRng::seed_from_u64(seed), device)
@@ -310,7 +311,14 @@ fn two_steps(device: &Device) -> (f32, f32) {
     for _ in 0..2 {
         let (images, labels) = images_tensor(batch.clone(), &train_device);
         let mixed = mixing.apply(images, &labels, 10, &mut StdRng::seed_from_u64(4));
-        let (next, out) = train_step(model, &mut optimizer, mixed.images, mixed.targets, 0.1);
+        let (next, out) = train_step(
+            model,
+            &mut optimizer,
+            mixed.images,
+            mixed.targets,
+            0.1,
+            &mut StdRng::seed_from_u64(0),
+        );
         model = next;
         losses.push(out.loss);
     }
@@ -336,4 +344,125 @@ fn a_training_step_gives_the_same_loss_on_wgpu_and_flex() {
         wgpu.1
     );
     assert!(flex.1 < flex.0, "the step lowers the loss on its own batch");
+}
+
+fn command(binary: &str, args: &[String]) -> Output {
+    Command::new(binary)
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn with_sets(sets: &[String]) -> Vec<String> {
+    sets.iter()
+        .flat_map(|set| ["--set".to_string(), set.clone()])
+        .collect()
+}
+
+#[test]
+fn exported_weights_evaluate_as_the_run_did_and_fine_tune_on_new_classes() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let sets = quick_sets(out.path(), &["train.epochs=1"]);
+    let output = train(&config, &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = out.path().join("quickstart");
+
+    // export: torchvision's names, num_batches_tracked = optimiser steps (192 / 32 = 6).
+    let file = out.path().join("resnet8.safetensors");
+    let exported = command(
+        env!("CARGO_BIN_EXE_export"),
+        &[
+            "--run".into(),
+            run.display().to_string(),
+            "--which".into(),
+            "best".into(),
+            "--out".into(),
+            file.display().to_string(),
+        ],
+    );
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let (_, tensors) = cutmix_models::read_weights(&file).unwrap();
+    assert_eq!(tensors["fc.weight"].shape, vec![10, 64]);
+    assert_eq!(
+        tensors["layer2.0.downsample.0.weight"].shape,
+        vec![32, 16, 1, 1]
+    );
+    assert_eq!(
+        tensors["layer3.0.bn2.num_batches_tracked"].data,
+        cutmix_models::HostData::I64(vec![6])
+    );
+
+    // eval of the exported file and of the burnpack gives the run's own validation numbers.
+    let best = &metrics(&run)[0];
+    let eval_json = |weights: &Path, dump: Option<&Path>| {
+        let mut args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--weights".into(),
+            weights.display().to_string(),
+        ];
+        if let Some(dump) = dump {
+            args.extend(["--dump".to_string(), dump.display().to_string()]);
+        }
+        args.extend(with_sets(&sets));
+        let output = command(env!("CARGO_BIN_EXE_eval"), &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let dump = out.path().join("dump.safetensors");
+    let from_export = eval_json(&file, Some(&dump));
+    let from_bpk = eval_json(&run.join("checkpoints/best/model.bpk"), None);
+    assert_eq!(from_export["images"], 64);
+    for key in ["loss", "top1_err", "top5_err"] {
+        assert_eq!(from_export[key], from_bpk[key], "{key}");
+    }
+    assert_eq!(from_export["top1_err"], best["val_top1_err"]);
+    assert!(
+        (from_export["loss"].as_f64().unwrap() - best["val_loss"].as_f64().unwrap()).abs() < 1e-5
+    );
+    let (_, dumped) = cutmix_models::read_weights(&dump).unwrap();
+    assert_eq!(dumped["input"].shape, vec![32, 3, 32, 32]);
+    assert_eq!(dumped["logits"].shape, vec![32, 10]);
+
+    // Fine-tuning with another number of classes re-initialises the classifier only.
+    let finetune = train(
+        &config,
+        &quick_sets(
+            out.path(),
+            &[
+                "train.epochs=1",
+                "name=finetune",
+                "model.num_classes=12",
+                &format!("model.init_from={}", file.display()),
+            ],
+        ),
+    );
+    assert!(finetune.status.success(), "{}", stderr(&finetune));
+    let stdout = String::from_utf8_lossy(&finetune.stdout);
+    assert!(
+        stdout.contains(
+            "loaded 45 tensors, re-initialised fc.weight ([10, 64] in the file, [12, 64] here), fc.bias ([10] in the file, [12] here), unused none"
+        ),
+        "{stdout}"
+    );
+
+    // A file for another architecture is one line naming the file and the tensor.
+    let wrong = train(
+        &config,
+        &quick_sets(
+            out.path(),
+            &[
+                "model.depth=14",
+                &format!("model.init_from={}", file.display()),
+            ],
+        ),
+    );
+    assert!(!wrong.status.success());
+    let message = stderr(&wrong);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(message.contains("resnet8.safetensors"), "{message}");
+    assert!(message.contains("model.init_from"), "{message}");
 }

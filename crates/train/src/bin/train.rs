@@ -3,8 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use burn::tensor::Device;
 use clap::Parser;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
+use cutmix_models::{Arch, Variant, count_params};
+use cutmix_train::backend;
 use cutmix_train::config::{BackendChoice, Config};
 use cutmix_train::trainer;
 
@@ -13,46 +18,73 @@ use cutmix_train::trainer;
 #[command(version, about)]
 struct Args {
     /// The recipe, e.g. configs/cifar100_cutmix.toml.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "list_models")]
+    config: Option<PathBuf>,
     /// Overrides the config's `backend`.
     #[arg(long, value_enum)]
-    backend: Option<Backend>,
+    backend: Option<BackendChoice>,
     /// Overrides any config key by its dotted path, e.g. --set train.epochs=1 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Lists the model zoo with parameter counts and multiply-accumulates per image, and exits.
+    #[arg(long)]
+    list_models: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Backend {
-    Auto,
-    Wgpu,
-    Flex,
-    Ndarray,
+/// Prints every named model with the `[model]` keys that build it.
+fn list_models() {
+    println!(
+        "{:<20} {:>12} {:>9} {:>6} {:>8}  [model] keys",
+        "name", "parameters", "GMACs", "input", "classes"
+    );
+    let device = Device::flex();
+    for variant in Variant::all() {
+        let config = &variant.config;
+        let model = config
+            .init(&mut StdRng::seed_from_u64(0), &device)
+            .expect("the zoo's configs are valid");
+        let macs = model.macs([variant.input_size; 2]);
+        let keys = match config.arch {
+            Arch::ResNet => format!("arch=\"resnet\" depth={}", config.depth),
+            Arch::CifarResNet => format!(
+                "arch=\"cifar_resnet\" depth={} bottleneck={}",
+                config.depth, config.bottleneck
+            ),
+            Arch::PyramidNet => format!(
+                "arch=\"pyramidnet\" depth={} alpha={} bottleneck={}",
+                config.depth, config.alpha, config.bottleneck
+            ),
+        };
+        println!(
+            "{:<20} {:>12} {:>9.3} {:>6} {:>8}  {keys}",
+            variant.name,
+            count_params(&model),
+            macs as f64 / 1e9,
+            format!("{0}x{0}", variant.input_size),
+            config.num_classes,
+        );
+    }
+    println!(
+        "GMACs: multiply-accumulates of the convolutions and the classifier per image (torchvision's \"GFLOPS\"; FLOPs are twice this)."
+    );
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = Config::load(&args.config, &args.sets)?;
+    if args.list_models {
+        list_models();
+        return Ok(());
+    }
+    let path = args.config.expect("clap requires --config");
+    let mut config = Config::load(&path, &args.sets)?;
     if let Some(backend) = args.backend {
-        config.backend = match backend {
-            Backend::Auto => BackendChoice::Auto,
-            Backend::Wgpu => BackendChoice::Wgpu,
-            Backend::Flex => BackendChoice::Flex,
-            Backend::Ndarray => BackendChoice::Ndarray,
-        };
+        config.backend = backend;
     }
     trainer::train(&config)?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    // Mesa's Vulkan drivers open a Wayland connection when wgpu lists adapters, and print an
-    // error line when XDG_RUNTIME_DIR is unset (headless servers, containers). Give them a
-    // folder without a display in it.
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
-    }
+    backend::quiet_mesa();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
