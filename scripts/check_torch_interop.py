@@ -12,6 +12,10 @@ and BatchNorm statistic randomised, saves them as safetensors and as a reference
 
 Cost: parameter counts and multiply-accumulates from `train --list-models` against PyTorch's.
 
+`--write-fixture` instead writes the small PyTorch-made files the Rust tests load without Python
+(crates/train/tests/fixtures/): a CIFAR ResNet-8 saved as the reference saves checkpoints, in
+PyTorch's current ZIP format and in the legacy format of 2019, and its logits on a fixed input.
+
 Needs torch, torchvision and safetensors (`just interop` makes a venv with them) and the
 release binaries (`cargo build --release`). Exits non-zero when a check fails.
 
@@ -147,6 +151,13 @@ def relative_error(ours, theirs):
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12)).item()
 
 
+# The PyramidNets checked: (depth, alpha, bottleneck, ShakeDrop's final drop probability).
+PYRAMIDNETS = {
+    "pyramidnet200": (200, 240, True, 0.0),
+    "pyramidnet110_shakedrop": (110, 48, False, 0.5),
+}
+
+
 def model_sets(kind):
     """`--set`s describing each checked network on the shipped images."""
     if kind.startswith("resnet"):
@@ -156,11 +167,13 @@ def model_sets(kind):
             "data.transforms=imagenet",
             "data.image_size=224",
         ]
+    depth, alpha, bottleneck, shakedrop = PYRAMIDNETS[kind]
     return [
         "model.arch=pyramidnet",
-        "model.depth=200",
-        "model.alpha=240",
-        "model.bottleneck=true",
+        f"model.depth={depth}",
+        f"model.alpha={alpha}",
+        f"model.bottleneck={str(bottleneck).lower()}",
+        f"model.shakedrop={shakedrop}",
         "data.transforms=cifar",
         "data.image_size=32",
     ]
@@ -187,7 +200,8 @@ def with_sets(sets):
 def torch_model(kind, classes):
     if kind.startswith("resnet"):
         return getattr(torchvision.models, kind)(num_classes=classes)
-    return PyramidNet(200, 240, classes, bottleneck=True)
+    depth, alpha, bottleneck, shakedrop = PYRAMIDNETS[kind]
+    return PyramidNet(depth, alpha, classes, bottleneck, shakedrop)
 
 
 def eval_dump(bins, sets, weights, dump):
@@ -305,17 +319,67 @@ def check_costs(bins, checks):
         checks.add(f"cost {name}", f"ours {ours}, PyTorch ({params}, {macs:.3f} GMACs)", ok)
 
 
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet (6n+2, basic blocks, projection shortcuts) with torchvision's blocks."""
+
+    def __init__(self, depth, num_classes):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        inplanes = 16
+        for stage, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for i in range(n):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                downsample = None
+                if stride != 1 or inplanes != planes:
+                    downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                blocks.append(torchvision.models.resnet.BasicBlock(inplanes, planes, stride, downsample))
+                inplanes = planes
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def write_fixture():
+    folder = os.path.join(REPO, "crates", "train", "tests", "fixtures")
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = CifarResNet(8, 10)
+    randomise(model, generator)
+    model.eval()
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    checkpoint = {"epoch": 300, "arch": "resnet", "state_dict": state, "best_err1": 5.0}
+    torch.save(checkpoint, os.path.join(folder, "cifar_resnet8.pth.tar"))
+    torch.save(checkpoint, os.path.join(folder, "cifar_resnet8_legacy.pth.tar"), _use_new_zipfile_serialization=False)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        logits = model(x)
+    save_file({"input": x, "logits": logits}, os.path.join(folder, "cifar_resnet8_logits.safetensors"))
+    print(f"wrote the fixtures to {folder} (torch {torch.__version__})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin", default=os.path.join(REPO, "target", "release"), help="folder with train, eval, export")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--write-fixture", action="store_true", help="write the Rust tests' PyTorch files and exit")
     args = parser.parse_args()
+    if args.write_fixture:
+        write_fixture()
+        return
     work = args.work or tempfile.mkdtemp(prefix="cutmix-interop-")
     os.makedirs(work, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     checks = Checks()
     check_costs(args.bin, checks)
-    for kind in ("resnet50", "resnet101", "pyramidnet200"):
+    for kind in ("resnet50", "resnet101", "pyramidnet200", "pyramidnet110_shakedrop"):
         check_export(args.bin, work, kind, checks)
     imported = check_import(args.bin, work, "resnet50", checks)
     check_import(args.bin, work, "pyramidnet200", checks)

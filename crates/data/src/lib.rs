@@ -1,11 +1,12 @@
 //! Datasets and batches on the host: CIFAR-10/100 binary readers, an image-folder reader,
-//! the training transforms, and a loader that prepares batches on background threads.
+//! the training transforms (the reference's colour jitter and PCA lighting among them), and a loader that prepares batches on background threads.
 //!
 //! Nothing here knows about Burn: a batch is plain `f32` NCHW data plus labels. Every random
 //! draw comes from a generator keyed by (seed, stream, epoch, index), so the same seed gives the
 //! same batches whatever the number of worker threads.
 
 mod cifar;
+mod color;
 mod error;
 mod image_folder;
 mod loader;
@@ -13,6 +14,7 @@ mod seed;
 mod transforms;
 
 pub use cifar::{Cifar, CifarKind, Split};
+pub use color::{ColorAugment, IMAGENET_EIGVAL, IMAGENET_EIGVEC};
 pub use error::DataError;
 pub use image_folder::ImageFolder;
 pub use loader::{Batch, Loader, LoaderConfig};

@@ -4,6 +4,7 @@ use image::imageops::{self, FilterType};
 use rand::{Rng, RngExt};
 
 use crate::RgbImage;
+use crate::color::ColorAugment;
 
 /// The CIFAR normalisation of the CutMix reference: (125.3, 123.0, 113.9) / 255.
 pub const CIFAR_MEAN: [f32; 3] = [125.3 / 255.0, 123.0 / 255.0, 113.9 / 255.0];
@@ -21,9 +22,9 @@ pub enum Transform {
     CifarTrain { size: usize, padding: usize },
     /// The image as it is, resized to `size` if it is not already (CIFAR evaluation).
     CifarEval { size: usize },
-    /// torchvision's `RandomResizedCrop(size)` (scale 0.08-1, ratio 3/4-4/3) and a random
-    /// horizontal flip.
-    ImageNetTrain { size: usize },
+    /// torchvision's `RandomResizedCrop(size)` (scale 0.08-1, ratio 3/4-4/3), a random
+    /// horizontal flip, then the reference's colour jitter and PCA lighting (`color`).
+    ImageNetTrain { size: usize, color: ColorAugment },
     /// Resize the shorter side to `size * 256 / 224`, then a centre crop of `size`.
     ImageNetEval { size: usize },
 }
@@ -34,7 +35,7 @@ impl Transform {
         match *self {
             Self::CifarTrain { size, .. }
             | Self::CifarEval { size }
-            | Self::ImageNetTrain { size }
+            | Self::ImageNetTrain { size, .. }
             | Self::ImageNetEval { size } => size,
         }
     }
@@ -49,6 +50,7 @@ impl Transform {
         std: [f32; 3],
         out: &mut [f32],
     ) {
+        let mut color = ColorAugment::default();
         let (square, flip) = match *self {
             Self::CifarTrain { size, padding } => {
                 let image = resize_exact(image, size, size);
@@ -58,9 +60,13 @@ impl Transform {
                 (padded_crop(&image, padding, top, left, size), flip)
             }
             Self::CifarEval { size } => (resize_exact(image, size, size), false),
-            Self::ImageNetTrain { size } => {
+            Self::ImageNetTrain {
+                size,
+                color: augment,
+            } => {
                 let (top, left, h, w) = random_resized_crop_box(image.width, image.height, rng);
                 let flip = rng.random_bool(0.5);
+                color = augment;
                 (crop_resize(image, top, left, h, w, size, size), flip)
             }
             Self::ImageNetEval { size } => {
@@ -85,7 +91,19 @@ impl Transform {
                 )
             }
         };
-        write_normalised(&square, flip, mean, std, out);
+        if color.is_off() {
+            write_normalised(&square, flip, mean, std, out);
+        } else {
+            // As the reference: ToTensor ([0, 1]), colour, then normalise.
+            write_normalised(&square, flip, [0.0; 3], [1.0; 3], out);
+            color.apply(out, rng);
+            let plane = out.len() / 3;
+            for (c, channel) in out.chunks_mut(plane).enumerate() {
+                channel
+                    .iter_mut()
+                    .for_each(|v| *v = (*v - mean[c]) / std[c]);
+            }
+        }
     }
 }
 
@@ -231,6 +249,45 @@ mod tests {
             height,
             pixels,
         }
+    }
+
+    #[test]
+    fn colour_runs_after_crop_and_flip_on_the_unnormalised_image() {
+        let image = gradient(40, 30);
+        let (mean, std) = (IMAGENET_MEAN, IMAGENET_STD);
+        let color = ColorAugment {
+            jitter: 0.4,
+            lighting: 0.1,
+        };
+        let mut ours = vec![0.0; 3 * 16 * 16];
+        Transform::ImageNetTrain { size: 16, color }.apply(
+            &image,
+            &mut StdRng::seed_from_u64(9),
+            mean,
+            std,
+            &mut ours,
+        );
+        // Replayed by hand: the same crop and flip draws, ToTensor, colour, normalise.
+        let mut rng = StdRng::seed_from_u64(9);
+        let (top, left, h, w) = random_resized_crop_box(40, 30, &mut rng);
+        let flip = rng.random_bool(0.5);
+        let square = crop_resize(&image, top, left, h, w, 16, 16);
+        let mut expected = vec![0.0; 3 * 16 * 16];
+        write_normalised(&square, flip, [0.0; 3], [1.0; 3], &mut expected);
+        color.apply(&mut expected, &mut rng);
+        for (i, v) in expected.iter_mut().enumerate() {
+            let c = i / 256;
+            *v = (*v - mean[c]) / std[c];
+        }
+        assert_eq!(ours, expected);
+
+        let mut plain = vec![0.0; 3 * 16 * 16];
+        Transform::ImageNetTrain {
+            size: 16,
+            color: ColorAugment::default(),
+        }
+        .apply(&image, &mut StdRng::seed_from_u64(9), mean, std, &mut plain);
+        assert_ne!(plain, ours);
     }
 
     #[test]

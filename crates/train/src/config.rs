@@ -112,6 +112,14 @@ pub struct DataSection {
     /// 0 = all; else a seeded random subset of this many validation examples.
     #[serde(default)]
     pub val_limit: usize,
+    /// `imagenet` training transforms: brightness, contrast and saturation jitter strength
+    /// (0 = off; 0.4 in the reference).
+    #[serde(default)]
+    pub color_jitter: f32,
+    /// `imagenet` training transforms: PCA lighting's alpha standard deviation (0 = off; 0.1 in
+    /// the reference).
+    #[serde(default)]
+    pub lighting: f32,
 }
 
 fn default_image_size() -> usize {
@@ -365,6 +373,16 @@ impl Config {
                 (0.0..=1.0).contains(&a.prob),
                 "augment.prob",
                 "must be in [0, 1]",
+            )?;
+        }
+        for (value, key) in [
+            (self.data.color_jitter, "data.color_jitter"),
+            (self.data.lighting, "data.lighting"),
+        ] {
+            check(
+                value.is_finite() && value >= 0.0,
+                key,
+                "must be a number >= 0",
             )?;
         }
         check(

@@ -6,8 +6,8 @@ use anyhow::{Result, bail};
 use rand::seq::SliceRandom;
 
 use cutmix_data::{
-    CIFAR_MEAN, CIFAR_STD, Cifar, CifarKind, Dataset, IMAGENET_MEAN, IMAGENET_STD, ImageFolder,
-    Loader, LoaderConfig, Split, Stream, Transform, keyed_rng,
+    CIFAR_MEAN, CIFAR_STD, Cifar, CifarKind, ColorAugment, Dataset, IMAGENET_MEAN, IMAGENET_STD,
+    ImageFolder, Loader, LoaderConfig, Split, Stream, Transform, keyed_rng,
 };
 
 use crate::config::{Config, DatasetKind, TransformKind};
@@ -71,7 +71,13 @@ pub fn build(config: &Config) -> Result<Datasets> {
             CIFAR_STD,
         ),
         TransformKind::Imagenet => (
-            Transform::ImageNetTrain { size },
+            Transform::ImageNetTrain {
+                size,
+                color: ColorAugment {
+                    jitter: data.color_jitter,
+                    lighting: data.lighting,
+                },
+            },
             Transform::ImageNetEval { size },
             IMAGENET_MEAN,
             IMAGENET_STD,

@@ -466,3 +466,80 @@ fn exported_weights_evaluate_as_the_run_did_and_fine_tune_on_new_classes() {
     assert!(message.contains("resnet8.safetensors"), "{message}");
     assert!(message.contains("model.init_from"), "{message}");
 }
+
+#[test]
+fn the_papers_imagenet_recipe_runs_unchanged_on_a_small_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let output = train(
+        &repo().join("configs/imagenet_resnet50_cutmix.toml"),
+        &[
+            format!("output_dir={}", out.path().display()),
+            format!("data.root={}", mini().display()),
+            "backend=flex".into(),
+            // Small enough for a test: 16 images at 64x64, one epoch.
+            "data.image_size=64".into(),
+            "data.train_limit=16".into(),
+            "data.val_limit=8".into(),
+            "train.batch_size=8".into(),
+            "train.epochs=1".into(),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = out.path().join("imagenet_resnet50_cutmix");
+    assert_eq!(metrics(&run).len(), 1);
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    for line in [
+        "depth = 50",
+        "color_jitter = 0.4",
+        "lighting = 0.1",
+        "prob = 1.0",
+        "step_size = 75",
+        "batch_size = 8",
+    ] {
+        assert!(resolved.contains(line), "{line} not in {resolved}");
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("25557032 parameters"), "{stdout}");
+}
+
+/// Files PyTorch wrote (scripts/check_torch_interop.py --write-fixture): a CIFAR ResNet-8 with
+/// every weight and BatchNorm statistic random, saved as the reference saves checkpoints
+/// (`{"state_dict": {"module.conv1.weight": ...}, "epoch": ...}`) in PyTorch's ZIP format and
+/// in the legacy format of 2019, and its logits on a fixed input.
+#[test]
+fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
+    use burn::module::Module;
+    use burn::tensor::{Tensor, TensorData};
+    use cutmix_models::HostData;
+
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (_, expected) =
+        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_logits.safetensors")).unwrap();
+    let floats = |name: &str| match &expected[name].data {
+        HostData::F32(values) => values.clone(),
+        HostData::I64(_) => panic!("{name} holds floats"),
+    };
+    let device = Device::flex();
+    for file in ["cifar_resnet8.pth.tar", "cifar_resnet8_legacy.pth.tar"] {
+        let (model, summary) =
+            cutmix_train::weights::load(resnet8(5, &device), &fixtures.join(file)).unwrap();
+        assert_eq!(summary.loaded, 47, "{file}: {summary}");
+        assert!(summary.reinitialised.is_empty() && summary.unused.is_empty());
+        let input =
+            Tensor::<4>::from_data(TensorData::new(floats("input"), [2, 3, 32, 32]), &device);
+        let logits = model
+            .valid()
+            .forward(input)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let theirs = floats("logits");
+        let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let error = logits
+            .iter()
+            .zip(&theirs)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(error < 1e-4, "{file}: relative error {error}");
+    }
+}
