@@ -24,11 +24,14 @@ pub enum WeightsFormat {
 /// A weights file that cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message carries it, and error chains would print it twice.
+        error: std::io::Error,
     },
+    #[error("{}: the folder {} does not exist", path.display(), folder.display())]
+    NoFolder { path: PathBuf, folder: PathBuf },
     #[error("{}: not a readable {format} file: {message}", path.display())]
     Format {
         path: PathBuf,
@@ -73,9 +76,9 @@ fn sniff(path: &Path, head: &[u8]) -> Option<WeightsFormat> {
 /// PyTorch checkpoint's `state_dict` entry is used when there is one and DataParallel's
 /// `module.` prefix is dropped; floats of any width become f32, integers i64.
 pub fn read_weights(path: &Path) -> Result<(WeightsFormat, StateDict), WeightsError> {
-    let io = |source| WeightsError::Io {
+    let io = |error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut head = [0u8; 16];
     let read = {
@@ -138,9 +141,9 @@ fn host_data(path: &Path, name: &str, dtype: &str, bytes: &[u8]) -> Result<HostD
 }
 
 fn read_safetensors(path: &Path) -> Result<StateDict, WeightsError> {
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+    let bytes = std::fs::read(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Format {
         path: path.to_path_buf(),
@@ -270,14 +273,21 @@ pub fn write_safetensors(
             format: "safetensors",
             message: e.to_string(),
         })?;
-    let io = |source| WeightsError::Io {
+    let io = |error: std::io::Error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        // tempfile's messages name its temporary file; the destination is what matters.
+        error: std::io::Error::new(error.kind(), error.kind().to_string()),
     };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !dir.is_dir() {
+        return Err(WeightsError::NoFolder {
+            path: path.to_path_buf(),
+            folder: dir,
+        });
+    }
     let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
     temp.write_all(&serialized).map_err(io)?;
     temp.as_file().sync_all().map_err(io)?;

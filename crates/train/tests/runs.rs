@@ -449,6 +449,44 @@ fn exported_weights_evaluate_as_the_run_did_and_fine_tune_on_new_classes() {
         "{stdout}"
     );
 
+    // Export and eval mistakes are one line naming the path.
+    let nowhere = out.path().join("missing-folder/x.safetensors");
+    for (binary, args) in [
+        (
+            env!("CARGO_BIN_EXE_export"),
+            vec![
+                "--run".to_string(),
+                run.display().to_string(),
+                "--out".into(),
+                nowhere.display().to_string(),
+            ],
+        ),
+        (
+            env!("CARGO_BIN_EXE_export"),
+            vec!["--run".to_string(), out.path().display().to_string()],
+        ),
+        (
+            env!("CARGO_BIN_EXE_eval"),
+            vec![
+                "--config".to_string(),
+                config.display().to_string(),
+                "--weights".into(),
+                nowhere.display().to_string(),
+            ],
+        ),
+    ] {
+        let output = command(binary, &args);
+        assert!(!output.status.success());
+        let message = stderr(&output);
+        assert_eq!(message.trim().lines().count(), 1, "{message}");
+        assert!(
+            message.contains(&nowhere.display().to_string())
+                || message.contains("not a run folder"),
+            "{message}"
+        );
+        assert!(!message.contains("(os error 2): No such"), "{message}");
+    }
+
     // A file for another architecture is one line naming the file and the tensor.
     let wrong = train(
         &config,
