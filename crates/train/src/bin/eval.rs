@@ -45,7 +45,6 @@ fn run(args: Args) -> Result<()> {
         config.backend = backend;
     }
     let backend = backend::select(config.backend)?;
-    let data = datasets::build(&config)?;
     let model_config = config.model_config()?;
     let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
     let model = model_config.init(&mut rng, &backend.device)?;
@@ -58,6 +57,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     eprintln!("{}: {summary}", args.weights.display());
+    let data = datasets::build(&config)?;
     let model = model.valid();
     if let Some(path) = &args.dump {
         let batch = data
