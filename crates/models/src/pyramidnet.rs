@@ -16,7 +16,7 @@ use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
-use crate::cost::conv_macs;
+use crate::cost::{conv_macs, linear_macs};
 use crate::init;
 use crate::resnet::global_average_pool;
 use crate::shakedrop::ShakeDrop;
@@ -256,7 +256,6 @@ impl PyramidNet {
             total += macs;
             hw = next;
         }
-        let [features, classes] = self.fc.weight.lazy_shape().dims();
-        total + (features * classes) as u64
+        total + linear_macs(&self.fc)
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
-use crate::cost::conv_macs;
+use crate::cost::{conv_macs, linear_macs};
 use crate::init;
 
 /// One residual block. Basic (two 3x3 convs) when `conv3` is absent, bottleneck
@@ -221,8 +221,7 @@ impl ResNet {
             total += macs;
             hw = next;
         }
-        let [features, classes] = self.fc.weight.lazy_shape().dims();
-        total + (features * classes) as u64
+        total + linear_macs(&self.fc)
     }
 }
 

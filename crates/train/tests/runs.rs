@@ -581,3 +581,20 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
         assert!(error < 1e-4, "{file}: relative error {error}");
     }
 }
+
+#[test]
+fn list_models_prints_the_zoo_with_parameters_and_macs() {
+    let output = command(env!("CARGO_BIN_EXE_train"), &["--list-models".into()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = |name: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not listed: {stdout}"));
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    assert_eq!(row("resnet50")[1..3], ["25557032", "4.089"]);
+    assert_eq!(row("resnet101")[1..3], ["44549160", "7.801"]);
+    assert_eq!(row("pyramidnet200_a240")[1..3], ["26844952", "4.520"]);
+}

@@ -1,5 +1,6 @@
 //! `train`: runs a training recipe from a TOML config.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,11 +33,13 @@ struct Args {
 }
 
 /// Prints every named model with the `[model]` keys that build it.
-fn list_models() {
-    println!(
+fn list_models() -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:<20} {:>12} {:>9} {:>6} {:>8}  [model] keys",
         "name", "parameters", "GMACs", "input", "classes"
-    );
+    )?;
     let device = Device::flex();
     for variant in Variant::all() {
         let config = &variant.config;
@@ -55,24 +58,29 @@ fn list_models() {
                 config.depth, config.alpha, config.bottleneck
             ),
         };
-        println!(
+        writeln!(
+            out,
             "{:<20} {:>12} {:>9.3} {:>6} {:>8}  {keys}",
             variant.name,
             count_params(&model),
             macs as f64 / 1e9,
             format!("{0}x{0}", variant.input_size),
             config.num_classes,
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "GMACs: multiply-accumulates of the convolutions and the classifier per image (torchvision's \"GFLOPS\"; FLOPs are twice this)."
-    );
+    )
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
     if args.list_models {
-        list_models();
-        return Ok(());
+        return match list_models() {
+            // `train --list-models | head` closes the pipe early: not an error.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(()),
+        };
     }
     let path = args.config.expect("clap requires --config");
     let mut config = Config::load(&path, &args.sets)?;
