@@ -6,6 +6,8 @@ build:
     cargo build --release
 
 # Run the whole test suite (wgpu tests need a Vulkan driver: `apt-get install mesa-vulkan-drivers`).
+# Filter by test name rather than with `-p CRATE`: building one package alone unifies Burn's
+# features differently and recompiles all of Burn (25+ minutes).
 test:
     cargo test --release
 
