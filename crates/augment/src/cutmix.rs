@@ -1,18 +1,19 @@
-//! CutMix as in the reference's `train.py`: one decision, one lambda, one partner permutation
-//! and one box per batch, lambda corrected to the exact pasted area.
+//! CutMix: the reference's `train.py` form (one decision, one lambda, one partner permutation
+//! and one box per batch) and the per-image form, lambda corrected to the exact pasted area.
 
-use burn::tensor::{Int, Tensor, TensorData};
-use rand::seq::SliceRandom;
 use rand::{Rng, RngExt};
 use rand_distr::{Beta, Distribution};
 
-use crate::{Mixed, soft_targets};
+use crate::{Draw, Mode, Partner};
 
-/// CutMix with `lambda ~ Beta(beta, beta)`, applied to a batch with probability `prob`.
+/// CutMix with `lambda ~ Beta(beta, beta)`, applied with probability `prob` per batch
+/// (`Mode::Batch`) or per image (`Mode::Elem`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CutMix {
     pub beta: f64,
     pub prob: f64,
+    pub mode: Mode,
+    pub partner: Partner,
 }
 
 /// A pasted region: rows `y1..y2`, columns `x1..x2` (half-open, possibly empty).
@@ -25,18 +26,29 @@ pub struct CutBox {
 }
 
 impl CutBox {
+    /// No pixels.
+    pub const EMPTY: CutBox = CutBox {
+        y1: 0,
+        y2: 0,
+        x1: 0,
+        x2: 0,
+    };
+
     /// Number of pixels inside the box.
     pub fn area(&self) -> usize {
         (self.y2 - self.y1) * (self.x2 - self.x1)
     }
 
-    /// The reference's `rand_bbox` with height and width named correctly: a box of
-    /// `int(side * sqrt(1 - lambda))` per side around a centre drawn uniformly over all
-    /// `height x width` positions, extending `cut / 2` each way and clipped to the image.
-    pub fn sample(height: usize, width: usize, lambda: f64, rng: &mut impl Rng) -> Self {
-        let ratio = (1.0 - lambda).max(0.0).sqrt();
-        let cut_h = (height as f64 * ratio) as usize;
-        let cut_w = (width as f64 * ratio) as usize;
+    /// A box of `cut_h x cut_w` around a centre drawn uniformly over all `height x width`
+    /// positions, extending `cut / 2` each way and clipped to the image (the reference's
+    /// `rand_bbox`, with height and width named correctly; Cutout uses the same rule).
+    pub fn around_random_centre(
+        height: usize,
+        width: usize,
+        cut_h: usize,
+        cut_w: usize,
+        rng: &mut impl Rng,
+    ) -> Self {
         let cy = rng.random_range(0..height);
         let cx = rng.random_range(0..width);
         Self {
@@ -46,89 +58,87 @@ impl CutBox {
             x2: (cx + cut_w / 2).min(width),
         }
     }
-}
 
-/// The host-side draws of one CutMix batch.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CutMixDraw {
-    /// Image `i` takes its patch from image `permutation[i]`.
-    pub permutation: Vec<usize>,
-    pub cut: CutBox,
-    /// The kept share, `(h * w - area) / (h * w)` in f32 from integer pixel counts.
-    pub lambda: f32,
+    /// The reference's box for a sampled `lambda`: `int(side * sqrt(1 - lambda))` per side.
+    pub fn sample(height: usize, width: usize, lambda: f64, rng: &mut impl Rng) -> Self {
+        let ratio = (1.0 - lambda).max(0.0).sqrt();
+        let cut_h = (height as f64 * ratio) as usize;
+        let cut_w = (width as f64 * ratio) as usize;
+        Self::around_random_centre(height, width, cut_h, cut_w, rng)
+    }
 }
 
 impl CutMix {
-    /// Draws, in the reference's order, whether this batch is mixed (`r < prob`, and
-    /// `beta > 0`), lambda, the partner permutation and the box. `None` when not mixed.
-    pub fn draw(
-        &self,
-        batch: usize,
-        height: usize,
-        width: usize,
-        rng: &mut impl Rng,
-    ) -> Option<CutMixDraw> {
-        let r: f64 = rng.random();
-        if self.beta <= 0.0 || r >= self.prob {
-            return None;
-        }
+    /// Samples lambda, then the box; returns the box and the corrected lambda,
+    /// `(h * w - area) / (h * w)` in f32 from integer pixel counts.
+    pub fn draw_box(&self, height: usize, width: usize, rng: &mut impl Rng) -> (CutBox, f32) {
         let sampled = Beta::new(self.beta, self.beta)
             .expect("beta > 0")
             .sample(rng);
-        let mut permutation: Vec<usize> = (0..batch).collect();
-        permutation.shuffle(rng);
         let cut = CutBox::sample(height, width, sampled, rng);
         let pixels = height * width;
-        let lambda = (pixels - cut.area()) as f32 / pixels as f32;
-        Some(CutMixDraw {
-            permutation,
-            cut,
-            lambda,
-        })
+        (cut, (pixels - cut.area()) as f32 / pixels as f32)
     }
 
-    /// Mixes `images` with host `labels`: the box of every image is replaced by the same box
-    /// of its partner, and targets become `lambda * own + (1 - lambda) * partner`.
+    /// The draws for a batch. `Batch` mode follows the reference's order: `r < prob` (and
+    /// `beta > 0`), lambda, partners, box. `Elem` mode draws the partners, then per image its
+    /// own `r`, lambda and box.
+    pub fn draw(&self, batch: usize, height: usize, width: usize, rng: &mut impl Rng) -> Draw {
+        let mut draw = Draw::identity(batch);
+        if self.beta <= 0.0 {
+            return draw;
+        }
+        match self.mode {
+            Mode::Batch => {
+                if rng.random::<f64>() >= self.prob {
+                    return draw;
+                }
+                let sampled = Beta::new(self.beta, self.beta)
+                    .expect("beta > 0")
+                    .sample(rng);
+                draw.partners = self.partner.draw(batch, rng);
+                let cut = CutBox::sample(height, width, sampled, rng);
+                let pixels = height * width;
+                let lambda = (pixels - cut.area()) as f32 / pixels as f32;
+                draw.boxes = vec![cut; batch];
+                draw.lambdas = vec![lambda; batch];
+            }
+            Mode::Elem => {
+                draw.partners = self.partner.draw(batch, rng);
+                for i in 0..batch {
+                    if rng.random::<f64>() < self.prob {
+                        let (cut, lambda) = self.draw_box(height, width, rng);
+                        draw.boxes[i] = cut;
+                        draw.lambdas[i] = lambda;
+                    }
+                }
+            }
+        }
+        draw
+    }
+
+    /// Mixes `images` with host `labels` (see [`Draw::apply`]).
     ///
     /// # Shapes
     /// - `images`: `[batch, channels, h, w]`
     /// - returned images `[batch, channels, h, w]`, targets `[batch, num_classes]`
     pub fn apply(
         &self,
-        images: Tensor<4>,
+        images: burn::tensor::Tensor<4>,
         labels: &[usize],
         num_classes: usize,
         rng: &mut impl Rng,
-    ) -> Mixed {
-        let [batch, channels, height, width] = images.dims();
-        let device = images.device();
-        let Some(draw) = self.draw(batch, height, width, rng) else {
-            return Mixed::unmixed(images, labels, num_classes);
-        };
-        let partners: Vec<usize> = draw.permutation.iter().map(|&p| labels[p]).collect();
-        let targets = soft_targets(labels, &partners, draw.lambda, num_classes, &device);
-        let cut = draw.cut;
-        let images = if cut.area() == 0 {
-            images
-        } else {
-            let order: Vec<i64> = draw.permutation.iter().map(|&p| p as i64).collect();
-            let order = Tensor::<1, Int>::from_data(TensorData::new(order, [batch]), &device);
-            let region = [0..batch, 0..channels, cut.y1..cut.y2, cut.x1..cut.x2];
-            let patches = images.clone().select(0, order).slice(region.clone());
-            images.slice_assign(region, patches)
-        };
-        Mixed {
-            images,
-            targets,
-            lambda: draw.lambda,
-        }
+    ) -> crate::Mixed {
+        let [batch, _, height, width] = images.dims();
+        self.draw(batch, height, width, rng)
+            .apply(images, labels, num_classes)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
+    use burn::tensor::{Device, Tensor, TensorData};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
@@ -146,6 +156,8 @@ mod tests {
         let cutmix = CutMix {
             beta: 1.0,
             prob: 1.0,
+            mode: Mode::Batch,
+            partner: Partner::Permutation,
         };
         let (batch, side, classes) = (6, 13, 5);
         let labels = [0, 1, 2, 3, 4, 0];
@@ -167,8 +179,11 @@ mod tests {
                 assert!((sum - 1.0).abs() < 1e-6, "row {i} sums to {sum}");
                 // Images paired with themselves keep every pixel.
                 if counted < 1.0 {
-                    assert_eq!(counted, mixed.lambda, "seed {seed}, image {i}");
-                    assert!(row[labels[i]] >= mixed.lambda - 1e-6, "own label weight");
+                    assert_eq!(counted, mixed.lambdas[i], "seed {seed}, image {i}");
+                    assert!(
+                        row[labels[i]] >= mixed.lambdas[i] - 1e-6,
+                        "own label weight"
+                    );
                 }
             }
         }
@@ -181,6 +196,8 @@ mod tests {
         let mixed = CutMix {
             beta: 1.0,
             prob: 0.0,
+            mode: Mode::Batch,
+            partner: Partner::Permutation,
         }
         .apply(
             images.clone(),
@@ -188,7 +205,7 @@ mod tests {
             4,
             &mut StdRng::seed_from_u64(0),
         );
-        assert_eq!(mixed.lambda, 1.0);
+        assert!(mixed.lambdas.iter().all(|&l| l == 1.0));
         images
             .into_data()
             .assert_eq(&mixed.images.into_data(), true);
@@ -217,11 +234,13 @@ mod tests {
         let cutmix = CutMix {
             beta: 1.0,
             prob: 1.0,
+            mode: Mode::Batch,
+            partner: Partner::Permutation,
         };
         let mut rng = StdRng::seed_from_u64(9);
         let n = 20_000;
         let mean: f64 = (0..n)
-            .map(|_| f64::from(cutmix.draw(2, 32, 32, &mut rng).unwrap().lambda))
+            .map(|_| f64::from(cutmix.draw(2, 32, 32, &mut rng).lambdas[0]))
             .sum::<f64>()
             / n as f64;
         // REFERENCE.md: about 0.70 at 32x32 after the correction (0.50 as sampled).

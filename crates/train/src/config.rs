@@ -150,13 +150,32 @@ impl DataSection {
 pub enum MixMethod {
     None,
     Cutmix,
+    Mixup,
+    Cutout,
+    /// timm's switch: CutMix with probability `switch_prob`, else Mixup.
+    #[serde(rename = "cutmix+mixup")]
+    CutmixMixup,
 }
 
-/// How CutMix draws: `batch` is the reference (one lambda and box per batch).
+/// How mixing draws: `batch` is the reference (one lambda and box per batch), `elem` draws per
+/// image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MixMode {
     Batch,
+    Elem,
+}
+
+/// How mixing partners are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartnerKind {
+    /// A random permutation of the batch (the reference).
+    Permutation,
+    /// The batch reversed (timm).
+    Flip,
+    /// The batch shifted by one (torchvision).
+    Roll,
 }
 
 /// `[augment]` (every key optional: no mixing unless `method` says so).
@@ -164,11 +183,20 @@ pub enum MixMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentSection {
     pub method: MixMethod,
-    /// lambda ~ Beta(beta, beta).
+    /// CutMix: lambda ~ Beta(beta, beta).
     pub beta: f64,
-    /// Share of batches that are mixed.
+    /// Share of batches (or images, in `elem` mode) that are mixed; Cutout: share of images.
     pub prob: f64,
     pub mode: MixMode,
+    pub partner: PartnerKind,
+    /// Mixup: lambda ~ Beta(mixup_alpha, mixup_alpha).
+    pub mixup_alpha: f64,
+    /// Cutout: side of the zeroed square (16 on CIFAR in the paper).
+    pub cutout_size: usize,
+    /// `cutmix+mixup`: probability of CutMix rather than Mixup.
+    pub switch_prob: f64,
+    /// Mixing runs in the first `off_epoch` epochs, then stops (timm's rule; 0 = never stops).
+    pub off_epoch: usize,
 }
 
 impl Default for AugmentSection {
@@ -178,6 +206,11 @@ impl Default for AugmentSection {
             beta: 1.0,
             prob: 0.5,
             mode: MixMode::Batch,
+            partner: PartnerKind::Permutation,
+            mixup_alpha: 1.0,
+            cutout_size: 16,
+            switch_prob: 0.5,
+            off_epoch: 0,
         }
     }
 }
@@ -222,6 +255,9 @@ pub struct TrainSection {
     /// How many `checkpoints/epoch-NNNN` folders to keep (`last` and `best` are always kept).
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
+    /// Label smoothing of the training targets (0 = none), applied after mixing.
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 fn default_momentum() -> f64 {
@@ -363,18 +399,43 @@ impl Config {
             "must be at least 1 with schedule = \"step\"",
         )?;
         let a = &self.augment;
-        if a.method == MixMethod::Cutmix {
+        let uses = |methods: &[MixMethod]| methods.contains(&a.method);
+        if uses(&[MixMethod::Cutmix, MixMethod::CutmixMixup]) {
             check(
                 a.beta.is_finite() && a.beta > 0.0,
                 "augment.beta",
                 "must be a positive number",
             )?;
+        }
+        if uses(&[MixMethod::Mixup, MixMethod::CutmixMixup]) {
             check(
-                (0.0..=1.0).contains(&a.prob),
-                "augment.prob",
-                "must be in [0, 1]",
+                a.mixup_alpha.is_finite() && a.mixup_alpha > 0.0,
+                "augment.mixup_alpha",
+                "must be a positive number",
             )?;
         }
+        if uses(&[MixMethod::Cutout]) {
+            check(
+                a.cutout_size >= 1,
+                "augment.cutout_size",
+                "must be at least 1",
+            )?;
+        }
+        check(
+            (0.0..=1.0).contains(&a.prob),
+            "augment.prob",
+            "must be in [0, 1]",
+        )?;
+        check(
+            (0.0..=1.0).contains(&a.switch_prob),
+            "augment.switch_prob",
+            "must be in [0, 1]",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            "must be in [0, 1)",
+        )?;
         for (value, key) in [
             (self.data.color_jitter, "data.color_jitter"),
             (self.data.lighting, "data.lighting"),

@@ -41,6 +41,7 @@ mod tests {
             step_size: 75,
             warmup_epochs: 0,
             keep_last: 1,
+            label_smoothing: 0.0,
         }
     }
 

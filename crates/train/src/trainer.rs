@@ -13,13 +13,16 @@ use burn::tensor::loss::cross_entropy_with_logits;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use cutmix_augment::{CutMix, Mixing, soft_targets};
+use cutmix_augment::{
+    CutMix, CutMixOrMixup, Cutout, Mixed, Mixing, Mixup, Mode, Partner, smooth_targets,
+    soft_targets,
+};
 use cutmix_data::{Batch, Loader, Stream, keyed_rng};
 use cutmix_models::{Arch, Model, count_params};
 
 use crate::backend::{self, Backend};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{Config, MixMethod, TrainSection};
+use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
 use crate::datasets::{self, Datasets};
 use crate::metrics::{EpochMetrics, MetricsLog, Tally};
 use crate::schedule::learning_rate;
@@ -52,11 +55,40 @@ pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
 
 /// The mixing a config asks for.
 pub fn mixing(config: &Config) -> Mixing {
-    match config.augment.method {
+    let a = &config.augment;
+    let mode = match a.mode {
+        MixMode::Batch => Mode::Batch,
+        MixMode::Elem => Mode::Elem,
+    };
+    let partner = match a.partner {
+        PartnerKind::Permutation => Partner::Permutation,
+        PartnerKind::Flip => Partner::Flip,
+        PartnerKind::Roll => Partner::Roll,
+    };
+    let cutmix = CutMix {
+        beta: a.beta,
+        prob: a.prob,
+        mode,
+        partner,
+    };
+    let mixup = Mixup {
+        alpha: a.mixup_alpha,
+        prob: a.prob,
+        mode,
+        partner,
+    };
+    match a.method {
         MixMethod::None => Mixing::None,
-        MixMethod::Cutmix => Mixing::CutMix(CutMix {
-            beta: config.augment.beta,
-            prob: config.augment.prob,
+        MixMethod::Cutmix => Mixing::CutMix(cutmix),
+        MixMethod::Mixup => Mixing::Mixup(mixup),
+        MixMethod::Cutout => Mixing::Cutout(Cutout {
+            size: a.cutout_size,
+            prob: a.prob,
+        }),
+        MixMethod::CutmixMixup => Mixing::CutMixOrMixup(CutMixOrMixup {
+            cutmix,
+            mixup,
+            switch_prob: a.switch_prob,
         }),
     }
 }
@@ -157,16 +189,14 @@ fn train_one_epoch(
         let lr = learning_rate(&config.train, epoch, index, steps_per_epoch);
         let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
         let (images, labels) = images_tensor(batch, device);
-        let mixed = mixing.apply(images, &labels, num_classes, &mut rng);
+        let mixed = if config.augment.off_epoch > 0 && epoch >= config.augment.off_epoch {
+            Mixed::unmixed(images, &labels, num_classes)
+        } else {
+            mixing.apply(images, &labels, num_classes, &mut rng)
+        };
+        let targets = smooth_targets(mixed.targets, config.train.label_smoothing);
         let mut model_rng = keyed_rng(config.seed, Stream::Regularize, epoch as u64, index as u64);
-        let (next, out) = train_step(
-            model,
-            optimizer,
-            mixed.images,
-            mixed.targets,
-            lr,
-            &mut model_rng,
-        );
+        let (next, out) = train_step(model, optimizer, mixed.images, targets, lr, &mut model_rng);
         model = next;
         if !out.loss.is_finite() {
             bar.abandon();
@@ -204,7 +234,8 @@ pub fn evaluate(
     for batch in loader.epoch(0) {
         let (images, labels) = images_tensor(batch?, device);
         let logits = model.forward(images);
-        let targets = soft_targets(&labels, &labels, 1.0, num_classes, device);
+        let ones = vec![1.0; labels.len()];
+        let targets = soft_targets(&labels, &labels, &ones, num_classes, device);
         let loss = cross_entropy_with_logits(logits.clone(), targets).into_scalar::<f32>();
         let logits: Vec<f32> = logits
             .into_data()

@@ -7,7 +7,7 @@ use burn::tensor::{Device, DeviceKind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use cutmix_augment::{CutMix, Mixing};
+use cutmix_augment::{CutMix, Mixing, Mode, Partner};
 use cutmix_data::{Dataset, ImageFolder};
 use cutmix_models::{Arch, ModelConfig};
 use cutmix_train::config::TrainSection;
@@ -303,6 +303,8 @@ fn two_steps(device: &Device) -> (f32, f32) {
     let mixing = Mixing::CutMix(CutMix {
         beta: 1.0,
         prob: 1.0,
+        mode: Mode::Batch,
+        partner: Partner::Permutation,
     });
     let section: TrainSection = toml::from_str("epochs = 1\nbatch_size = 8\nlr = 0.1").unwrap();
     let mut optimizer = sgd(&section);
@@ -597,4 +599,104 @@ fn list_models_prints_the_zoo_with_parameters_and_macs() {
     assert_eq!(row("resnet50")[1..3], ["25557032", "4.089"]);
     assert_eq!(row("resnet101")[1..3], ["44549160", "7.801"]);
     assert_eq!(row("pyramidnet200_a240")[1..3], ["26844952", "4.520"]);
+}
+
+/// Every mixing method draws on the host and moves pixels with plain tensor ops, so the same
+/// seed gives the same mixed batch and targets on flex and on wgpu.
+#[test]
+fn every_mixing_method_gives_the_same_batch_on_wgpu_and_flex() {
+    use burn::tensor::{Tensor, TensorData};
+    use cutmix_augment::{CutMixOrMixup, Cutout, Mixup};
+
+    let (batch, side) = (8, 12);
+    let pixels: Vec<f32> = (0..batch * 3 * side * side)
+        .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+        .collect();
+    let labels = [0, 1, 2, 3, 4, 5, 6, 7];
+    let mut methods = vec![Mixing::Cutout(Cutout { size: 5, prob: 0.8 })];
+    for mode in [Mode::Batch, Mode::Elem] {
+        let cutmix = CutMix {
+            beta: 1.0,
+            prob: 0.9,
+            mode,
+            partner: Partner::Permutation,
+        };
+        let mixup = Mixup {
+            alpha: 1.0,
+            prob: 0.9,
+            mode,
+            partner: Partner::Flip,
+        };
+        methods.push(Mixing::CutMix(cutmix.clone()));
+        methods.push(Mixing::Mixup(mixup.clone()));
+        methods.push(Mixing::CutMixOrMixup(CutMixOrMixup {
+            cutmix,
+            mixup,
+            switch_prob: 0.5,
+        }));
+    }
+    let run = |mixing: &Mixing, device: &Device, seed: u64| {
+        let images = Tensor::<4>::from_data(
+            TensorData::new(pixels.clone(), [batch, 3, side, side]),
+            device,
+        );
+        let mixed = mixing.apply(images, &labels, 8, &mut StdRng::seed_from_u64(seed));
+        let values = |t: TensorData| t.try_into_vec_as::<f32>().unwrap();
+        (
+            values(mixed.images.into_data()),
+            values(mixed.targets.into_data()),
+        )
+    };
+    let wgpu = Device::wgpu(DeviceKind::Cpu);
+    let mut changed = 0;
+    for mixing in &methods {
+        for seed in 0..3 {
+            let (flex_images, flex_targets) = run(mixing, &Device::flex(), seed);
+            let (wgpu_images, wgpu_targets) = run(mixing, &wgpu, seed);
+            assert_eq!(flex_targets, wgpu_targets, "{mixing:?} seed {seed}");
+            for (a, b) in flex_images.iter().zip(&wgpu_images) {
+                assert!((a - b).abs() < 1e-6, "{mixing:?} seed {seed}: {a} vs {b}");
+            }
+            changed += usize::from(flex_images != pixels);
+        }
+    }
+    // prob < 1 leaves some batches alone; most must have been mixed for the test to mean much.
+    assert!(changed >= 2 * methods.len(), "{changed} mixed batches");
+}
+
+/// A whole one-epoch run from the same seed on flex and on wgpu (software Vulkan here): the
+/// same training loss, each run labelled with its backend.
+#[test]
+fn one_epoch_on_wgpu_matches_flex() {
+    let config = repo().join("configs/quickstart.toml");
+    let losses: Vec<(f64, String)> = ["flex", "wgpu"]
+        .iter()
+        .map(|backend| {
+            let out = tempfile::tempdir().unwrap();
+            let output = train(
+                &config,
+                &quick_sets(
+                    out.path(),
+                    &[
+                        &format!("backend={backend}"),
+                        "train.epochs=1",
+                        "data.train_limit=64",
+                        "data.val_limit=32",
+                        "augment.mode=elem",
+                        "augment.prob=1.0",
+                    ],
+                ),
+            );
+            assert!(output.status.success(), "{backend}: {}", stderr(&output));
+            let line = &metrics(&out.path().join("quickstart"))[0];
+            (
+                line["train_loss"].as_f64().unwrap(),
+                line["backend"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(losses[0].1, "flex");
+    assert_eq!(losses[1].1, "wgpu");
+    let (a, b) = (losses[0].0, losses[1].0);
+    assert!((a - b).abs() <= 1e-4 * a.abs(), "flex {a} vs wgpu {b}");
 }
