@@ -239,6 +239,33 @@ impl PyramidNet {
         self.head(x)
     }
 
+    /// The training forward pass with `mix` applied to the feature map after stage `stage`
+    /// (1-based, `layer{stage}`), as feature-level CutMix does.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward); `mix` maps `[batch, c, h, w]` to the same shape.
+    pub fn forward_train_mixed(
+        &self,
+        x: Tensor<4>,
+        stage: usize,
+        rng: &mut impl Rng,
+        mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<2> {
+        let mut x = self.bn1.forward(self.conv1.forward(x));
+        for (index, layer) in [&self.layer1, &self.layer2, &self.layer3]
+            .into_iter()
+            .enumerate()
+        {
+            for block in layer {
+                x = block.forward_train(x, rng);
+            }
+            if index + 1 == stage {
+                x = mix(x);
+            }
+        }
+        self.head(x)
+    }
+
     fn blocks(&self) -> impl Iterator<Item = &PyramidBlock> {
         self.layer1.iter().chain(&self.layer2).chain(&self.layer3)
     }

@@ -99,6 +99,33 @@ impl Model {
         }
     }
 
+    /// The training forward pass with `mix` applied to the feature map after stage `stage`
+    /// (1-based: `layer1` .. `layer4`), for feature-level mixing; stochastic layers draw from
+    /// `rng`.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward); `mix` maps `[batch, c, h, w]` to the same shape.
+    pub fn forward_train_mixed(
+        &self,
+        x: Tensor<4>,
+        stage: usize,
+        rng: &mut impl Rng,
+        mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<2> {
+        match self {
+            Self::ResNet(model) => model.forward_mixed(x, stage, mix),
+            Self::PyramidNet(model) => model.forward_train_mixed(x, stage, rng, mix),
+        }
+    }
+
+    /// Number of stages (`layer1` .. `layerN`): 4 for ImageNet ResNets, 3 for CIFAR networks.
+    pub fn num_stages(&self) -> usize {
+        match self {
+            Self::ResNet(model) => model.stages().len(),
+            Self::PyramidNet(_) => 3,
+        }
+    }
+
     /// Multiply-accumulates per `[h, w]` image over convolutions and the classifier (what
     /// torchvision's tables call GFLOPS).
     pub fn macs(&self, hw: [usize; 2]) -> u64 {
@@ -388,6 +415,41 @@ mod tests {
         assert_eq!(macs(18), 1_814_073_344);
         assert_eq!(macs(50), 4_089_184_256);
         assert_eq!(macs(101), 7_801_405_440);
+    }
+
+    #[test]
+    fn mixing_after_a_stage_sees_that_stages_features_and_identity_changes_nothing() {
+        let device = Device::flex();
+        for (arch, depth, stage, expected) in [
+            (Arch::ResNet, 18, 2, [2, 128, 8, 8]),
+            (Arch::CifarResNet, 8, 3, [2, 64, 8, 8]),
+            (Arch::PyramidNet, 8, 1, [2, 16, 32, 32]),
+        ] {
+            let config = ModelConfig {
+                arch,
+                depth,
+                alpha: 0.0,
+                bottleneck: false,
+                shakedrop: 0.0,
+                num_classes: 5,
+            };
+            let model = config.init(&mut StdRng::seed_from_u64(2), &device).unwrap();
+            let side = if arch == Arch::ResNet { 64 } else { 32 };
+            let x = Tensor::<4>::ones([2, 3, side, side], &device);
+            let mut seen = None;
+            let mixed = model.forward_train_mixed(
+                x.clone(),
+                stage,
+                &mut StdRng::seed_from_u64(0),
+                &mut |features| {
+                    seen = Some(features.dims());
+                    features
+                },
+            );
+            assert_eq!(seen, Some(expected), "{arch:?}");
+            let plain = model.forward(x);
+            mixed.into_data().assert_eq(&plain.into_data(), true);
+        }
     }
 
     #[test]

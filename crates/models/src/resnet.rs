@@ -202,6 +202,46 @@ impl ResNet {
         self.fc.forward(global_average_pool(x))
     }
 
+    /// The forward pass with `mix` applied to the feature map after stage `stage` (1-based,
+    /// `layer{stage}`), as feature-level CutMix does.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward); `mix` maps `[batch, c, h, w]` to the same shape.
+    pub fn forward_mixed(
+        &self,
+        x: Tensor<4>,
+        stage: usize,
+        mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<2> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if self.max_pool {
+            x = max_pool2d(
+                x,
+                MaxPoolOptions::new([3, 3])
+                    .with_stride([2, 2])
+                    .with_padding([1, 1]),
+            );
+        }
+        for (index, layer) in self.stages().into_iter().enumerate() {
+            for block in layer {
+                x = block.forward(x);
+            }
+            if index + 1 == stage {
+                x = mix(x);
+            }
+        }
+        self.fc.forward(global_average_pool(x))
+    }
+
+    /// The stages that have blocks (three for the CIFAR stem, four for ImageNet's).
+    pub fn stages(&self) -> Vec<&[ResidualBlock]> {
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .filter(|layer| !layer.is_empty())
+            .map(Vec::as_slice)
+            .collect()
+    }
+
     fn blocks(&self) -> impl Iterator<Item = &ResidualBlock> {
         self.layer1
             .iter()

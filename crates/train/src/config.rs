@@ -178,6 +178,31 @@ pub enum PartnerKind {
     Roll,
 }
 
+/// Where mixing happens: on the input images, or on the feature map after a stage
+/// (feature-level CutMix, the paper's ablation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixAt {
+    Input,
+    Layer1,
+    Layer2,
+    Layer3,
+    Layer4,
+}
+
+impl MixAt {
+    /// The stage after which features are mixed (1-based), or `None` for the input.
+    pub fn stage(self) -> Option<usize> {
+        match self {
+            Self::Input => None,
+            Self::Layer1 => Some(1),
+            Self::Layer2 => Some(2),
+            Self::Layer3 => Some(3),
+            Self::Layer4 => Some(4),
+        }
+    }
+}
+
 /// `[augment]` (every key optional: no mixing unless `method` says so).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -197,6 +222,8 @@ pub struct AugmentSection {
     pub switch_prob: f64,
     /// Mixing runs in the first `off_epoch` epochs, then stops (timm's rule; 0 = never stops).
     pub off_epoch: usize,
+    /// Where to mix: `input`, or the feature map after `layer1` .. `layer4`.
+    pub at: MixAt,
 }
 
 impl Default for AugmentSection {
@@ -211,6 +238,7 @@ impl Default for AugmentSection {
             cutout_size: 16,
             switch_prob: 0.5,
             off_epoch: 0,
+            at: MixAt::Input,
         }
     }
 }
@@ -425,6 +453,12 @@ impl Config {
             (0.0..=1.0).contains(&a.prob),
             "augment.prob",
             "must be in [0, 1]",
+        )?;
+        let stages = if model.arch == Arch::ResNet { 4 } else { 3 };
+        check(
+            a.at.stage().is_none_or(|stage| stage <= stages),
+            "augment.at",
+            &format!("this model has stages layer1 .. layer{stages}"),
         )?;
         check(
             (0.0..=1.0).contains(&a.switch_prob),

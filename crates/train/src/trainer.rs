@@ -12,10 +12,10 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::loss::cross_entropy_with_logits;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
 
 use cutmix_augment::{
-    CutMix, CutMixOrMixup, Cutout, Mixed, Mixing, Mixup, Mode, Partner, smooth_targets,
-    soft_targets,
+    CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner, smooth_targets, soft_targets,
 };
 use cutmix_data::{Batch, Loader, Stream, keyed_rng};
 use cutmix_models::{Arch, Model, count_params};
@@ -107,17 +107,15 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
 }
 
-/// One SGD step on a mixed batch: soft-target cross-entropy, backward, update. Stochastic
-/// layers (ShakeDrop) draw from `rng`.
+/// One SGD step from a forward pass already made: soft-target cross-entropy of `logits`
+/// against `targets`, backward, update.
 pub fn train_step(
     model: Model,
     optimizer: &mut ModuleOptimizer,
-    images: Tensor<4>,
+    logits: Tensor<2>,
     targets: Tensor<2>,
     lr: f64,
-    rng: &mut impl rand::Rng,
 ) -> (Model, StepOutput) {
-    let logits = model.forward_train(images, rng);
     let loss = cross_entropy_with_logits(logits.clone(), targets);
     let loss_value = loss.clone().into_scalar::<f32>();
     let logits: Vec<f32> = logits
@@ -134,6 +132,36 @@ pub fn train_step(
             logits,
         },
     )
+}
+
+/// The training forward pass of one batch with its mixing: on the input images, or on the
+/// feature map after a stage (`augment.at`). Returns the logits and the soft targets.
+#[allow(clippy::too_many_arguments)]
+pub fn mixed_forward(
+    model: &Model,
+    images: Tensor<4>,
+    labels: &[usize],
+    num_classes: usize,
+    mixing: &Mixing,
+    at: Option<usize>,
+    mix_rng: &mut StdRng,
+    model_rng: &mut StdRng,
+) -> (Tensor<2>, Tensor<2>) {
+    match at {
+        None => {
+            let mixed = mixing.apply(images, labels, num_classes, mix_rng);
+            (model.forward_train(mixed.images, model_rng), mixed.targets)
+        }
+        Some(stage) => {
+            let mut targets = None;
+            let logits = model.forward_train_mixed(images, stage, model_rng, &mut |features| {
+                let mixed = mixing.apply(features, labels, num_classes, mix_rng);
+                targets = Some(mixed.targets);
+                mixed.images
+            });
+            (logits, targets.expect("the model ran the mixing stage"))
+        }
+    }
 }
 
 fn progress_bar(len: usize, prefix: String) -> ProgressBar {
@@ -189,14 +217,20 @@ fn train_one_epoch(
         let lr = learning_rate(&config.train, epoch, index, steps_per_epoch);
         let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
         let (images, labels) = images_tensor(batch, device);
-        let mixed = if config.augment.off_epoch > 0 && epoch >= config.augment.off_epoch {
-            Mixed::unmixed(images, &labels, num_classes)
-        } else {
-            mixing.apply(images, &labels, num_classes, &mut rng)
-        };
-        let targets = smooth_targets(mixed.targets, config.train.label_smoothing);
         let mut model_rng = keyed_rng(config.seed, Stream::Regularize, epoch as u64, index as u64);
-        let (next, out) = train_step(model, optimizer, mixed.images, targets, lr, &mut model_rng);
+        let mixing_off = config.augment.off_epoch > 0 && epoch >= config.augment.off_epoch;
+        let (logits, targets) = mixed_forward(
+            &model,
+            images,
+            &labels,
+            num_classes,
+            if mixing_off { &Mixing::None } else { mixing },
+            config.augment.at.stage(),
+            &mut rng,
+            &mut model_rng,
+        );
+        let targets = smooth_targets(targets, config.train.label_smoothing);
+        let (next, out) = train_step(model, optimizer, logits, targets, lr);
         model = next;
         if !out.loss.is_finite() {
             bar.abandon();

@@ -313,14 +313,8 @@ fn two_steps(device: &Device) -> (f32, f32) {
     for _ in 0..2 {
         let (images, labels) = images_tensor(batch.clone(), &train_device);
         let mixed = mixing.apply(images, &labels, 10, &mut StdRng::seed_from_u64(4));
-        let (next, out) = train_step(
-            model,
-            &mut optimizer,
-            mixed.images,
-            mixed.targets,
-            0.1,
-            &mut StdRng::seed_from_u64(0),
-        );
+        let logits = model.forward(mixed.images);
+        let (next, out) = train_step(model, &mut optimizer, logits, mixed.targets, 0.1);
         model = next;
         losses.push(out.loss);
     }
@@ -699,4 +693,100 @@ fn one_epoch_on_wgpu_matches_flex() {
     assert_eq!(losses[1].1, "wgpu");
     let (a, b) = (losses[0].0, losses[1].0);
     assert!((a - b).abs() <= 1e-4 * a.abs(), "flex {a} vs wgpu {b}");
+}
+
+#[test]
+fn every_method_and_mode_trains_and_batch_and_elem_differ() {
+    let config = repo().join("configs/quickstart.toml");
+    let out = tempfile::tempdir().unwrap();
+    let runs: [(&str, &[&str]); 7] = [
+        ("cutmix-batch", &["augment.prob=1.0"]),
+        ("cutmix-elem", &["augment.prob=1.0", "augment.mode=elem"]),
+        ("mixup", &["augment.method=mixup", "augment.partner=flip"]),
+        ("cutout", &["augment.method=cutout", "augment.prob=1.0"]),
+        (
+            "switch",
+            &[
+                "augment.method=cutmix+mixup",
+                "augment.mode=elem",
+                "augment.partner=roll",
+            ],
+        ),
+        ("features", &["augment.at=layer2", "augment.prob=1.0"]),
+        (
+            "smooth-off",
+            &["train.label_smoothing=0.1", "augment.off_epoch=1"],
+        ),
+    ];
+    let mut losses = std::collections::HashMap::new();
+    for (name, sets) in runs {
+        let mut all = vec![
+            format!("name={name}"),
+            "train.epochs=1".to_string(),
+            "data.train_limit=64".into(),
+            "data.val_limit=32".into(),
+        ];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let output = train(&config, &quick_sets(out.path(), &refs));
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let line = &metrics(&out.path().join(name))[0];
+        let loss = line["train_loss"].as_f64().unwrap();
+        assert!(loss.is_finite(), "{name}");
+        losses.insert(name, loss);
+    }
+    assert_ne!(losses["cutmix-batch"], losses["cutmix-elem"]);
+    assert_ne!(losses["cutmix-batch"], losses["features"]);
+
+    // A stage the model does not have is refused, naming the key.
+    let wrong = train(&config, &quick_sets(out.path(), &["augment.at=layer4"]));
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("augment.at"), "{}", stderr(&wrong));
+}
+
+/// Feature-level CutMix corrects lambda at the feature map's resolution: after `layer2` of a
+/// CIFAR ResNet a 32x32 input is 16x16, so every own-label weight is a multiple of 1/256.
+#[test]
+fn feature_level_cutmix_corrects_lambda_at_the_feature_resolution() {
+    use burn::tensor::{Tensor, TensorData};
+    use cutmix_train::trainer::mixed_forward;
+
+    let device = Device::flex().autodiff();
+    let model = resnet8(1, &device);
+    let mixing = Mixing::CutMix(CutMix {
+        beta: 1.0,
+        prob: 1.0,
+        mode: Mode::Elem,
+        partner: Partner::Permutation,
+    });
+    let labels: Vec<usize> = (0..8).collect();
+    let images = Tensor::<4>::from_data(
+        TensorData::new(vec![0.5f32; 8 * 3 * 32 * 32], [8, 3, 32, 32]),
+        &device,
+    );
+    let mut shapes = Vec::new();
+    let (logits, targets) = mixed_forward(
+        &model,
+        images,
+        &labels,
+        10,
+        &mixing,
+        Some(2),
+        &mut StdRng::seed_from_u64(3),
+        &mut StdRng::seed_from_u64(4),
+    );
+    assert_eq!(logits.dims(), [8, 10]);
+    let targets: Vec<f32> = targets.into_data().try_into_vec_as::<f32>().unwrap();
+    let mut fractional = 0;
+    for (i, row) in targets.chunks(10).enumerate() {
+        let own = row[labels[i]] * 256.0;
+        assert!(
+            (own - own.round()).abs() < 1e-3,
+            "row {i}: {}",
+            row[labels[i]]
+        );
+        fractional += usize::from(row[labels[i]] < 1.0);
+        shapes.push(own);
+    }
+    assert!(fractional > 0, "some image was mixed: {shapes:?}");
 }
