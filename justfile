@@ -23,6 +23,10 @@ train CONFIG *ARGS:
 fetch-cifar WHICH:
     scripts/fetch_cifar.sh {{WHICH}} data
 
+# What each mixing method costs per batch against a training step (flex).
+bench-mixing *ARGS:
+    cargo run --release --bin bench_mixing -- {{ARGS}}
+
 # List the model zoo with parameter counts and multiply-accumulates.
 models:
     cargo run --release --bin train -- --list-models

@@ -1,12 +1,17 @@
-//! Property tests over every method, mode and partner rule, on random images and many seeds.
+//! Property tests over every method, mode and partner rule, on random images and many seeds,
+//! on flex and on wgpu (Mesa's software Vulkan device where there is no GPU).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::*;
 
 const CLASSES: usize = 7;
+
+fn devices() -> [Device; 2] {
+    [Device::flex(), Device::wgpu(DeviceKind::Cpu)]
+}
 
 fn methods(prob: f64) -> Vec<(String, Mixing)> {
     let mut all = Vec::new();
@@ -80,11 +85,13 @@ fn naive(draw: &Draw, images: &[f32], batch: usize, channels: usize, side: usize
 
 #[test]
 fn the_batched_result_equals_a_per_image_loop_and_targets_are_consistent() {
-    let device = Device::flex();
     let (batch, channels, side) = (6, 2, 9);
     let labels = [0, 1, 2, 3, 4, 5];
-    for (name, mixing) in methods(0.7) {
-        for seed in 0..25 {
+    for (device, (name, mixing)) in devices()
+        .into_iter()
+        .flat_map(|device| methods(0.7).into_iter().map(move |m| (device.clone(), m)))
+    {
+        for seed in 0..12 {
             let pixels = random_batch(batch, channels, side, seed);
             let images = Tensor::<4>::from_data(
                 TensorData::new(pixels.clone(), [batch, channels, side, side]),
@@ -95,7 +102,7 @@ fn the_batched_result_equals_a_per_image_loop_and_targets_are_consistent() {
             let ours = to_vec(mixed.images);
             let expected = naive(&draw, &pixels, batch, channels, side);
             for (a, b) in ours.iter().zip(&expected) {
-                assert!((a - b).abs() < 1e-5, "{name} seed {seed}: {a} vs {b}");
+                assert!((a - b).abs() < 1e-5, "{name} {device:?} seed {seed}: {a} vs {b}");
             }
             let targets = to_vec(mixed.targets);
             for i in 0..batch {
@@ -123,9 +130,11 @@ fn the_batched_result_equals_a_per_image_loop_and_targets_are_consistent() {
 
 #[test]
 fn prob_zero_is_the_identity_for_every_method() {
-    let device = Device::flex();
     let pixels = random_batch(4, 3, 8, 1);
-    for (name, mixing) in methods(0.0) {
+    for (device, (name, mixing)) in devices()
+        .into_iter()
+        .flat_map(|device| methods(0.0).into_iter().map(move |m| (device.clone(), m)))
+    {
         let images = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [4, 3, 8, 8]), &device);
         let mixed = mixing.apply(
             images,
