@@ -187,15 +187,7 @@ impl ResNet {
     /// - `x`: `[batch, 3, h, w]`
     /// - output: `[batch, num_classes]` (logits)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
-        if self.max_pool {
-            x = max_pool2d(
-                x,
-                MaxPoolOptions::new([3, 3])
-                    .with_stride([2, 2])
-                    .with_padding([1, 1]),
-            );
-        }
+        let mut x = self.stem(x);
         for block in self.blocks() {
             x = block.forward(x);
         }
@@ -213,15 +205,7 @@ impl ResNet {
         stage: usize,
         mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
     ) -> Tensor<2> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
-        if self.max_pool {
-            x = max_pool2d(
-                x,
-                MaxPoolOptions::new([3, 3])
-                    .with_stride([2, 2])
-                    .with_padding([1, 1]),
-            );
-        }
+        let mut x = self.stem(x);
         for (index, layer) in self.stages().into_iter().enumerate() {
             for block in layer {
                 x = block.forward(x);
@@ -231,6 +215,21 @@ impl ResNet {
             }
         }
         self.fc.forward(global_average_pool(x))
+    }
+
+    /// conv1, bn1, ReLU and, with the ImageNet stem, the 3x3/2 max pool.
+    fn stem(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if self.max_pool {
+            max_pool2d(
+                x,
+                MaxPoolOptions::new([3, 3])
+                    .with_stride([2, 2])
+                    .with_padding([1, 1]),
+            )
+        } else {
+            x
+        }
     }
 
     /// The stages that have blocks (three for the CIFAR stem, four for ImageNet's).
