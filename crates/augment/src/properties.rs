@@ -102,7 +102,10 @@ fn the_batched_result_equals_a_per_image_loop_and_targets_are_consistent() {
             let ours = to_vec(mixed.images);
             let expected = naive(&draw, &pixels, batch, channels, side);
             for (a, b) in ours.iter().zip(&expected) {
-                assert!((a - b).abs() < 1e-5, "{name} {device:?} seed {seed}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{name} {device:?} seed {seed}: {a} vs {b}"
+                );
             }
             let targets = to_vec(mixed.targets);
             for i in 0..batch {

@@ -156,6 +156,41 @@ pub fn save(
     prune_epochs(&dir, keep_last)
 }
 
+/// Reads a checkpoint folder's training state, if the folder is complete (weights, optimizer
+/// and state all present).
+fn complete_state(folder: &Path) -> Option<TrainState> {
+    let complete = ["model.bpk", "optimizer.bpk", "state.json"]
+        .iter()
+        .all(|file| folder.join(file).is_file());
+    if !complete {
+        return None;
+    }
+    serde_json::from_slice(&fs::read(folder.join("state.json")).ok()?).ok()
+}
+
+/// The newest complete checkpoint of a run: `last`, or the copy a crash in the middle of
+/// replacing it left (`.old-last`), or the newest `epoch-NNNN`; `None` when there is none.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {
+    let dir = run_dir.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<(PathBuf, TrainState)> = None;
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name == "last" || name == ".old-last" || name.starts_with("epoch-")) {
+            continue;
+        }
+        if let Some(state) = complete_state(&path)
+            && best.as_ref().is_none_or(|(_, b)| state.epoch > b.epoch)
+        {
+            best = Some((path, state));
+        }
+    }
+    Ok(best)
+}
+
 /// Removes all but the `keep` most recent `epoch-NNNN` folders.
 fn prune_epochs(dir: &Path, keep: usize) -> Result<()> {
     let mut epochs: Vec<PathBuf> = fs::read_dir(dir)?

@@ -4,10 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One line of `metrics.jsonl` (errors in percent, as the paper reports them).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// 1-based epoch number.
     pub epoch: usize,
@@ -37,6 +37,30 @@ impl MetricsLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps the epochs up to `epoch` (a resumed run drops the lines of epochs whose checkpoint
+    /// a crash lost) and returns them; a missing file is an empty log.
+    pub fn truncate_to(&self, epoch: usize) -> Result<Vec<EpochMetrics>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.path.display()));
+            }
+        };
+        let kept: Vec<EpochMetrics> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<EpochMetrics>(line).ok())
+            .filter(|m| m.epoch <= epoch)
+            .collect();
+        let mut out = String::new();
+        for metrics in &kept {
+            out.push_str(&serde_json::to_string(metrics).expect("metrics serialise"));
+            out.push('\n');
+        }
+        crate::checkpoint::write_atomically(&self.path, out.as_bytes())?;
+        Ok(kept)
     }
 
     pub fn append(&self, metrics: &EpochMetrics) -> Result<()> {

@@ -282,8 +282,59 @@ pub fn evaluate(
     Ok(tally)
 }
 
+/// Where a run starts: a fresh run folder, or a resumed one at its last complete checkpoint.
+struct Start {
+    run_dir: PathBuf,
+    model: Model,
+    optimizer: ModuleOptimizer,
+    state: Option<TrainState>,
+    metrics: Vec<EpochMetrics>,
+}
+
+/// Opens the run folder for a resumed run and restores model, optimiser, progress and metrics
+/// from its newest complete checkpoint.
+fn resume(config: &Config, model: Model) -> Result<Start> {
+    let run_dir = config.output_dir.join(&config.name);
+    if !run_dir.join("config.toml").is_file() {
+        bail!(
+            "--resume: {} is not a run folder (no config.toml); start the run without --resume",
+            run_dir.display()
+        );
+    }
+    let Some((checkpoint, state)) = checkpoint::latest(&run_dir)? else {
+        bail!(
+            "--resume: {} has no complete checkpoint yet; start the run again without --resume",
+            run_dir.display()
+        );
+    };
+    let model = model
+        .try_load_file(checkpoint.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: not this config's model: {e}", checkpoint.display()))?;
+    let optimizer = sgd(&config.train)
+        .load(checkpoint.join("optimizer.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.join("optimizer.bpk").display()))?;
+    let metrics = MetricsLog::new(&run_dir).truncate_to(state.epoch)?;
+    println!(
+        "resuming {} after epoch {} (step {}) from {}",
+        run_dir.display(),
+        state.epoch,
+        state.step,
+        checkpoint.display()
+    );
+    Ok(Start {
+        run_dir,
+        model,
+        optimizer,
+        state: Some(state),
+        metrics,
+    })
+}
+
 /// Runs a whole training as `config` describes, printing progress, and returns its summary.
-pub fn train(config: &Config) -> Result<RunSummary> {
+/// With `resume`, continues the run folder `<output_dir>/<name>` from its newest complete
+/// checkpoint instead of starting a new one: every random stream is keyed by seed, epoch and
+/// step, so the resumed run equals an uninterrupted one.
+pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
     // Everything that can fail on user input fails here, before the run folder is made.
     let Backend {
         device,
@@ -301,7 +352,7 @@ pub fn train(config: &Config) -> Result<RunSummary> {
     let mut init_rng = keyed_rng(config.seed, Stream::Init, 0, 0);
     let mut model = model_config.init(&mut init_rng, &train_device)?;
     let mut init_summary = None;
-    if !config.model.init_from.is_empty() {
+    if !config.model.init_from.is_empty() && !resume_run {
         let path = PathBuf::from(&config.model.init_from);
         let (loaded, summary) =
             weights::load(model, &path).context("config key model.init_from")?;
@@ -309,14 +360,32 @@ pub fn train(config: &Config) -> Result<RunSummary> {
         init_summary = Some((path, summary));
     }
 
-    let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
-    if renamed {
-        println!(
-            "{} exists; this run writes to {}",
-            config.output_dir.join(&config.name).display(),
-            run_dir.display()
-        );
-    }
+    let start = if resume_run {
+        resume(config, model)?
+    } else {
+        let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
+        if renamed {
+            println!(
+                "{} exists; this run writes to {} (continue the old one with --resume)",
+                config.output_dir.join(&config.name).display(),
+                run_dir.display()
+            );
+        }
+        Start {
+            run_dir,
+            model,
+            optimizer: sgd(&config.train),
+            state: None,
+            metrics: Vec::new(),
+        }
+    };
+    let Start {
+        run_dir,
+        mut model,
+        mut optimizer,
+        state: resumed,
+        metrics: mut all_metrics,
+    } = start;
     checkpoint::write_atomically(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
     if let Some(classes) = &classes {
         checkpoint::write_atomically(&run_dir.join("classes.txt"), classes.join("\n").as_bytes())?;
@@ -348,14 +417,19 @@ pub fn train(config: &Config) -> Result<RunSummary> {
     println!("run folder: {}", run_dir.display());
 
     let mixing = mixing(config);
-    let mut optimizer = sgd(&config.train);
     let metrics_log = MetricsLog::new(&run_dir);
     let num_classes = model_config.num_classes;
-    let mut step = 0;
-    let mut all_metrics = Vec::new();
-    let (mut best_err, mut best_epoch) = (f64::INFINITY, 0);
+    let (first_epoch, mut step, mut best_err, mut best_epoch) = match &resumed {
+        Some(state) => (
+            state.epoch,
+            state.step,
+            state.best_val_top1_err,
+            state.best_epoch,
+        ),
+        None => (0, 0, f64::INFINITY, 0),
+    };
     let run_start = Instant::now();
-    for epoch in 0..config.train.epochs {
+    for epoch in first_epoch..config.train.epochs {
         let start = Instant::now();
         let (next, train_tally, images_per_sec) = train_one_epoch(
             model,
@@ -422,7 +496,11 @@ pub fn train(config: &Config) -> Result<RunSummary> {
             metrics.val_top5_err,
             metrics.images_per_sec,
             metrics.epoch_seconds,
-            time_left(run_start.elapsed(), epoch + 1, config.train.epochs)
+            time_left(
+                run_start.elapsed(),
+                epoch + 1 - first_epoch,
+                config.train.epochs - first_epoch
+            )
         );
         all_metrics.push(metrics);
     }

@@ -790,3 +790,108 @@ fn feature_level_cutmix_corrects_lambda_at_the_feature_resolution() {
     }
     assert!(fractional > 0, "some image was mixed: {shapes:?}");
 }
+
+/// Every tensor of a checkpoint folder's model, flattened in order.
+fn checkpoint_weights(folder: &Path) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
+            self.0.extend(values);
+        }
+    }
+    let model = resnet8(123, &Device::flex())
+        .try_load_file(folder.join("model.bpk"))
+        .unwrap();
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    collect.0
+}
+
+#[test]
+fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
+    let config = repo().join("configs/quickstart.toml");
+    let extra = [
+        "train.epochs=3",
+        "train.schedule=multistep",
+        "train.milestones=[2]",
+        "augment.prob=1.0",
+        "augment.mode=elem",
+    ];
+    let whole = tempfile::tempdir().unwrap();
+    let output = train(&config, &quick_sets(whole.path(), &extra));
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // The same run, killed (SIGKILL) once its first checkpoint is complete, then resumed.
+    let broken = tempfile::tempdir().unwrap();
+    let sets = quick_sets(broken.path(), &extra);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command.arg("--config").arg(&config);
+    for set in &sets {
+        command.arg("--set").arg(set);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = broken.path().join("quickstart");
+    let state = run.join("checkpoints/last/state.json");
+    let started = std::time::Instant::now();
+    while !state.is_file() && started.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(
+        killed_after["epoch"].as_u64().unwrap() < 3,
+        "killed before the end"
+    );
+
+    let mut resumed = Command::new(env!("CARGO_BIN_EXE_train"));
+    resumed.arg("--config").arg(&config).arg("--resume");
+    for set in &sets {
+        resumed.arg("--set").arg(set);
+    }
+    let output = resumed.output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("resuming"), "{stdout}");
+
+    let (a, b) = (
+        checkpoint_weights(&whole.path().join("quickstart/checkpoints/last")),
+        checkpoint_weights(&run.join("checkpoints/last")),
+    );
+    assert!(
+        a == b,
+        "the resumed run's weights differ from the uninterrupted run's"
+    );
+    let (ma, mb) = (metrics(&whole.path().join("quickstart")), metrics(&run));
+    assert_eq!(mb.len(), 3, "one line per epoch, none repeated");
+    for (x, y) in ma.iter().zip(&mb) {
+        for key in ["epoch", "train_loss", "val_loss", "val_top1_err", "lr"] {
+            assert_eq!(x[key], y[key], "{key}");
+        }
+    }
+
+    // Resuming a finished run does nothing; resuming a run that does not exist says so.
+    let again = resumed.output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(metrics(&run).len(), 3);
+    let mut missing = Command::new(env!("CARGO_BIN_EXE_train"));
+    missing.arg("--config").arg(&config).arg("--resume");
+    for set in quick_sets(broken.path(), &["name=never-started"]) {
+        missing.arg("--set").arg(set);
+    }
+    let nothing = missing.output().unwrap();
+    assert!(!nothing.status.success());
+    let message = stderr(&nothing);
+    assert!(
+        message.contains("never-started") && message.contains("--resume"),
+        "{message}"
+    );
+}

@@ -27,6 +27,9 @@ struct Args {
     /// Overrides any config key by its dotted path, e.g. --set train.epochs=1 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Continues the run folder <output_dir>/<name> from its newest complete checkpoint.
+    #[arg(long)]
+    resume: bool,
     /// Lists the model zoo with parameter counts and multiply-accumulates per image, and exits.
     #[arg(long)]
     list_models: bool,
@@ -87,7 +90,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(backend) = args.backend {
         config.backend = backend;
     }
-    trainer::train(&config)?;
+    trainer::train(&config, args.resume)?;
     Ok(())
 }
 
