@@ -112,6 +112,12 @@ impl Loader {
 
     /// The batches of `epoch`, in order.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on: the same batches `epoch` yields at those
+    /// positions, without preparing the earlier ones (a run resumed in the middle of an epoch).
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
         let shared = &self.shared;
         let mut order = shared.indices.clone();
         if shared.config.shuffle {
@@ -123,7 +129,7 @@ impl Loader {
             epoch,
             batches: self.num_batches(),
         });
-        EpochIter::start(plan)
+        EpochIter::start(plan, first)
     }
 }
 
@@ -192,11 +198,11 @@ pub struct EpochIter {
 }
 
 impl EpochIter {
-    fn start(plan: Arc<Plan>) -> Self {
+    fn start(plan: Arc<Plan>, first: usize) -> Self {
         let workers = Arc::new(Workers {
             claims: Mutex::new(Claims {
-                next: 0,
-                consumed: 0,
+                next: first,
+                consumed: first,
             }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -246,7 +252,7 @@ impl EpochIter {
             .collect();
         Self {
             plan,
-            expected: 0,
+            expected: first,
             ready: BTreeMap::new(),
             receiver: (threads > 0).then_some(receiver),
             workers,
@@ -325,8 +331,8 @@ mod tests {
         }
     }
 
-    fn epochs(workers: usize) -> Vec<Batch> {
-        let loader = Loader::new(
+    fn small_loader(workers: usize) -> Loader {
+        Loader::new(
             Arc::new(Numbered(37)),
             None,
             Transform::CifarTrain {
@@ -343,7 +349,11 @@ mod tests {
                 prefetch: 2,
                 seed: 11,
             },
-        );
+        )
+    }
+
+    fn epochs(workers: usize) -> Vec<Batch> {
+        let loader = small_loader(workers);
         assert_eq!(loader.num_batches(), 8);
         (0..2)
             .flat_map(|e| loader.epoch(e).map(Result::unwrap).collect::<Vec<_>>())
@@ -357,6 +367,16 @@ mod tests {
         assert_eq!(reference[7].len(), 2);
         for workers in [1, 3] {
             assert_eq!(epochs(workers), reference, "{workers} workers");
+        }
+    }
+
+    #[test]
+    fn an_epoch_started_part_way_yields_the_same_remaining_batches() {
+        for workers in [0, 2] {
+            let loader = small_loader(workers);
+            let all: Vec<Batch> = loader.epoch(3).map(Result::unwrap).collect();
+            let rest: Vec<Batch> = loader.epoch_from(3, 2).map(Result::unwrap).collect();
+            assert_eq!(rest, all[2..], "workers {workers}");
         }
     }
 

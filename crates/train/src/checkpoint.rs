@@ -23,6 +23,10 @@ pub struct TrainState {
     /// Optimizer steps taken.
     pub step: usize,
     pub seed: u64,
+    /// Batches of the next epoch already trained (a checkpoint saved by Ctrl-C in the middle
+    /// of an epoch; 0 at epoch boundaries).
+    #[serde(default)]
+    pub batch: usize,
     pub val_top1_err: f64,
     pub best_val_top1_err: f64,
     pub best_epoch: usize,
@@ -111,7 +115,8 @@ fn stage_copy(source: &Path, staged: &Path) -> Result<()> {
 }
 
 /// Saves the checkpoints of an epoch: always `last`, `best` when `is_best`, and
-/// `epoch-NNNN` for the `keep_last` most recent epochs.
+/// `epoch-NNNN` for the `keep_last` most recent epochs. A checkpoint in the middle of an epoch
+/// (`state.batch > 0`) goes to `last` only.
 pub fn save(
     run_dir: &Path,
     model: &Model,
@@ -126,7 +131,11 @@ pub fn save(
     if staged.exists() {
         fs::remove_dir_all(&staged)?;
     }
-    fs::create_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
+    fs::create_dir(&staged).with_context(|| format!("cannot write {}", staged.display()))?;
+    // BatchNorm's running statistics hold their last update aside until synchronised, which
+    // `valid()` does (evaluation does it at every epoch end); a checkpoint taken in the middle
+    // of an epoch would otherwise miss one update.
+    let _synchronised = model.valid();
     model
         .clone()
         .save_file(staged.join("model.bpk"))
@@ -148,7 +157,7 @@ pub fn save(
             publish(&link, &dir.join(name))?;
         }
     }
-    if keep_last > 0 {
+    if keep_last > 0 && state.batch == 0 {
         publish(&staged, &dir.join(&epoch_name))?;
     } else {
         fs::remove_dir_all(&staged)?;
@@ -183,7 +192,9 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {
             continue;
         }
         if let Some(state) = complete_state(&path)
-            && best.as_ref().is_none_or(|(_, b)| state.epoch > b.epoch)
+            && best
+                .as_ref()
+                .is_none_or(|(_, b)| (state.epoch, state.batch) > (b.epoch, b.batch))
         {
             best = Some((path, state));
         }

@@ -2,6 +2,8 @@
 //! `train_one_epoch`, `evaluate`, metrics and checkpoints.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -28,10 +30,22 @@ use crate::metrics::{EpochMetrics, MetricsLog, Tally};
 use crate::schedule::learning_rate;
 use crate::weights;
 
+/// How to run: fresh or resumed, and a flag that asks the run to stop (Ctrl-C).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue `<output_dir>/<name>` from its newest complete checkpoint.
+    pub resume: bool,
+    /// Set from a signal handler: the run saves a checkpoint after the current step and returns
+    /// with `interrupted` set.
+    pub stop: Arc<AtomicBool>,
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub run_dir: PathBuf,
+    /// The run stopped early on request, with a checkpoint to resume from.
+    pub interrupted: bool,
     pub metrics: Vec<EpochMetrics>,
     pub best_val_top1_err: f64,
     pub best_epoch: usize,
@@ -197,17 +211,25 @@ fn train_one_epoch(
     config: &Config,
     num_classes: usize,
     epoch: usize,
+    first_batch: usize,
     step: &mut usize,
     device: &Device,
-) -> Result<(Model, Tally, f64)> {
+    stop: &AtomicBool,
+) -> Result<(Model, Tally, f64, Option<usize>)> {
     let steps_per_epoch = loader.num_batches();
     let bar = progress_bar(
         steps_per_epoch,
         format!("epoch {}/{}", epoch + 1, config.train.epochs),
     );
+    bar.set_position(first_batch as u64);
     let mut tally = Tally::default();
     let start = Instant::now();
-    for (index, batch) in loader.epoch(epoch as u64).enumerate() {
+    for (offset, batch) in loader.epoch_from(epoch as u64, first_batch).enumerate() {
+        let index = first_batch + offset;
+        if stop.load(Ordering::Relaxed) {
+            bar.abandon();
+            return Ok((model, tally, 0.0, Some(index)));
+        }
         let batch = batch?;
         // BatchNorm cannot normalise over a single image (PyTorch refuses it too).
         if batch.len() < 2 {
@@ -252,7 +274,7 @@ fn train_one_epoch(
     }
     bar.finish_and_clear();
     let images_per_sec = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
-    Ok((model, tally, images_per_sec))
+    Ok((model, tally, images_per_sec, None))
 }
 
 /// Loss, top-1 and top-5 over the validation loader, with BatchNorm's running statistics.
@@ -334,7 +356,8 @@ fn resume(config: &Config, model: Model) -> Result<Start> {
 /// With `resume`, continues the run folder `<output_dir>/<name>` from its newest complete
 /// checkpoint instead of starting a new one: every random stream is keyed by seed, epoch and
 /// step, so the resumed run equals an uninterrupted one.
-pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
+pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
+    let resume_run = options.resume;
     // Everything that can fail on user input fails here, before the run folder is made.
     let Backend {
         device,
@@ -419,19 +442,20 @@ pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
     let mixing = mixing(config);
     let metrics_log = MetricsLog::new(&run_dir);
     let num_classes = model_config.num_classes;
-    let (first_epoch, mut step, mut best_err, mut best_epoch) = match &resumed {
+    let (first_epoch, mut first_batch, mut step, mut best_err, mut best_epoch) = match &resumed {
         Some(state) => (
             state.epoch,
+            state.batch,
             state.step,
             state.best_val_top1_err,
             state.best_epoch,
         ),
-        None => (0, 0, f64::INFINITY, 0),
+        None => (0, 0, 0, f64::INFINITY, 0),
     };
     let run_start = Instant::now();
     for epoch in first_epoch..config.train.epochs {
         let start = Instant::now();
-        let (next, train_tally, images_per_sec) = train_one_epoch(
+        let (next, train_tally, images_per_sec, stopped_at) = train_one_epoch(
             model,
             &mut optimizer,
             &train_loader,
@@ -439,9 +463,44 @@ pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
             config,
             num_classes,
             epoch,
+            first_batch,
             &mut step,
             &train_device,
+            &options.stop,
         )?;
+        first_batch = 0;
+        if let Some(batch) = stopped_at {
+            let state = TrainState {
+                epoch,
+                step,
+                seed: config.seed,
+                batch,
+                val_top1_err: all_metrics.last().map_or(f64::NAN, |m| m.val_top1_err),
+                best_val_top1_err: best_err,
+                best_epoch,
+            };
+            checkpoint::save(
+                &run_dir,
+                &next,
+                &optimizer,
+                &state,
+                false,
+                config.train.keep_last,
+            )
+            .context("saving the checkpoint")?;
+            println!(
+                "interrupted in epoch {} after batch {batch} (step {step}): saved {}; continue with --resume",
+                epoch + 1,
+                run_dir.join("checkpoints/last").display()
+            );
+            return Ok(RunSummary {
+                run_dir,
+                interrupted: true,
+                metrics: all_metrics,
+                best_val_top1_err: best_err,
+                best_epoch,
+            });
+        }
         model = next;
         let val = evaluate(&model, &val_loader, num_classes, &device)?;
         let metrics = EpochMetrics {
@@ -471,6 +530,7 @@ pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
             epoch: epoch + 1,
             step,
             seed: config.seed,
+            batch: 0,
             val_top1_err: metrics.val_top1_err,
             best_val_top1_err: best_err,
             best_epoch,
@@ -511,6 +571,7 @@ pub fn train(config: &Config, resume_run: bool) -> Result<RunSummary> {
     );
     Ok(RunSummary {
         run_dir,
+        interrupted: false,
         metrics: all_metrics,
         best_val_top1_err: best_err,
         best_epoch,

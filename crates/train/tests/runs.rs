@@ -878,6 +878,53 @@ fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
         }
     }
 
+    // Ctrl-C in the middle of an epoch: a checkpoint of that point, exit code 130, and the
+    // resumed run still ends on the same weights.
+    let stopped = tempfile::tempdir().unwrap();
+    let stopped_sets = quick_sets(stopped.path(), &extra);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command.arg("--config").arg(&config);
+    for set in &stopped_sets {
+        command.arg("--set").arg(set);
+    }
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run_c = stopped.path().join("quickstart");
+    let first = run_c.join("checkpoints/epoch-0001/state.json");
+    let started = std::time::Instant::now();
+    while !first.is_file() && started.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let signal = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(signal.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.code() == Some(130) {
+        assert!(stdout.contains("interrupted in epoch"), "{stdout}");
+        let mut resume_c = Command::new(env!("CARGO_BIN_EXE_train"));
+        resume_c.arg("--config").arg(&config).arg("--resume");
+        for set in &stopped_sets {
+            resume_c.arg("--set").arg(set);
+        }
+        let output = resume_c.output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            checkpoint_weights(&run_c.join("checkpoints/last")) == a,
+            "the run stopped with Ctrl-C and resumed differs from the uninterrupted run"
+        );
+    } else {
+        // The signal came after the last step: the run finished normally.
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+
     // Resuming a finished run does nothing; resuming a run that does not exist says so.
     let again = resumed.output().unwrap();
     assert!(again.status.success(), "{}", stderr(&again));

@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 
+use anyhow::Context;
 use burn::tensor::Device;
 use clap::Parser;
 use rand::SeedableRng;
@@ -12,7 +14,7 @@ use rand::rngs::StdRng;
 use cutmix_models::{Arch, Variant, count_params};
 use cutmix_train::backend;
 use cutmix_train::config::{BackendChoice, Config};
-use cutmix_train::trainer;
+use cutmix_train::trainer::{self, RunOptions};
 
 /// Train an image classifier with CutMix from a TOML recipe.
 #[derive(Parser, Debug)]
@@ -90,7 +92,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(backend) = args.backend {
         config.backend = backend;
     }
-    trainer::train(&config, args.resume)?;
+    let options = RunOptions {
+        resume: args.resume,
+        ..RunOptions::default()
+    };
+    // The first Ctrl-C asks the run to save a checkpoint and stop; a second one exits at once.
+    let stop = options.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to quit without a checkpoint)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let summary = trainer::train(&config, &options)?;
+    if summary.interrupted {
+        std::process::exit(130);
+    }
     Ok(())
 }
 
