@@ -21,6 +21,39 @@ pub struct EpochMetrics {
     pub images_per_sec: f64,
     pub epoch_seconds: f64,
     pub backend: String,
+    /// The process's peak resident memory so far, in MiB (Linux; absent elsewhere).
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// The process's peak resident set size in MiB, from `/proc/self/status` (`VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The columns of `metrics.csv`, in order.
+const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib";
+
+impl EpochMetrics {
+    fn csv_row(&self) -> String {
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{}",
+            self.epoch,
+            self.lr,
+            self.train_loss,
+            self.train_top1_err,
+            self.val_loss,
+            self.val_top1_err,
+            self.val_top5_err,
+            self.images_per_sec,
+            self.epoch_seconds,
+            self.backend,
+            self.peak_rss_mib.map(|m| m.to_string()).unwrap_or_default()
+        )
+    }
 }
 
 /// Appends one JSON object per line to `metrics.jsonl`.
@@ -61,6 +94,16 @@ impl MetricsLog {
         }
         crate::checkpoint::write_atomically(&self.path, out.as_bytes())?;
         Ok(kept)
+    }
+
+    /// Rewrites `metrics.csv` beside the JSON lines: a header and one row per epoch.
+    pub fn write_csv(&self, all: &[EpochMetrics]) -> Result<()> {
+        let mut out = format!("{CSV_COLUMNS}\n");
+        for metrics in all {
+            out.push_str(&metrics.csv_row());
+            out.push('\n');
+        }
+        crate::checkpoint::write_atomically(&self.path.with_extension("csv"), out.as_bytes())
     }
 
     pub fn append(&self, metrics: &EpochMetrics) -> Result<()> {

@@ -26,7 +26,7 @@ use crate::backend::{self, Backend};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
 use crate::datasets::{self, Datasets};
-use crate::metrics::{EpochMetrics, MetricsLog, Tally};
+use crate::metrics::{EpochMetrics, MetricsLog, Tally, peak_rss_mib};
 use crate::schedule::learning_rate;
 use crate::weights;
 
@@ -335,7 +335,9 @@ fn resume(config: &Config, model: Model) -> Result<Start> {
     let optimizer = sgd(&config.train)
         .load(checkpoint.join("optimizer.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.join("optimizer.bpk").display()))?;
-    let metrics = MetricsLog::new(&run_dir).truncate_to(state.epoch)?;
+    let log = MetricsLog::new(&run_dir);
+    let metrics = log.truncate_to(state.epoch)?;
+    log.write_csv(&metrics)?;
     println!(
         "resuming {} after epoch {} (step {}) from {}",
         run_dir.display(),
@@ -519,6 +521,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             images_per_sec,
             epoch_seconds: start.elapsed().as_secs_f64(),
             backend: backend_name.to_string(),
+            peak_rss_mib: peak_rss_mib(),
         };
         let is_best = metrics.val_top1_err < best_err;
         if is_best {
@@ -563,6 +566,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             )
         );
         all_metrics.push(metrics);
+        metrics_log.write_csv(&all_metrics)?;
     }
     println!(
         "done: best val top-1 error {best_err:.2}% at epoch {best_epoch}; metrics in {}, checkpoints in {}",

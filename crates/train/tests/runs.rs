@@ -95,6 +95,12 @@ fn quickstart_writes_metrics_and_checkpoints_and_never_overwrites_a_run() {
         assert!(lines[1].get(key).is_some(), "metrics lack {key}");
     }
     assert_eq!(lines[1]["backend"], "flex");
+    assert!(lines[1]["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[0].starts_with("epoch,lr,train_loss,"), "{csv}");
+    assert!(rows[2].starts_with("2,"), "{csv}");
     for folder in ["last", "best", "epoch-0002"] {
         for file in ["model.bpk", "optimizer.bpk", "state.json"] {
             assert!(
