@@ -68,16 +68,28 @@ impl CutBox {
     }
 }
 
-impl CutMix {
-    /// Samples lambda, then the box; returns the box and the corrected lambda,
-    /// `(h * w - area) / (h * w)` in f32 from integer pixel counts.
-    pub fn draw_box(&self, height: usize, width: usize, rng: &mut impl Rng) -> (CutBox, f32) {
-        let sampled = Beta::new(self.beta, self.beta)
-            .expect("beta > 0")
-            .sample(rng);
-        let cut = CutBox::sample(height, width, sampled, rng);
+impl CutBox {
+    /// The share of an `height x width` image outside the box, `(h * w - area) / (h * w)` in
+    /// f32 from integer pixel counts: CutMix's corrected lambda.
+    pub fn kept_share(&self, height: usize, width: usize) -> f32 {
         let pixels = height * width;
-        (cut, (pixels - cut.area()) as f32 / pixels as f32)
+        (pixels - self.area()) as f32 / pixels as f32
+    }
+}
+
+impl CutMix {
+    /// lambda ~ Beta(beta, beta), as sampled (before the correction).
+    fn sample_lambda(&self, rng: &mut impl Rng) -> f64 {
+        Beta::new(self.beta, self.beta)
+            .expect("beta > 0")
+            .sample(rng)
+    }
+
+    /// Samples lambda, then the box; returns the box and the corrected lambda
+    /// ([`CutBox::kept_share`]).
+    pub fn draw_box(&self, height: usize, width: usize, rng: &mut impl Rng) -> (CutBox, f32) {
+        let cut = CutBox::sample(height, width, self.sample_lambda(rng), rng);
+        (cut, cut.kept_share(height, width))
     }
 
     /// The draws for a batch. `Batch` mode follows the reference's order: `r < prob` (and
@@ -93,15 +105,11 @@ impl CutMix {
                 if rng.random::<f64>() >= self.prob {
                     return draw;
                 }
-                let sampled = Beta::new(self.beta, self.beta)
-                    .expect("beta > 0")
-                    .sample(rng);
+                let sampled = self.sample_lambda(rng);
                 draw.partners = self.partner.draw(batch, rng);
                 let cut = CutBox::sample(height, width, sampled, rng);
-                let pixels = height * width;
-                let lambda = (pixels - cut.area()) as f32 / pixels as f32;
                 draw.boxes = vec![cut; batch];
-                draw.lambdas = vec![lambda; batch];
+                draw.lambdas = vec![cut.kept_share(height, width); batch];
             }
             Mode::Elem => {
                 draw.partners = self.partner.draw(batch, rng);
@@ -116,28 +124,12 @@ impl CutMix {
         }
         draw
     }
-
-    /// Mixes `images` with host `labels` (see [`Draw::apply`]).
-    ///
-    /// # Shapes
-    /// - `images`: `[batch, channels, h, w]`
-    /// - returned images `[batch, channels, h, w]`, targets `[batch, num_classes]`
-    pub fn apply(
-        &self,
-        images: burn::tensor::Tensor<4>,
-        labels: &[usize],
-        num_classes: usize,
-        rng: &mut impl Rng,
-    ) -> crate::Mixed {
-        let [batch, _, height, width] = images.dims();
-        self.draw(batch, height, width, rng)
-            .apply(images, labels, num_classes)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Mixing;
     use burn::tensor::{Device, Tensor, TensorData};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -162,7 +154,7 @@ mod tests {
         let (batch, side, classes) = (6, 13, 5);
         let labels = [0, 1, 2, 3, 4, 0];
         for seed in 0..40 {
-            let mixed = cutmix.apply(
+            let mixed = Mixing::CutMix(cutmix.clone()).apply(
                 labelled_batch(batch, side, &device),
                 &labels,
                 classes,
@@ -193,12 +185,12 @@ mod tests {
     fn prob_zero_returns_the_batch_unchanged() {
         let device = Device::flex();
         let images = labelled_batch(4, 8, &device);
-        let mixed = CutMix {
+        let mixed = Mixing::CutMix(CutMix {
             beta: 1.0,
             prob: 0.0,
             mode: Mode::Batch,
             partner: Partner::Permutation,
-        }
+        })
         .apply(
             images.clone(),
             &[0, 1, 2, 3],

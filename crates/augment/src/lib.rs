@@ -47,12 +47,11 @@ pub struct Mixed {
 impl Mixed {
     /// The batch as it is, with one-hot targets.
     pub fn unmixed(images: Tensor<4>, labels: &[usize], num_classes: usize) -> Self {
-        let ones = vec![1.0; labels.len()];
-        let targets = soft_targets(labels, labels, &ones, num_classes, &images.device());
+        let targets = one_hot(labels, num_classes, &images.device());
         Self {
             images,
             targets,
-            lambdas: ones,
+            lambdas: vec![1.0; labels.len()],
         }
     }
 }
@@ -213,9 +212,6 @@ impl Mixing {
         num_classes: usize,
         rng: &mut impl Rng,
     ) -> Mixed {
-        if *self == Self::None {
-            return Mixed::unmixed(images, labels, num_classes);
-        }
         let [batch, _, height, width] = images.dims();
         self.draw(batch, height, width, rng)
             .apply(images, labels, num_classes)
@@ -242,6 +238,20 @@ pub fn soft_targets(
         values[row * num_classes + partner] += 1.0 - lambda;
     }
     Tensor::from_data(TensorData::new(values, [labels.len(), num_classes]), device)
+}
+
+/// One-hot targets for `labels`.
+///
+/// # Shapes
+/// - output: `[labels.len(), num_classes]`
+pub fn one_hot(labels: &[usize], num_classes: usize, device: &Device) -> Tensor<2> {
+    soft_targets(
+        labels,
+        labels,
+        &vec![1.0; labels.len()],
+        num_classes,
+        device,
+    )
 }
 
 /// Label smoothing applied to (soft) targets: `targets * (1 - epsilon) + epsilon / classes`,

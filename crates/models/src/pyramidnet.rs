@@ -232,15 +232,11 @@ impl PyramidNet {
     /// # Shapes
     /// As [`forward`](Self::forward).
     pub fn forward_train(&self, x: Tensor<4>, rng: &mut impl Rng) -> Tensor<2> {
-        let mut x = self.bn1.forward(self.conv1.forward(x));
-        for block in self.blocks() {
-            x = block.forward_train(x, rng);
-        }
-        self.head(x)
+        self.forward_train_mixed(x, 0, rng, &mut |features| features)
     }
 
     /// The training forward pass with `mix` applied to the feature map after stage `stage`
-    /// (1-based, `layer{stage}`), as feature-level CutMix does.
+    /// (1-based, `layer{stage}`; 0 = nowhere), as feature-level CutMix does.
     ///
     /// # Shapes
     /// As [`forward`](Self::forward); `mix` maps `[batch, c, h, w]` to the same shape.

@@ -187,15 +187,11 @@ impl ResNet {
     /// - `x`: `[batch, 3, h, w]`
     /// - output: `[batch, num_classes]` (logits)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = self.stem(x);
-        for block in self.blocks() {
-            x = block.forward(x);
-        }
-        self.fc.forward(global_average_pool(x))
+        self.forward_mixed(x, 0, &mut |features| features)
     }
 
     /// The forward pass with `mix` applied to the feature map after stage `stage` (1-based,
-    /// `layer{stage}`), as feature-level CutMix does.
+    /// `layer{stage}`; 0 = nowhere), as feature-level CutMix does.
     ///
     /// # Shapes
     /// As [`forward`](Self::forward); `mix` maps `[batch, c, h, w]` to the same shape.

@@ -131,7 +131,7 @@ pub fn save(
     if staged.exists() {
         fs::remove_dir_all(&staged)?;
     }
-    fs::create_dir(&staged).with_context(|| format!("cannot write {}", staged.display()))?;
+    fs::create_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
     // BatchNorm's running statistics hold their last update aside until synchronised, which
     // `valid()` does (evaluation does it at every epoch end); a checkpoint taken in the middle
     // of an epoch would otherwise miss one update.
@@ -165,16 +165,21 @@ pub fn save(
     prune_epochs(&dir, keep_last)
 }
 
+/// Reads `state.json` of a checkpoint folder.
+pub fn read_state(folder: &Path) -> Result<TrainState> {
+    let path = folder.join("state.json");
+    let text = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a training state", path.display()))
+}
+
 /// Reads a checkpoint folder's training state, if the folder is complete (weights, optimizer
 /// and state all present).
 fn complete_state(folder: &Path) -> Option<TrainState> {
     let complete = ["model.bpk", "optimizer.bpk", "state.json"]
         .iter()
         .all(|file| folder.join(file).is_file());
-    if !complete {
-        return None;
-    }
-    serde_json::from_slice(&fs::read(folder.join("state.json")).ok()?).ok()
+    complete.then(|| read_state(folder).ok()).flatten()
 }
 
 /// The newest complete checkpoint of a run: `last`, or the copy a crash in the middle of

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 
 use cutmix_augment::{
-    CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner, smooth_targets, soft_targets,
+    CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner, one_hot, smooth_targets,
 };
 use cutmix_data::{Batch, Loader, Stream, keyed_rng};
 use cutmix_models::{Arch, Model, count_params};
@@ -290,8 +290,7 @@ pub fn evaluate(
     for batch in loader.epoch(0) {
         let (images, labels) = images_tensor(batch?, device);
         let logits = model.forward(images);
-        let ones = vec![1.0; labels.len()];
-        let targets = soft_targets(&labels, &labels, &ones, num_classes, device);
+        let targets = one_hot(&labels, num_classes, device);
         let loss = cross_entropy_with_logits(logits.clone(), targets).into_scalar::<f32>();
         let logits: Vec<f32> = logits
             .into_data()

@@ -14,7 +14,7 @@ use cutmix_models::{
     state_dict, write_safetensors,
 };
 
-use crate::checkpoint::TrainState;
+use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
 
 /// The classifier's name prefix: re-initialised when the number of classes differs.
@@ -69,12 +69,7 @@ pub fn load_run(run: &Path, which: Which, device: &Device) -> Result<(Config, Mo
             weights.display()
         );
     }
-    let state_path = checkpoint.join("state.json");
-    let state: TrainState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path)
-            .with_context(|| format!("cannot read {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{} is not a training state", state_path.display()))?;
+    let state = checkpoint::read_state(&checkpoint)?;
     let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
     let model = config.model_config()?.init(&mut rng, device)?;
     let model = model
