@@ -24,6 +24,10 @@ fetch-cifar WHICH:
     scripts/fetch_cifar.sh {{WHICH}} data
 
 # What each mixing method costs per batch against a training step (flex).
+# Loader vs torchvision on one core, and peak memory (needs .venv: `just interop` makes it).
+bench-loader *ARGS:
+    scripts/bench_loader.sh {{ARGS}}
+
 bench-mixing *ARGS:
     cargo run --release --bin bench_mixing -- {{ARGS}}
 

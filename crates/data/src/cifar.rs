@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{DataError, Dataset, RgbImage};
+use crate::{DataError, Dataset, RgbImage, Sample};
 
 const SIDE: usize = 32;
 const PIXELS: usize = 3 * SIDE * SIDE;
@@ -81,17 +81,52 @@ impl CifarKind {
     }
 }
 
-/// A CIFAR split held in memory (about 150 MiB for a whole training set).
+/// A CIFAR split read from its files: labels are held in memory (one or two bytes per
+/// example), pixels are read from the file when an example is asked for (the operating
+/// system's page cache keeps them hot), so memory does not grow with the split.
 pub struct Cifar {
     kind: CifarKind,
-    /// `len * 3072` bytes, each record's pixels as stored (planar R, G, B).
-    pixels: Vec<u8>,
+    files: Vec<RecordFile>,
     labels: Vec<u8>,
     coarse_labels: Option<Vec<u8>>,
+    /// Train on CIFAR-100's 20 superclasses instead of its 100 classes.
+    coarse: bool,
+}
+
+/// One `.bin` file and the number of the first record it holds.
+struct RecordFile {
+    path: PathBuf,
+    file: std::fs::File,
+    first: usize,
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, without moving a shared cursor (so any
+/// number of loader threads can read one file at once).
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 impl Cifar {
-    /// Reads the files of `split` from `root`.
+    /// Opens the files of `split` in `root`, checking their sizes and labels.
     pub fn load(kind: CifarKind, root: &Path, split: Split) -> Result<Self, DataError> {
         let paths: Vec<PathBuf> = kind.files(split).iter().map(|f| root.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
@@ -104,45 +139,72 @@ impl Cifar {
         let record = kind.label_bytes() + PIXELS;
         let mut dataset = Self {
             kind,
-            pixels: Vec::new(),
+            files: Vec::new(),
             labels: Vec::new(),
             coarse_labels: (kind == CifarKind::Cifar100).then(Vec::new),
+            coarse: false,
         };
         for path in &paths {
-            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-            if bytes.len() % record != 0 {
+            let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+            let size = file.metadata().map_err(|e| DataError::io(path, e))?.len() as usize;
+            if !size.is_multiple_of(record) {
                 return Err(DataError::Corrupt {
                     path: path.clone(),
                     reason: format!(
-                        "{} bytes is not a whole number of {record}-byte {} records ({} whole records and {} bytes left over); the file is truncated or not in the binary format",
-                        bytes.len(),
+                        "{size} bytes is not a whole number of {record}-byte {} records ({} whole records and {} bytes left over); the file is truncated or not in the binary format",
                         kind.name(),
-                        bytes.len() / record,
-                        bytes.len() % record
+                        size / record,
+                        size % record
                     ),
                 });
             }
-            for (i, chunk) in bytes.chunks_exact(record).enumerate() {
-                let (labels, pixels) = chunk.split_at(kind.label_bytes());
+            let first = dataset.labels.len();
+            // One pass over the file for its labels, a few records at a time.
+            let mut reader = std::io::BufReader::with_capacity(64 * record, &file);
+            let mut buffer = vec![0u8; record];
+            for i in 0..size / record {
+                std::io::Read::read_exact(&mut reader, &mut buffer)
+                    .map_err(|e| DataError::io(path, e))?;
+                let labels = &buffer[..kind.label_bytes()];
                 let fine = *labels.last().expect("one label byte at least");
-                if usize::from(fine) >= kind.num_classes() {
+                let coarse = labels[0];
+                if usize::from(fine) >= kind.num_classes()
+                    || (kind == CifarKind::Cifar100 && usize::from(coarse) >= COARSE_CLASSES)
+                {
                     return Err(DataError::Corrupt {
                         path: path.clone(),
                         reason: format!(
-                            "record {i} has label {fine}, but {} has {} classes",
+                            "record {i} has label {labels:?}, but {} has {} classes",
                             kind.name(),
                             kind.num_classes()
                         ),
                     });
                 }
                 dataset.labels.push(fine);
-                if let Some(coarse) = &mut dataset.coarse_labels {
-                    coarse.push(labels[0]);
+                if let Some(coarse_labels) = &mut dataset.coarse_labels {
+                    coarse_labels.push(coarse);
                 }
-                dataset.pixels.extend_from_slice(pixels);
             }
+            dataset.files.push(RecordFile {
+                path: path.clone(),
+                file,
+                first,
+            });
         }
         Ok(dataset)
+    }
+
+    /// Labels examples by CIFAR-100's 20 superclasses (coarse labels) instead of its 100
+    /// classes; an error for CIFAR-10, which has none.
+    pub fn with_coarse_labels(mut self) -> Result<Self, DataError> {
+        if self.coarse_labels.is_none() {
+            return Err(DataError::Corrupt {
+                path: self.files[0].path.clone(),
+                reason: "CIFAR-10 has no coarse labels (only CIFAR-100 has superclasses)".into(),
+            });
+        }
+        self.coarse = true;
+        Ok(self)
     }
 
     /// The CIFAR-100 superclass of each example (`None` for CIFAR-10).
@@ -156,17 +218,29 @@ impl Cifar {
     }
 }
 
+/// CIFAR-100's number of superclasses.
+pub const COARSE_CLASSES: usize = 20;
+
 impl Dataset for Cifar {
     fn len(&self) -> usize {
         self.labels.len()
     }
 
     fn num_classes(&self) -> usize {
-        self.kind.num_classes()
+        if self.coarse {
+            COARSE_CLASSES
+        } else {
+            self.kind.num_classes()
+        }
     }
 
-    fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError> {
-        let planar = &self.pixels[index * PIXELS..(index + 1) * PIXELS];
+    fn get(&self, index: usize) -> Result<(Sample, usize), DataError> {
+        let at = self.files.partition_point(|f| f.first <= index) - 1;
+        let file = &self.files[at];
+        let record = self.kind.label_bytes() + PIXELS;
+        let offset = ((index - file.first) * record + self.kind.label_bytes()) as u64;
+        let mut planar = vec![0u8; PIXELS];
+        read_at(&file.file, &mut planar, offset).map_err(|e| DataError::io(&file.path, e))?;
         let plane = SIDE * SIDE;
         let pixels = (0..plane)
             .flat_map(|p| [planar[p], planar[plane + p], planar[2 * plane + p]])
@@ -176,7 +250,11 @@ impl Dataset for Cifar {
             height: SIDE,
             pixels,
         };
-        Ok((image, usize::from(self.labels[index])))
+        let label = match (&self.coarse_labels, self.coarse) {
+            (Some(coarse), true) => coarse[index],
+            _ => self.labels[index],
+        };
+        Ok((Sample::Pixels(image), usize::from(label)))
     }
 }
 
@@ -204,9 +282,43 @@ mod tests {
         let data = Cifar::load(CifarKind::Cifar100, dir.path(), Split::Train).unwrap();
         assert_eq!(data.len(), 3);
         assert_eq!(data.coarse_labels().unwrap(), &[0, 19, 8]);
-        let (image, label) = data.get(1).unwrap();
+        let (sample, label) = data.get(1).unwrap();
+        let image = sample.decode(1).unwrap();
         assert_eq!(label, 99);
         assert_eq!(&image.pixels[..3], &[99, 100, 101]);
+        assert_eq!(image.pixels.len(), PIXELS);
+        let coarse = data.with_coarse_labels().unwrap();
+        assert_eq!(coarse.num_classes(), 20);
+        assert_eq!(coarse.get(1).unwrap().1, 19);
+    }
+
+    #[test]
+    fn records_are_read_from_every_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (k, name) in CifarKind::Cifar10.files(Split::Train).iter().enumerate() {
+            let bytes: Vec<u8> = (0..3)
+                .flat_map(|r| {
+                    record(
+                        CifarKind::Cifar10,
+                        (k * 3 + r) as u8 % 10,
+                        (k * 3 + r) as u8,
+                    )
+                })
+                .collect();
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let data = Cifar::load(CifarKind::Cifar10, dir.path(), Split::Train).unwrap();
+        assert_eq!(data.len(), 15);
+        for index in 0..15 {
+            let (sample, label) = data.get(index).unwrap();
+            assert_eq!(label, index % 10);
+            assert_eq!(
+                sample.decode(1).unwrap().pixels[0],
+                index as u8,
+                "example {index}"
+            );
+        }
+        assert!(data.with_coarse_labels().is_err());
     }
 
     #[test]

@@ -24,6 +24,24 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// The file an example could not be read or decoded from, when that is what went wrong:
+    /// such an example can be skipped instead of stopping the run.
+    pub fn unreadable_file(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Io { path, .. } | Self::Decode { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// What went wrong, without the path.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Io { source, .. } => source.to_string(),
+            Self::Decode { reason, .. } | Self::Corrupt { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),

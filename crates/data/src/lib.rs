@@ -7,6 +7,7 @@
 
 mod cifar;
 mod color;
+mod decode;
 mod error;
 mod image_folder;
 mod loader;
@@ -15,11 +16,14 @@ mod transforms;
 
 pub use cifar::{Cifar, CifarKind, Split};
 pub use color::{ColorAugment, IMAGENET_EIGVAL, IMAGENET_EIGVEC};
+pub use decode::{Encoded, MAX_PIXELS, Sample};
 pub use error::DataError;
 pub use image_folder::ImageFolder;
-pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, Loader, LoaderConfig, Skipped};
 pub use seed::{Stream, keyed_rng};
-pub use transforms::{CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Transform};
+pub use transforms::{
+    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_REDUCTION, Transform,
+};
 
 /// An RGB image, 8 bits per channel, stored row-major as `[height][width][3]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +43,6 @@ pub trait Dataset: Send + Sync {
     }
     /// Number of classes (labels are `0..num_classes`).
     fn num_classes(&self) -> usize;
-    /// The image and label of example `index`.
-    fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError>;
+    /// Example `index` (its pixels, or its file to decode) and its label.
+    fn get(&self, index: usize) -> Result<(Sample, usize), DataError>;
 }

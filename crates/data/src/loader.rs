@@ -6,6 +6,7 @@
 //! generator keyed by (seed, epoch, position in the epoch), not by the thread that ran it.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,9 +26,21 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// Background threads preparing batches; 0 prepares them on the calling thread.
     pub workers: usize,
-    /// How many batches may be prepared ahead of the one being consumed.
+    /// How many batches may be prepared ahead of the one being consumed: with the batch being
+    /// consumed, the loader holds at most `prefetch + 1` batches (plus one image being decoded
+    /// per worker), however large the dataset.
     pub prefetch: usize,
     pub seed: u64,
+    /// Stop at the first file that cannot be read or decoded, instead of leaving it out of its
+    /// batch and reporting it in [`Batch::skipped`].
+    pub strict: bool,
+}
+
+/// An example left out of its batch: its file could not be read or decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 /// A prepared batch: normalised images, channel-major, and their labels.
@@ -38,6 +51,9 @@ pub struct Batch {
     pub labels: Vec<usize>,
     /// Side of each image.
     pub size: usize,
+    /// Examples of this batch left out because their files are unreadable (the batch is that
+    /// much smaller).
+    pub skipped: Vec<Skipped>,
 }
 
 impl Batch {
@@ -150,27 +166,41 @@ impl Plan {
         let per_image = 3 * size * size;
         let mut images = vec![0.0; positions.len() * per_image];
         let mut labels = Vec::with_capacity(positions.len());
-        for (slot, position) in positions.enumerate() {
-            let (image, label) = s.dataset.get(self.order[position])?;
+        let mut skipped = Vec::new();
+        for position in positions {
             let mut rng = keyed_rng(
                 s.config.seed,
                 Stream::Transform,
                 self.epoch,
                 position as u64,
             );
-            s.transform.apply(
-                &image,
-                &mut rng,
-                s.mean,
-                s.std,
-                &mut images[slot * per_image..(slot + 1) * per_image],
-            );
-            labels.push(label);
+            let slot = labels.len();
+            let prepared = s
+                .dataset
+                .get(self.order[position])
+                .and_then(|(sample, label)| {
+                    let out = &mut images[slot * per_image..(slot + 1) * per_image];
+                    s.transform
+                        .apply(&sample, &mut rng, s.mean, s.std, out)
+                        .map(|()| label)
+                });
+            match prepared {
+                Ok(label) => labels.push(label),
+                Err(error) => match error.unreadable_file() {
+                    Some(path) if !s.config.strict => skipped.push(Skipped {
+                        path: path.to_path_buf(),
+                        reason: error.reason(),
+                    }),
+                    _ => return Err(error),
+                },
+            }
         }
+        images.truncate(labels.len() * per_image);
         Ok(Batch {
             images,
             labels,
             size,
+            skipped,
         })
     }
 }
@@ -304,7 +334,7 @@ impl Drop for EpochIter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RgbImage;
+    use crate::{RgbImage, Sample};
 
     /// Images whose pixels encode their index, so batches can be told apart.
     struct Numbered(usize);
@@ -316,16 +346,16 @@ mod tests {
         fn num_classes(&self) -> usize {
             10
         }
-        fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError> {
+        fn get(&self, index: usize) -> Result<(Sample, usize), DataError> {
             let pixels = (0..8 * 8 * 3)
                 .map(|i| ((index * 31 + i) % 256) as u8)
                 .collect();
             Ok((
-                RgbImage {
+                Sample::Pixels(RgbImage {
                     width: 8,
                     height: 8,
                     pixels,
-                },
+                }),
                 index % 10,
             ))
         }
@@ -348,6 +378,7 @@ mod tests {
                 workers,
                 prefetch: 2,
                 seed: 11,
+                strict: false,
             },
         )
     }
@@ -411,6 +442,7 @@ mod tests {
                 workers: 2,
                 prefetch,
                 seed: 0,
+                strict: false,
             },
         )
     }
@@ -425,7 +457,7 @@ mod tests {
         fn num_classes(&self) -> usize {
             10
         }
-        fn get(&self, index: usize) -> Result<(RgbImage, usize), DataError> {
+        fn get(&self, index: usize) -> Result<(Sample, usize), DataError> {
             assert_ne!(index, 9, "planted failure");
             Numbered(40).get(index)
         }
@@ -450,5 +482,50 @@ mod tests {
         let mut epoch = loader.epoch(0);
         assert_eq!(epoch.next().unwrap().unwrap().labels, vec![0, 1, 2, 3]);
         drop(epoch);
+    }
+
+    /// Examples 3 and 6 are files that cannot be decoded.
+    struct WithBadFiles;
+
+    impl Dataset for WithBadFiles {
+        fn len(&self) -> usize {
+            12
+        }
+        fn num_classes(&self) -> usize {
+            10
+        }
+        fn get(&self, index: usize) -> Result<(Sample, usize), DataError> {
+            if index == 3 || index == 6 {
+                let file = crate::Encoded {
+                    path: format!("bad/{index}.jpg").into(),
+                    bytes: b"not a jpeg".to_vec(),
+                };
+                return Ok((Sample::File(file), 0));
+            }
+            Numbered(12).get(index)
+        }
+    }
+
+    #[test]
+    fn unreadable_files_are_left_out_and_reported_or_stop_a_strict_loader() {
+        let loader = in_order(Arc::new(WithBadFiles), 2);
+        let batches: Vec<Batch> = loader.epoch(0).map(Result::unwrap).collect();
+        let labels: Vec<Vec<usize>> = batches.iter().map(|b| b.labels.clone()).collect();
+        assert_eq!(labels, [vec![0, 1, 2], vec![4, 5, 7], vec![8, 9, 0, 1]]);
+        assert_eq!(batches[0].images.len(), 3 * 3 * 64);
+        let skipped: Vec<String> = batches
+            .iter()
+            .flat_map(|b| &b.skipped)
+            .map(|s| format!("{}: {}", s.path.display(), s.reason))
+            .collect();
+        assert_eq!(skipped.len(), 2);
+        assert!(skipped[0].starts_with("bad/3.jpg: "), "{skipped:?}");
+        assert!(skipped[1].starts_with("bad/6.jpg: "), "{skipped:?}");
+
+        let mut strict = in_order(Arc::new(WithBadFiles), 2);
+        Arc::get_mut(&mut strict.shared).unwrap().config.strict = true;
+        let results: Vec<_> = strict.epoch(0).collect();
+        let error = results[0].as_ref().unwrap_err().to_string();
+        assert!(error.contains("bad/3.jpg"), "{error}");
     }
 }

@@ -1,10 +1,11 @@
 //! Host-side image transforms, ending in a normalised `[3][size][size]` f32 image.
 
-use image::imageops::{self, FilterType};
+use fast_image_resize::{self as fir, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fir::images::ImageRef;
 use rand::{Rng, RngExt};
 
-use crate::RgbImage;
 use crate::color::ColorAugment;
+use crate::{DataError, RgbImage, Sample};
 
 /// The CIFAR normalisation of the CutMix reference: (125.3, 123.0, 113.9) / 255.
 pub const CIFAR_MEAN: [f32; 3] = [125.3 / 255.0, 123.0 / 255.0, 113.9 / 255.0];
@@ -40,53 +41,79 @@ impl Transform {
         }
     }
 
-    /// Transforms `image` and writes it, normalised with `mean` / `std`, into `out`
-    /// (`3 * size * size` values, channel-major).
+    /// Transforms `sample` and writes it, normalised with `mean` / `std`, into `out`
+    /// (`3 * size * size` values, channel-major). A file is decoded here, at a reduced scale
+    /// when the window it is cropped to has pixels to spare (a JPEG's scaled inverse DCT).
     pub fn apply(
         &self,
-        image: &RgbImage,
+        sample: &Sample,
         rng: &mut impl Rng,
         mean: [f32; 3],
         std: [f32; 3],
         out: &mut [f32],
-    ) {
+    ) -> Result<(), DataError> {
+        self.apply_reducing(sample, MAX_REDUCTION, rng, mean, std, out)
+    }
+
+    /// [`Transform::apply`] with decoding reduced by at most `max_reduction` (1: always decode
+    /// at full size); the loader benchmark compares the two.
+    pub fn apply_reducing(
+        &self,
+        sample: &Sample,
+        max_reduction: usize,
+        rng: &mut impl Rng,
+        mean: [f32; 3],
+        std: [f32; 3],
+        out: &mut [f32],
+    ) -> Result<(), DataError> {
         let mut color = ColorAugment::default();
         let (square, flip) = match *self {
             Self::CifarTrain { size, padding } => {
-                let image = resize_exact(image, size, size);
+                let image = fit(sample.decode(1)?, size);
                 let top = rng.random_range(0..=2 * padding);
                 let left = rng.random_range(0..=2 * padding);
                 let flip = rng.random_bool(0.5);
                 (padded_crop(&image, padding, top, left, size), flip)
             }
-            Self::CifarEval { size } => (resize_exact(image, size, size), false),
+            Self::CifarEval { size } => (fit(sample.decode(1)?, size), false),
             Self::ImageNetTrain {
                 size,
                 color: augment,
             } => {
-                let (top, left, h, w) = random_resized_crop_box(image.width, image.height, rng);
+                let (width, height) = sample.dimensions()?;
+                let (top, left, h, w) = random_resized_crop_box(width, height, rng);
                 let flip = rng.random_bool(0.5);
                 color = augment;
-                (crop_resize(image, top, left, h, w, size, size), flip)
+                let window = Window {
+                    left: left as f64,
+                    top: top as f64,
+                    width: w as f64,
+                    height: h as f64,
+                };
+                (
+                    decode_window(sample, (width, height), window, size, max_reduction)?,
+                    flip,
+                )
             }
             Self::ImageNetEval { size } => {
+                let (width, height) = sample.dimensions()?;
+                // torchvision's Resize(size * 256 / 224) then CenterCrop(size), as one window
+                // of the full image resized once.
                 let short = size * 256 / 224;
-                let (w, h) = if image.width <= image.height {
-                    (
-                        short,
-                        (image.height * short).div_ceil(image.width).max(short),
-                    )
+                let (rw, rh) = if width <= height {
+                    (short, (short * height / width).max(short))
                 } else {
-                    (
-                        (image.width * short).div_ceil(image.height).max(short),
-                        short,
-                    )
+                    ((short * width / height).max(short), short)
                 };
-                let resized = resize_exact(image, w, h);
-                let top = (h - size) / 2;
-                let left = (w - size) / 2;
+                let (sx, sy) = (width as f64 / rw as f64, height as f64 / rh as f64);
+                let window = Window {
+                    left: ((rw - size) / 2) as f64 * sx,
+                    top: ((rh - size) / 2) as f64 * sy,
+                    width: size as f64 * sx,
+                    height: size as f64 * sy,
+                };
                 (
-                    crop_resize(&resized, top, left, size, size, size, size),
+                    decode_window(sample, (width, height), window, size, max_reduction)?,
                     false,
                 )
             }
@@ -104,7 +131,59 @@ impl Transform {
                     .for_each(|v| *v = (*v - mean[c]) / std[c]);
             }
         }
+        Ok(())
     }
+}
+
+/// The most a file is reduced while decoding: JPEGs decode at 1/4 or 1/8 of their size when
+/// the window still has at least the output's pixels at that scale.
+pub const MAX_REDUCTION: usize = 8;
+
+/// The least reduction worth a second decoder: jpeg-decoder's scaled inverse DCT at 1/2 is
+/// slower than zune-jpeg at full size, at 1/4 as fast, at 1/8 faster (BENCHMARKS.md); below
+/// this a file is decoded at full size. Above it a huge photo costs 1/16 or 1/64 of the memory.
+const MIN_REDUCTION: usize = 4;
+
+/// A window of an image in its full-size pixel coordinates (fractional after scaling).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Window {
+    left: f64,
+    top: f64,
+    width: f64,
+    height: f64,
+}
+
+/// Decodes `sample` (full size `full`) at the largest reduction that leaves `window` at least
+/// `size` pixels on each side, and resizes the window to `size x size`.
+fn decode_window(
+    sample: &Sample,
+    full: (usize, usize),
+    window: Window,
+    size: usize,
+    max_reduction: usize,
+) -> Result<RgbImage, DataError> {
+    let mut reduce = 1;
+    while reduce * 2 <= max_reduction
+        && window.width / (reduce * 2) as f64 >= size as f64
+        && window.height / (reduce * 2) as f64 >= size as f64
+    {
+        reduce *= 2;
+    }
+    if reduce < MIN_REDUCTION {
+        reduce = 1;
+    }
+    let image = sample.decode(reduce)?;
+    let (sx, sy) = (
+        image.width as f64 / full.0 as f64,
+        image.height as f64 / full.1 as f64,
+    );
+    let scaled = Window {
+        left: window.left * sx,
+        top: window.top * sy,
+        width: window.width * sx,
+        height: window.height * sy,
+    };
+    Ok(resize_window(&image, scaled, size, size))
 }
 
 /// torchvision's `RandomResizedCrop.get_params` with scale (0.08, 1) and ratio (3/4, 4/3):
@@ -139,57 +218,42 @@ fn random_resized_crop_box(
     ((height - h) / 2, (width - w) / 2, h, w)
 }
 
-fn to_buffer(image: &RgbImage) -> image::RgbImage {
-    image::RgbImage::from_raw(
+/// The `window` of `image` resized to `out_w x out_h` with an antialiased bilinear filter (as
+/// PIL's, which torchvision's transforms use), by fast_image_resize's SIMD kernels.
+fn resize_window(image: &RgbImage, window: Window, out_w: usize, out_h: usize) -> RgbImage {
+    let source = ImageRef::new(
         image.width as u32,
         image.height as u32,
-        image.pixels.clone(),
+        &image.pixels,
+        PixelType::U8x3,
     )
-    .expect("pixel buffer matches the image size")
-}
-
-fn from_buffer(buffer: image::RgbImage) -> RgbImage {
+    .expect("pixel buffer matches the image size");
+    let mut target = fir::images::Image::new(out_w as u32, out_h as u32, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(window.left, window.top, window.width, window.height);
+    Resizer::new()
+        .resize(&source, &mut target, &options)
+        .expect("same pixel type on both sides");
     RgbImage {
-        width: buffer.width() as usize,
-        height: buffer.height() as usize,
-        pixels: buffer.into_raw(),
+        width: out_w,
+        height: out_h,
+        pixels: target.into_vec(),
     }
 }
 
-/// Bilinear resize to exactly `width x height` (a copy when the size already matches).
-fn resize_exact(image: &RgbImage, width: usize, height: usize) -> RgbImage {
-    if image.width == width && image.height == height {
-        return image.clone();
+/// The image resized to `size x size` (moved through when it already is).
+fn fit(image: RgbImage, size: usize) -> RgbImage {
+    if image.width == size && image.height == size {
+        return image;
     }
-    from_buffer(imageops::resize(
-        &to_buffer(image),
-        width as u32,
-        height as u32,
-        FilterType::Triangle,
-    ))
-}
-
-/// The `h x w` window at `(top, left)`, resized bilinearly to `out_w x out_h`.
-fn crop_resize(
-    image: &RgbImage,
-    top: usize,
-    left: usize,
-    h: usize,
-    w: usize,
-    out_w: usize,
-    out_h: usize,
-) -> RgbImage {
-    let buffer = to_buffer(image);
-    let window = imageops::crop_imm(&buffer, left as u32, top as u32, w as u32, h as u32);
-    if w == out_w && h == out_h {
-        return from_buffer(window.to_image());
-    }
-    from_buffer(imageops::resize(
-        &*window,
-        out_w as u32,
-        out_h as u32,
-        FilterType::Triangle,
-    ))
+    let whole = Window {
+        left: 0.0,
+        top: 0.0,
+        width: image.width as f64,
+        height: image.height as f64,
+    };
+    resize_window(&image, whole, size, size)
 }
 
 /// The `size x size` window at `(top, left)` of the image zero-padded by `padding` on each side.
@@ -251,6 +315,10 @@ mod tests {
         }
     }
 
+    fn pixels(image: RgbImage) -> Sample {
+        Sample::Pixels(image)
+    }
+
     #[test]
     fn colour_runs_after_crop_and_flip_on_the_unnormalised_image() {
         let image = gradient(40, 30);
@@ -260,18 +328,26 @@ mod tests {
             lighting: 0.1,
         };
         let mut ours = vec![0.0; 3 * 16 * 16];
-        Transform::ImageNetTrain { size: 16, color }.apply(
-            &image,
-            &mut StdRng::seed_from_u64(9),
-            mean,
-            std,
-            &mut ours,
-        );
+        Transform::ImageNetTrain { size: 16, color }
+            .apply(
+                &pixels(image.clone()),
+                &mut StdRng::seed_from_u64(9),
+                mean,
+                std,
+                &mut ours,
+            )
+            .unwrap();
         // Replayed by hand: the same crop and flip draws, ToTensor, colour, normalise.
         let mut rng = StdRng::seed_from_u64(9);
         let (top, left, h, w) = random_resized_crop_box(40, 30, &mut rng);
         let flip = rng.random_bool(0.5);
-        let square = crop_resize(&image, top, left, h, w, 16, 16);
+        let window = Window {
+            left: left as f64,
+            top: top as f64,
+            width: w as f64,
+            height: h as f64,
+        };
+        let square = resize_window(&image, window, 16, 16);
         let mut expected = vec![0.0; 3 * 16 * 16];
         write_normalised(&square, flip, [0.0; 3], [1.0; 3], &mut expected);
         color.apply(&mut expected, &mut rng);
@@ -286,7 +362,14 @@ mod tests {
             size: 16,
             color: ColorAugment::default(),
         }
-        .apply(&image, &mut StdRng::seed_from_u64(9), mean, std, &mut plain);
+        .apply(
+            &pixels(image),
+            &mut StdRng::seed_from_u64(9),
+            mean,
+            std,
+            &mut plain,
+        )
+        .unwrap();
         assert_ne!(plain, ours);
     }
 
@@ -301,7 +384,15 @@ mod tests {
         let mut out = vec![0.0; 3 * 32 * 32];
         for seed in 0..400 {
             let mut rng = StdRng::seed_from_u64(seed);
-            transform.apply(&image, &mut rng, [0.0; 3], [1.0 / 255.0; 3], &mut out);
+            transform
+                .apply(
+                    &pixels(image.clone()),
+                    &mut rng,
+                    [0.0; 3],
+                    [1.0 / 255.0; 3],
+                    &mut out,
+                )
+                .unwrap();
             // Blue is 7 everywhere inside the image and 0 in the padding.
             let top_zero_rows = (0..32)
                 .take_while(|&y| out[2 * 1024 + y * 32 + 16] == 0.0)
@@ -320,13 +411,15 @@ mod tests {
             pixels: vec![255, 0, 51],
         };
         let mut out = vec![0.0; 3];
-        Transform::CifarEval { size: 1 }.apply(
-            &image,
-            &mut StdRng::seed_from_u64(0),
-            [0.5, 0.5, 0.0],
-            [0.5, 0.25, 0.2],
-            &mut out,
-        );
+        Transform::CifarEval { size: 1 }
+            .apply(
+                &pixels(image),
+                &mut StdRng::seed_from_u64(0),
+                [0.5, 0.5, 0.0],
+                [0.5, 0.25, 0.2],
+                &mut out,
+            )
+            .unwrap();
         let expected = [1.0, -2.0, 1.0];
         for (a, b) in out.iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{out:?}");
@@ -342,8 +435,96 @@ mod tests {
                 assert!(ch > 0 && cw > 0 && top + ch <= h && left + cw <= w);
             }
         }
-        let image = gradient(300, 200);
+    }
+
+    /// A JPEG of smooth content: a reduced decode is close to the full one.
+    fn jpeg(width: u32, height: u32) -> Sample {
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            let v = |a: f32| (127.0 + 120.0 * a.sin()) as u8;
+            image::Rgb([
+                v(x as f32 / 40.0),
+                v(y as f32 / 30.0),
+                v((x + y) as f32 / 70.0),
+            ])
+        });
+        let mut bytes = Vec::new();
+        image
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        Sample::File(crate::Encoded {
+            path: "smooth.jpg".into(),
+            bytes,
+        })
+    }
+
+    #[test]
+    fn reduced_decoding_gives_nearly_the_full_size_result() {
+        let sample = jpeg(1000, 760);
+        for transform in [
+            Transform::ImageNetEval { size: 112 },
+            Transform::ImageNetTrain {
+                size: 112,
+                color: ColorAugment::default(),
+            },
+        ] {
+            for seed in 0..5 {
+                let run = |reduce: usize| {
+                    let mut out = vec![0.0; 3 * 112 * 112];
+                    transform
+                        .apply_reducing(
+                            &sample,
+                            reduce,
+                            &mut StdRng::seed_from_u64(seed),
+                            [0.0; 3],
+                            [1.0 / 255.0; 3],
+                            &mut out,
+                        )
+                        .unwrap();
+                    out
+                };
+                let (full, reduced) = (run(1), run(MAX_REDUCTION));
+                let mean_diff = full
+                    .iter()
+                    .zip(&reduced)
+                    .map(|(a, b)| (a - b).abs())
+                    .sum::<f32>()
+                    / full.len() as f32;
+                assert!(
+                    mean_diff < 3.0,
+                    "{transform:?} seed {seed}: {mean_diff} levels"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn validation_window_is_torchvisions_resize_then_centre_crop() {
+        // 300 x 200 -> Resize(256) gives 384 x 256; CenterCrop(224) starts at (80, 16).
+        // Red rises linearly with x: 2/3 per pixel.
+        let image = RgbImage {
+            width: 300,
+            height: 200,
+            pixels: (0..300 * 200)
+                .flat_map(|i| [((i % 300) * 2 / 3) as u8, 0, 0])
+                .collect(),
+        };
         let mut out = vec![0.0; 3 * 224 * 224];
-        Transform::ImageNetEval { size: 224 }.apply(&image, &mut rng, [0.0; 3], [1.0; 3], &mut out);
+        Transform::ImageNetEval { size: 224 }
+            .apply(
+                &pixels(image),
+                &mut StdRng::seed_from_u64(0),
+                [0.0; 3],
+                [1.0 / 255.0; 3],
+                &mut out,
+            )
+            .unwrap();
+        // The crop's first column is centred on source x = 80.5 * 300 / 384 (pixel centres at
+        // i + 0.5).
+        let first = out[112 * 224];
+        let expected = (80.5 * 300.0 / 384.0 - 0.5) * 2.0 / 3.0;
+        assert!((first - expected).abs() < 1.5, "{first} vs {expected}");
     }
 }

@@ -103,9 +103,21 @@ pub struct DataSection {
     /// Background threads preparing batches (0: on the training thread).
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// Batches prepared ahead of the one in use.
+    /// Batches prepared ahead of the one in use: the loader's memory is at most
+    /// `(prefetch + 1)` batches of f32 images, whatever the dataset's size.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// `imagefolder` with a flat `val/` (all images in one folder, as ImageNet ships it): the
+    /// file of `<image> <class>` lines that labels them (Kaggle's `LOC_val_solution.csv` works).
+    #[serde(default)]
+    pub val_labels: Option<PathBuf>,
+    /// Stop at the first image that cannot be decoded instead of skipping it (skipped files are
+    /// counted and named at the end of each epoch).
+    #[serde(default)]
+    pub strict: bool,
+    /// `cifar100`: train on the 20 superclasses (coarse labels) instead of the 100 classes.
+    #[serde(default)]
+    pub coarse_labels: bool,
     /// 0 = all; else a seeded random subset of this many training examples.
     #[serde(default)]
     pub train_limit: usize,
@@ -484,6 +496,16 @@ impl Config {
             self.data.image_size >= 8,
             "data.image_size",
             "must be at least 8",
+        )?;
+        check(
+            !self.data.coarse_labels || self.data.dataset == DatasetKind::Cifar100,
+            "data.coarse_labels",
+            "only CIFAR-100 has coarse labels (set data.dataset = \"cifar100\")",
+        )?;
+        check(
+            self.data.val_labels.is_none() || self.data.dataset == DatasetKind::Imagefolder,
+            "data.val_labels",
+            "labels a flat validation folder of an `imagefolder` dataset only",
         )?;
         Ok(())
     }

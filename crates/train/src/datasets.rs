@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use rand::seq::SliceRandom;
 
 use cutmix_data::{
@@ -19,6 +19,9 @@ pub struct Datasets {
     pub num_classes: usize,
     /// Class names, when the dataset has them (image folders).
     pub classes: Option<Vec<String>>,
+    /// Things the user should know about the data that do not stop the run (empty class
+    /// folders), one line each.
+    pub warnings: Vec<String>,
 }
 
 /// A seeded random subset of `limit` indices out of `len` (all of them when `limit` is 0 or
@@ -36,6 +39,7 @@ fn subset(seed: u64, which: u64, len: usize, limit: usize) -> Option<Vec<usize>>
 /// Opens the datasets and wraps them in loaders.
 pub fn build(config: &Config) -> Result<Datasets> {
     let data = &config.data;
+    let mut warnings = Vec::new();
     let (train, val, classes): (Arc<dyn Dataset>, Arc<dyn Dataset>, _) = match data.dataset {
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
             let kind = if data.dataset == DatasetKind::Cifar10 {
@@ -43,14 +47,44 @@ pub fn build(config: &Config) -> Result<Datasets> {
             } else {
                 CifarKind::Cifar100
             };
-            let train = Cifar::load(kind, &data.root, Split::Train)?;
-            let val = Cifar::load(kind, &data.root, Split::Test)?;
+            let mut train = Cifar::load(kind, &data.root, Split::Train)?;
+            let mut val = Cifar::load(kind, &data.root, Split::Test)?;
+            if data.coarse_labels {
+                train = train.with_coarse_labels()?;
+                val = val.with_coarse_labels()?;
+            }
             (Arc::new(train), Arc::new(val), None)
         }
         DatasetKind::Imagefolder => {
             let train = ImageFolder::open(&data.root.join("train"), None)?;
             let classes = train.classes().to_vec();
-            let val = ImageFolder::open(&data.root.join("val"), Some(&classes))?;
+            let val_dir = data.root.join("val");
+            let val = match &data.val_labels {
+                Some(labels) => ImageFolder::open_flat(&val_dir, labels, &classes)
+                    .context("config key data.val_labels")?,
+                None => ImageFolder::open(&val_dir, Some(&classes)).map_err(|e| {
+                    let flat = val_dir.is_dir()
+                        && std::fs::read_dir(&val_dir).is_ok_and(|entries| {
+                            entries.flatten().any(|e| e.path().is_file())
+                        });
+                    if flat {
+                        anyhow!(
+                            "{e}; {} holds images directly: set data.val_labels to the file of `<image> <class>` lines that labels them",
+                            val_dir.display()
+                        )
+                    } else {
+                        e.into()
+                    }
+                })?,
+            };
+            for (split, folder) in [("train", &train), ("val", &val)] {
+                for class in folder.empty_classes() {
+                    warnings.push(format!(
+                        "warning: {} has no images (the class keeps its label)",
+                        data.root.join(split).join(class).display()
+                    ));
+                }
+            }
             (Arc::new(train), Arc::new(val), Some(classes))
         }
     };
@@ -90,6 +124,7 @@ pub fn build(config: &Config) -> Result<Datasets> {
         workers: data.workers,
         prefetch: data.prefetch,
         seed: config.seed,
+        strict: data.strict,
     };
     let train_indices = subset(config.seed, 0, train.len(), data.train_limit);
     let val_indices = subset(config.seed, 1, val.len(), data.val_limit);
@@ -112,5 +147,6 @@ pub fn build(config: &Config) -> Result<Datasets> {
         ),
         num_classes,
         classes,
+        warnings,
     })
 }

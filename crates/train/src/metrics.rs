@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use cutmix_data::Skipped;
 use serde::{Deserialize, Serialize};
 
 /// One line of `metrics.jsonl` (errors in percent, as the paper reports them).
@@ -124,9 +125,37 @@ pub struct Tally {
     loss_sum: f64,
     top1_wrong: usize,
     top5_wrong: usize,
+    /// Files left out of the batches because they could not be read or decoded.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Tally {
+    /// The log lines about skipped files: the count, then `skipped: <path>: <reason>` for
+    /// the first 20 (none when nothing was skipped).
+    pub fn skipped_report(&self, what: &str) -> Vec<String> {
+        const NAMED: usize = 20;
+        if self.skipped.is_empty() {
+            return Vec::new();
+        }
+        let mut lines = vec![format!(
+            "{what}: skipped {} image file(s) that could not be read or decoded",
+            self.skipped.len()
+        )];
+        lines.extend(
+            self.skipped
+                .iter()
+                .take(NAMED)
+                .map(|s| format!("skipped: {}: {}", s.path.display(), s.reason)),
+        );
+        if self.skipped.len() > NAMED {
+            lines.push(format!(
+                "skipped: ... and {} more",
+                self.skipped.len() - NAMED
+            ));
+        }
+        lines
+    }
+
     /// Adds a batch: its mean loss, its logits (`[labels.len()][classes]`, row-major) and labels.
     pub fn add(&mut self, mean_loss: f64, logits: &[f32], labels: &[usize]) {
         let classes = logits.len() / labels.len().max(1);

@@ -230,7 +230,8 @@ fn train_one_epoch(
             bar.abandon();
             return Ok((model, tally, 0.0, Some(index)));
         }
-        let batch = batch?;
+        let mut batch = batch?;
+        tally.skipped.append(&mut batch.skipped);
         // BatchNorm cannot normalise over a single image (PyTorch refuses it too).
         if batch.len() < 2 {
             bar.inc(1);
@@ -288,7 +289,13 @@ pub fn evaluate(
     let mut tally = Tally::default();
     let bar = progress_bar(loader.num_batches(), "  validate".into());
     for batch in loader.epoch(0) {
-        let (images, labels) = images_tensor(batch?, device);
+        let mut batch = batch?;
+        tally.skipped.append(&mut batch.skipped);
+        if batch.is_empty() {
+            bar.inc(1);
+            continue;
+        }
+        let (images, labels) = images_tensor(batch, device);
         let logits = model.forward(images);
         let targets = one_hot(&labels, num_classes, device);
         let loss = cross_entropy_with_logits(logits.clone(), targets).into_scalar::<f32>();
@@ -370,6 +377,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         val: val_loader,
         num_classes: dataset_classes,
         classes,
+        warnings: data_warnings,
     } = datasets::build(config)?;
     let model_config = config.model_config()?;
     let train_device = device.clone().autodiff();
@@ -438,6 +446,17 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         config.data.root.display(),
         config.train.batch_size
     );
+    let batch_mib = (config.train.batch_size * 3 * config.data.image_size.pow(2) * 4) as f64
+        / (1024.0 * 1024.0);
+    println!(
+        "loader: {} worker thread(s), at most {} batches in memory ({:.0} MiB)",
+        config.data.workers,
+        config.data.prefetch + 1,
+        (config.data.prefetch + 1) as f64 * batch_mib
+    );
+    for warning in &data_warnings {
+        println!("{warning}");
+    }
     println!("run folder: {}", run_dir.display());
 
     let mixing = mixing(config);
@@ -503,7 +522,13 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             });
         }
         model = next;
+        for line in train_tally.skipped_report(&format!("epoch {}", epoch + 1)) {
+            println!("{line}");
+        }
         let val = evaluate(&model, &val_loader, num_classes, &device)?;
+        for line in val.skipped_report("validation") {
+            println!("{line}");
+        }
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             lr: learning_rate(

@@ -185,7 +185,8 @@ fn write_cifar100(path: &Path, count: usize, offset: usize) {
     for i in 0..count {
         // Spread over the classes: the folder is sorted by class.
         let index = (offset + i * 97) % folder.len();
-        let (image, label) = folder.get(index).unwrap();
+        let (sample, label) = folder.get(index).unwrap();
+        let image = sample.decode(1).unwrap();
         bytes.extend([label as u8 / 2, label as u8]);
         for c in 0..3 {
             bytes.extend(image.pixels.iter().skip(c).step_by(3));
@@ -303,6 +304,7 @@ fn two_steps(device: &Device) -> (f32, f32) {
             workers: 0,
             prefetch: 1,
             seed: 1,
+            strict: false,
         },
     );
     let batch = loader.epoch(0).next().unwrap().unwrap();
@@ -540,6 +542,163 @@ fn the_papers_imagenet_recipe_runs_unchanged_on_a_small_folder() {
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("25557032 parameters"), "{stdout}");
+}
+
+/// An image folder of real images (3 classes from the shipped subset) with the awkward files a
+/// scraped dataset has planted among them; returns the two files that cannot be decoded.
+fn awkward_folder(root: &Path) -> [PathBuf; 2] {
+    let classes = ["airplane", "cat", "ship"];
+    for (split, skip, take) in [("train", 0, 12), ("val", 12, 4)] {
+        for class in classes {
+            let source = mini().join("train").join(class);
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&source)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in files.iter().skip(skip).take(take) {
+                std::fs::copy(file, dir.join(file.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let cat = root.join("train/cat");
+    let real = std::fs::read(
+        mini()
+            .join("train/cat")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    let photo = image::load_from_memory(&real).unwrap().to_rgb8();
+    // Converted and used: grayscale JPEG, RGBA PNG, 16-bit PNG, CMYK JPEG, a 1600 x 1200 JPEG.
+    image::DynamicImage::ImageRgb8(photo.clone())
+        .to_luma8()
+        .save(cat.join("gray.jpg"))
+        .unwrap();
+    image::DynamicImage::ImageRgb8(photo.clone())
+        .to_rgba8()
+        .save(cat.join("rgba.png"))
+        .unwrap();
+    image::DynamicImage::ImageRgb8(photo.clone())
+        .to_rgb16()
+        .save(cat.join("deep.png"))
+        .unwrap();
+    std::fs::copy(
+        repo().join("crates/data/tests/fixtures/cmyk.jpg"),
+        cat.join("cmyk.jpg"),
+    )
+    .unwrap();
+    image::imageops::resize(&photo, 1600, 1200, image::imageops::FilterType::Triangle)
+        .save(cat.join("large.jpg"))
+        .unwrap();
+    // Ignored: not an image by its extension; an empty class folder keeps its label.
+    std::fs::write(cat.join("notes.txt"), "not an image").unwrap();
+    std::fs::write(cat.join(".DS_Store"), [0u8; 64]).unwrap();
+    std::fs::create_dir(root.join("train/zebra")).unwrap();
+    // Skipped: a truncated download and an error page saved as .jpg.
+    let truncated = cat.join("truncated.jpg");
+    std::fs::write(&truncated, &real[..real.len() - 20]).unwrap();
+    let garbage = root.join("train/ship/garbage.jpg");
+    std::fs::write(&garbage, "<html>404 Not Found</html>").unwrap();
+    [truncated, garbage]
+}
+
+fn folder_sets(out: &Path, root: &Path, extra: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        format!("output_dir={}", out.display()),
+        format!("data.root={}", root.display()),
+        "backend=flex".into(),
+        "data.dataset=imagefolder".into(),
+        "data.transforms=imagenet".into(),
+        "model.depth=8".into(),
+        "train.epochs=1".into(),
+        "train.batch_size=8".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    sets
+}
+
+#[test]
+fn awkward_files_are_converted_skipped_and_named_or_stop_a_strict_run() {
+    let data = tempfile::tempdir().unwrap();
+    let [truncated, garbage] = awkward_folder(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let output = train(&config, &folder_sets(out.path(), data.path(), &[]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // 36 real images + 5 converted + 2 unreadable (the .txt and .DS_Store are not listed).
+    assert!(
+        stdout.contains("43 training and 12 validation images (4 classes)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("zebra has no images"), "{stdout}");
+    assert!(
+        stdout.contains("epoch 1: skipped 2 image file(s)"),
+        "{stdout}"
+    );
+    for path in [&truncated, &garbage] {
+        let line = format!("skipped: {}: ", path.display());
+        assert!(stdout.contains(&line), "no `{line}` in {stdout}");
+    }
+    assert!(stdout.contains("truncated JPEG"), "{stdout}");
+    let classes = std::fs::read_to_string(out.path().join("quickstart/classes.txt")).unwrap();
+    assert_eq!(classes, "airplane\ncat\nship\nzebra");
+
+    let strict = train(
+        &config,
+        &folder_sets(out.path(), data.path(), &["data.strict=true"]),
+    );
+    assert!(!strict.status.success());
+    let error = stderr(&strict);
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert!(
+        error.contains(&*truncated.to_string_lossy())
+            || error.contains(&*garbage.to_string_lossy()),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_flat_validation_folder_is_labelled_by_its_file() {
+    let data = tempfile::tempdir().unwrap();
+    awkward_folder(data.path());
+    // Flatten val/<class>/x.jpg into val/x.jpg with a labels file, as ImageNet ships it.
+    let val = data.path().join("val");
+    let mut lines = String::from("ImageId,PredictionString\n");
+    for class in ["airplane", "cat", "ship"] {
+        for entry in std::fs::read_dir(val.join(class)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = format!("{class}_{}", path.file_name().unwrap().to_string_lossy());
+            std::fs::rename(&path, val.join(&name)).unwrap();
+            let stem = name.trim_end_matches(".jpg");
+            lines.push_str(&format!("{stem},{class} 0 0 31 31\n"));
+        }
+        std::fs::remove_dir(val.join(class)).unwrap();
+    }
+    let labels = data.path().join("LOC_val_solution.csv");
+    std::fs::write(&labels, lines).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let missing = train(&config, &folder_sets(out.path(), data.path(), &[]));
+    assert_one_line_error(&missing, &["data.val_labels"]);
+    let output = train(
+        &config,
+        &folder_sets(
+            out.path(),
+            data.path(),
+            &[&format!("data.val_labels={}", labels.display())],
+        ),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("12 validation images"), "{stdout}");
 }
 
 /// Files PyTorch wrote (scripts/check_torch_interop.py --write-fixture): a CIFAR ResNet-8 with

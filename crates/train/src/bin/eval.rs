@@ -82,6 +82,9 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let tally = evaluate(&model, &data.val, model_config.num_classes, &backend.device)?;
+    for line in tally.skipped_report("validation") {
+        eprintln!("{line}");
+    }
     println!(
         "{}",
         serde_json::json!({
