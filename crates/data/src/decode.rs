@@ -9,6 +9,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use image::{ImageFormat, ImageReader, Limits};
 
@@ -27,6 +28,8 @@ const JPEG_REDUCTIONS: [usize; 4] = [1, 2, 4, 8];
 pub struct Encoded {
     pub path: PathBuf,
     pub bytes: Vec<u8>,
+    /// Width and height, once the header has been read.
+    size: OnceLock<(usize, usize)>,
 }
 
 /// An example as a dataset hands it out: pixels already in memory (CIFAR) or a file to decode.
@@ -64,13 +67,19 @@ impl Sample {
 }
 
 impl Encoded {
+    /// A file's bytes, as read from `path`.
+    pub fn new(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Self {
+        Self {
+            path: path.into(),
+            bytes,
+            size: OnceLock::new(),
+        }
+    }
+
     /// Reads a whole file.
     pub fn read(path: &Path) -> Result<Self, DataError> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            bytes,
-        })
+        Ok(Self::new(path, bytes))
     }
 
     fn is_jpeg(&self) -> bool {
@@ -110,7 +119,10 @@ impl Encoded {
 
     /// Width and height from the file's header.
     pub fn dimensions(&self) -> Result<(usize, usize), DataError> {
-        self.guard(|| {
+        if let Some(&size) = self.size.get() {
+            return Ok(size);
+        }
+        let size = self.guard(|| {
             let (w, h) = self
                 .reader()?
                 .into_dimensions()
@@ -119,7 +131,8 @@ impl Encoded {
                 return Err(self.error(format!("image is {w} x {h} pixels")));
             }
             Ok((w as usize, h as usize))
-        })
+        })?;
+        Ok(*self.size.get_or_init(|| size))
     }
 
     /// Decodes to 8-bit RGB at `1 / reduce` of the full size or larger; `reduce` is rounded
@@ -248,10 +261,7 @@ mod tests {
         image
             .write_to(&mut Cursor::new(&mut bytes), format)
             .unwrap();
-        Encoded {
-            path: PathBuf::from(format!("test.{}", format.extensions_str()[0])),
-            bytes,
-        }
+        Encoded::new(format!("test.{}", format.extensions_str()[0]), bytes)
     }
 
     fn photo(width: u32, height: u32) -> image::RgbImage {
@@ -299,10 +309,10 @@ mod tests {
 
     #[test]
     fn a_cmyk_jpeg_comes_out_as_the_rgb_pil_gives() {
-        let file = Encoded {
-            path: PathBuf::from("cmyk.jpg"),
-            bytes: include_bytes!("../tests/fixtures/cmyk.jpg").to_vec(),
-        };
+        let file = Encoded::new(
+            "cmyk.jpg",
+            include_bytes!("../tests/fixtures/cmyk.jpg").to_vec(),
+        );
         let expected = include_bytes!("../tests/fixtures/cmyk.rgb");
         for reduce in [1, 8] {
             let decoded = file.decode(reduce).unwrap();
@@ -375,10 +385,7 @@ mod tests {
             ("header only", good.bytes[..200].to_vec()),
         ];
         for (name, bytes) in cases {
-            let file = Encoded {
-                path: PathBuf::from(format!("class/{name}.jpg")),
-                bytes,
-            };
+            let file = Encoded::new(format!("class/{name}.jpg"), bytes);
             let error = file.decode(1).err().map(|e| e.to_string());
             let error = error.unwrap_or_else(|| panic!("{name} decoded"));
             assert!(error.contains(&format!("class/{name}.jpg")), "{error}");
@@ -408,10 +415,7 @@ mod tests {
             let crc = crc32(&bytes[start..]);
             bytes.extend(crc.to_be_bytes());
         }
-        let file = Encoded {
-            path: PathBuf::from("bomb.png"),
-            bytes,
-        };
+        let file = Encoded::new("bomb.png", bytes);
         assert_eq!(file.dimensions().unwrap(), (100_000, 100_000));
         let error = file.decode(8).unwrap_err().to_string();
         assert!(

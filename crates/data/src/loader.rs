@@ -496,10 +496,7 @@ mod tests {
         }
         fn get(&self, index: usize) -> Result<(Sample, usize), DataError> {
             if index == 3 || index == 6 {
-                let file = crate::Encoded {
-                    path: format!("bad/{index}.jpg").into(),
-                    bytes: b"not a jpeg".to_vec(),
-                };
+                let file = crate::Encoded::new(format!("bad/{index}.jpg"), b"not a jpeg".to_vec());
                 return Ok((Sample::File(file), 0));
             }
             Numbered(12).get(index)

@@ -281,19 +281,28 @@ fn padded_crop(image: &RgbImage, padding: usize, top: usize, left: usize, size: 
     }
 }
 
-/// Writes `(pixel / 255 - mean) / std` channel-major into `out`, mirrored when `flip`.
+/// Writes `(pixel / 255 - mean) / std` channel-major into `out`, mirrored when `flip`
+/// (through a 256-entry table per channel: one load per value instead of a multiply-add).
 fn write_normalised(image: &RgbImage, flip: bool, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let (w, h) = (image.width, image.height);
     assert_eq!(out.len(), 3 * w * h, "output buffer size");
-    for c in 0..3 {
-        let scale = 1.0 / (255.0 * std[c]);
-        let shift = mean[c] / std[c];
-        for y in 0..h {
-            for x in 0..w {
-                let src_x = if flip { w - 1 - x } else { x };
-                let value = image.pixels[(y * w + src_x) * 3 + c];
-                out[(c * h + y) * w + x] = f32::from(value) * scale - shift;
-            }
+    let tables: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        std::array::from_fn(|v| v as f32 / (255.0 * std[c]) - mean[c] / std[c])
+    });
+    let (red, rest) = out.split_at_mut(w * h);
+    let (green, blue) = rest.split_at_mut(w * h);
+    for (y, row) in image.pixels.chunks_exact(3 * w).enumerate() {
+        let span = y * w..(y + 1) * w;
+        let (r, g, b) = (
+            &mut red[span.clone()],
+            &mut green[span.clone()],
+            &mut blue[span],
+        );
+        for (x, pixel) in row.chunks_exact(3).enumerate() {
+            let at = if flip { w - 1 - x } else { x };
+            r[at] = tables[0][usize::from(pixel[0])];
+            g[at] = tables[1][usize::from(pixel[1])];
+            b[at] = tables[2][usize::from(pixel[2])];
         }
     }
 }
@@ -454,10 +463,7 @@ mod tests {
                 image::ImageFormat::Jpeg,
             )
             .unwrap();
-        Sample::File(crate::Encoded {
-            path: "smooth.jpg".into(),
-            bytes,
-        })
+        Sample::File(crate::Encoded::new("smooth.jpg", bytes))
     }
 
     #[test]
