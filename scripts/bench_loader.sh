@@ -39,7 +39,7 @@ for round in $(seq "$ROUNDS"); do
   taskset -c 0 "$PY" scripts/bench_loader.py --folder "$ROOT/train" --limit "$LIMIT" "${CIFAR_ARGS[@]}" > "$OUT/torch-$round.jsonl"
 done
 
-# Peak memory through one epoch (2 workers) on the folder and on one ten times larger (hard links).
+# Peak memory of the loader (2 workers) on the folder and on one ten times larger (hard links).
 BIG="$OUT/big/train"
 for class_dir in "$ROOT"/train/*/; do
   class=$(basename "$class_dir")
@@ -48,8 +48,9 @@ for class_dir in "$ROOT"/train/*/; do
     for f in "$class_dir"*; do ln "$f" "$BIG/$class/${copy}_$(basename "$f")" 2>/dev/null || cp "$f" "$BIG/$class/${copy}_$(basename "$f")"; done
   done
 done
-target/release/bench_loader --folder "$ROOT/train" --epoch --workers 2 > "$OUT/epoch-small.jsonl"
-target/release/bench_loader --folder "$BIG" --epoch --workers 2 > "$OUT/epoch-big.jsonl"
+# The same 25 batches from each, so only what grows with the folder differs.
+target/release/bench_loader --folder "$ROOT/train" --epoch --workers 2 --batches 25 > "$OUT/epoch-small.jsonl"
+target/release/bench_loader --folder "$BIG" --epoch --workers 2 --batches 25 > "$OUT/epoch-big.jsonl"
 
 "$PY" - "$OUT" "$ROUNDS" <<'PYEOF'
 import json, statistics, sys, os, platform
@@ -64,7 +65,8 @@ def load(side):
 rust, torch = load("rust"), load("torch")
 pairs = {"decode zune-jpeg (image crate)": "decode", "imagenet-train": "imagenet-train",
          "imagenet-train-plain": "imagenet-train-plain", "imagenet-val": "imagenet-val", "cifar-train": "cifar-train"}
-print(f"\nimages per second on one core ({platform.processor() or platform.machine()}), median of {rounds} rounds (min-max)")
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+print(f"\nimages per second on one core ({cpu}), median of {rounds} rounds (min-max)")
 print(f"{'pipeline':<34} {'this project':>20} {'torchvision + PIL':>20} {'ratio':>7}")
 def fmt(v):
     return f"{statistics.median(v):8.1f} ({min(v):.0f}-{max(v):.0f})"
@@ -74,6 +76,6 @@ for name, values in rust.items():
     print(f"{name:<34} {fmt(values):>20} {fmt(peer) if peer else '':>20} {ratio:>7}")
 for name in ("epoch-small", "epoch-big"):
     row = json.loads(open(os.path.join(out, f"{name}.jsonl")).read())
-    print(f"loader epoch, {row['workers']} workers, {row['folder_images']:>6} images: {row['img_per_s']:.1f} img/s, peak RSS {row['peak_rss_mib']:.1f} MiB")
+    print(f"loader, {row['workers']} workers, {row['images']} images from a folder of {row['folder_images']:>6}: {row['img_per_s']:.1f} img/s, peak RSS {row['peak_rss_mib']:.1f} MiB")
 PYEOF
 rm -rf "$OUT"

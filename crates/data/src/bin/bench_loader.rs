@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --bin bench_loader -- --folder DIR [--cifar DIR] [--limit N] [--batch B]
-//! cargo run --release --bin bench_loader -- --folder DIR --epoch [--workers W]
+//! cargo run --release --bin bench_loader -- --folder DIR --epoch [--workers W] [--batches N]
 //! ```
 //!
 //! Without `--epoch`: decode-only rates for each JPEG decoder, then each pipeline on one thread
 //! (file read, decode, transform, batch assembly), one JSON line each:
 //! `{"pipeline", "images", "seconds", "img_per_s"}`. With `--epoch`: one epoch of the
-//! training loader with `W` worker threads, and the process's peak resident memory.
+//! training loader with `W` worker threads (or its first `N` batches), and the process's peak
+//! resident memory.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,9 @@ struct Args {
     batch: usize,
     epoch: bool,
     workers: usize,
+    /// With `--epoch`: stop after this many batches (0: the whole epoch), so folders of
+    /// different sizes can be compared on the same work.
+    batches: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         batch: 64,
         epoch: false,
         workers: 2,
+        batches: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
             "--limit" => args.limit = number(value()?)?,
             "--batch" => args.batch = number(value()?)?,
             "--workers" => args.workers = number(value()?)?,
+            "--batches" => args.batches = number(value()?)?,
             "--epoch" => args.epoch = true,
             other => return Err(format!("unknown argument {other} (see the file's header)")),
         }
@@ -244,7 +250,12 @@ fn epoch(args: &Args) -> Result<(), String> {
     );
     let start = Instant::now();
     let mut seen = 0;
-    for batch in loader.epoch(0) {
+    let batches = if args.batches == 0 {
+        usize::MAX
+    } else {
+        args.batches
+    };
+    for batch in loader.epoch(0).take(batches) {
         seen += batch.map_err(|e| e.to_string())?.len();
     }
     let seconds = start.elapsed().as_secs_f64();
