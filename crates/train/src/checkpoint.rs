@@ -182,6 +182,35 @@ fn complete_state(folder: &Path) -> Option<TrainState> {
     complete.then(|| read_state(folder).ok()).flatten()
 }
 
+/// An exclusive lock on a run folder, held while a `train` process writes to it, so a second
+/// process (a `--resume` while the run still goes on) is refused instead of interleaving its
+/// checkpoints and metrics with the first one's. The operating system drops the lock when the
+/// process ends, however it ends, so a killed run leaves nothing stale behind.
+pub struct RunLock {
+    _file: fs::File,
+}
+
+/// Takes the run folder's lock (`<run>/.lock`), or fails naming the folder.
+pub fn lock_run_dir(run_dir: &Path) -> Result<RunLock> {
+    let path = run_dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(RunLock { _file: file }),
+        Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another train process; wait for it to end (or stop it) before resuming",
+            run_dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// The newest complete checkpoint of a run: `last`, or the copy a crash in the middle of
 /// replacing it left (`.old-last`), or the newest `epoch-NNNN`; `None` when there is none.
 pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {

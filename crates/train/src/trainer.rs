@@ -1,7 +1,8 @@
 //! The training loop, top to bottom: data, model, loss, optimizer, schedule, then per epoch
 //! `train_one_epoch`, `evaluate`, metrics and checkpoints.
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -319,22 +320,26 @@ struct Start {
     metrics: Vec<EpochMetrics>,
 }
 
-/// Opens the run folder for a resumed run and restores model, optimiser, progress and metrics
-/// from its newest complete checkpoint.
-fn resume(config: &Config, model: Model) -> Result<Start> {
+/// The checkpoint `--resume` continues from: `None` when the run folder exists but stopped before
+/// its first checkpoint (the run then starts from the beginning in that folder); an error when
+/// there is no run folder at all.
+fn resumable(config: &Config) -> Result<(Option<(PathBuf, TrainState)>, checkpoint::RunLock)> {
     let run_dir = config.output_dir.join(&config.name);
-    if !run_dir.join("config.toml").is_file() {
+    // `checkpoints/` is made with the folder, before config.toml: a run killed between the two
+    // is still a run folder.
+    if !run_dir.join("config.toml").is_file() && !run_dir.join("checkpoints").is_dir() {
         bail!(
             "--resume: {} is not a run folder (no config.toml); start the run without --resume",
             run_dir.display()
         );
     }
-    let Some((checkpoint, state)) = checkpoint::latest(&run_dir)? else {
-        bail!(
-            "--resume: {} has no complete checkpoint yet; start the run again without --resume",
-            run_dir.display()
-        );
-    };
+    let lock = checkpoint::lock_run_dir(&run_dir)?;
+    Ok((checkpoint::latest(&run_dir)?, lock))
+}
+
+/// Restores model, optimiser, progress and metrics from `checkpoint` of the run folder.
+fn restore(config: &Config, model: Model, checkpoint: &Path, state: TrainState) -> Result<Start> {
+    let run_dir = config.output_dir.join(&config.name);
     let model = model
         .try_load_file(checkpoint.join("model.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: not this config's model: {e}", checkpoint.display()))?;
@@ -383,8 +388,14 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
     let train_device = device.clone().autodiff();
     let mut init_rng = keyed_rng(config.seed, Stream::Init, 0, 0);
     let mut model = model_config.init(&mut init_rng, &train_device)?;
+    let (checkpoint, mut lock) = if resume_run {
+        let (checkpoint, lock) = resumable(config)?;
+        (checkpoint, Some(lock))
+    } else {
+        (None, None)
+    };
     let mut init_summary = None;
-    if !config.model.init_from.is_empty() && !resume_run {
+    if !config.model.init_from.is_empty() && checkpoint.is_none() {
         let path = PathBuf::from(&config.model.init_from);
         let (loaded, summary) =
             weights::load(model, &path).context("config key model.init_from")?;
@@ -392,25 +403,43 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         init_summary = Some((path, summary));
     }
 
-    let start = if resume_run {
-        resume(config, model)?
-    } else {
-        let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
-        if renamed {
+    let fresh = |run_dir: PathBuf, model: Model| Start {
+        run_dir,
+        model,
+        optimizer: sgd(&config.train),
+        state: None,
+        metrics: Vec::new(),
+    };
+    let start = match checkpoint {
+        Some((checkpoint, state)) => restore(config, model, &checkpoint, state)?,
+        None if resume_run => {
+            let run_dir = config.output_dir.join(&config.name);
             println!(
-                "{} exists; this run writes to {} (continue the old one with --resume)",
-                config.output_dir.join(&config.name).display(),
+                "--resume: {} stopped before its first checkpoint; starting it from the beginning",
                 run_dir.display()
             );
+            fs::create_dir_all(run_dir.join("checkpoints")).with_context(|| {
+                format!("cannot create {}", run_dir.join("checkpoints").display())
+            })?;
+            MetricsLog::new(&run_dir).truncate_to(0)?;
+            fresh(run_dir, model)
         }
-        Start {
-            run_dir,
-            model,
-            optimizer: sgd(&config.train),
-            state: None,
-            metrics: Vec::new(),
+        None => {
+            let (run_dir, renamed) = checkpoint::create_run_dir(&config.output_dir, &config.name)?;
+            if renamed {
+                println!(
+                    "{} exists; this run writes to {} (continue the old one with --resume)",
+                    config.output_dir.join(&config.name).display(),
+                    run_dir.display()
+                );
+            }
+            fresh(run_dir, model)
         }
     };
+    if lock.is_none() {
+        lock = Some(checkpoint::lock_run_dir(&start.run_dir)?);
+    }
+    let _lock = lock;
     let Start {
         run_dir,
         mut model,

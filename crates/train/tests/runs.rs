@@ -1107,3 +1107,53 @@ fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
         "{message}"
     );
 }
+
+#[test]
+fn a_run_folder_takes_one_process_and_resume_restarts_a_run_that_had_no_checkpoint() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let sets = quick_sets(out.path(), &["train.epochs=3"]);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_train"));
+    first.arg("--config").arg(&config);
+    for set in &sets {
+        first.arg("--set").arg(set);
+    }
+    let mut running = first.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let run = out.path().join("quickstart");
+    while !run.join("config.toml").is_file() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut second = Command::new(env!("CARGO_BIN_EXE_train"));
+    second.arg("--config").arg(&config).arg("--resume");
+    for set in &sets {
+        second.arg("--set").arg(set);
+    }
+    let refused = second.output().unwrap();
+    assert_one_line_error(&refused, &["in use by another train process"]);
+    assert!(running.wait().unwrap().success());
+    assert_eq!(metrics(&run).len(), 3);
+
+    // A run killed before its first checkpoint: --resume starts it over in the same folder.
+    let early = out.path().join("early");
+    std::fs::create_dir_all(early.join("checkpoints")).unwrap();
+    let restarted = train(
+        &config,
+        &quick_sets(out.path(), &["name=early", "train.epochs=1"]),
+    );
+    // Without --resume the folder is taken: the run goes to early-2.
+    assert!(restarted.status.success(), "{}", stderr(&restarted));
+    assert!(out.path().join("early-2/metrics.jsonl").is_file());
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_train"));
+    resume.arg("--config").arg(&config).arg("--resume");
+    for set in quick_sets(out.path(), &["name=early", "train.epochs=1"]) {
+        resume.arg("--set").arg(set);
+    }
+    let output = resume.output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("starting it from the beginning"),
+        "{stdout}"
+    );
+    assert_eq!(metrics(&early).len(), 1);
+}
