@@ -1,13 +1,15 @@
 //! Training, evaluation and checkpoints for the CutMix recipes: the config and its checks, the
 //! backend choice, the loop (SGD with Nesterov momentum, multistep/step/cosine schedules,
 //! soft-target cross-entropy), metrics, crash-safe checkpoints in the run folder, and weights in
-//! and out (fine-tuning from safetensors / PyTorch / burnpack files, export to safetensors).
+//! and out (fine-tuning from safetensors / PyTorch / burnpack files, export to safetensors),
+//! and PNG figures of runs.
 
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod datasets;
 pub mod metrics;
+pub mod plots;
 pub mod schedule;
 pub mod trainer;
 pub mod weights;

@@ -73,6 +73,21 @@ impl MetricsLog {
         &self.path
     }
 
+    /// Every epoch's metrics in the log; a line that is not an epoch's metrics is an error
+    /// naming the file and line.
+    pub fn read(&self) -> Result<Vec<EpochMetrics>> {
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", self.path.display(), i + 1))
+            })
+            .collect()
+    }
+
     /// Keeps the epochs up to `epoch` (a resumed run drops the lines of epochs whose checkpoint
     /// a crash lost) and returns them; a missing file is an empty log.
     pub fn truncate_to(&self, epoch: usize) -> Result<Vec<EpochMetrics>> {

@@ -28,6 +28,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
 use crate::datasets::{self, Datasets};
 use crate::metrics::{EpochMetrics, MetricsLog, Tally, peak_rss_mib};
+use crate::plots;
 use crate::schedule::learning_rate;
 use crate::weights;
 
@@ -620,6 +621,10 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         );
         all_metrics.push(metrics);
         metrics_log.write_csv(&all_metrics)?;
+        let curves = run_dir.join("curves.png");
+        if let Err(e) = plots::write_run_curves(&config.name, &all_metrics, &curves) {
+            println!("warning: {e:#}");
+        }
     }
     println!(
         "done: best val top-1 error {best_err:.2}% at epoch {best_epoch}; metrics in {}, checkpoints in {}",

@@ -118,6 +118,27 @@ fn quickstart_writes_metrics_and_checkpoints_and_never_overwrites_a_run() {
     // The weights load back into the same architecture.
     assert!(!weights(Some(&run)).is_empty());
 
+    // The run's figure, and two runs on one figure.
+    let curves = image::open(run.join("curves.png")).unwrap();
+    assert_eq!((curves.width(), curves.height()), (1500, 460));
+    let figure = out.path().join("both.png");
+    let compared = command(
+        env!("CARGO_BIN_EXE_compare_runs"),
+        &[
+            run.display().to_string(),
+            run.display().to_string(),
+            "--out".into(),
+            figure.display().to_string(),
+        ],
+    );
+    assert!(compared.status.success(), "{}", stderr(&compared));
+    assert!(image::open(&figure).is_ok());
+    let nothing = command(
+        env!("CARGO_BIN_EXE_compare_runs"),
+        &[out.path().display().to_string()],
+    );
+    assert_one_line_error(&nothing, &["metrics.jsonl"]);
+
     // A second run with the same name goes to quickstart-2.
     let again = train(&config, &quick_sets(out.path(), &["train.epochs=1"]));
     assert!(again.status.success(), "{}", stderr(&again));
