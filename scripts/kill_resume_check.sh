@@ -69,7 +69,7 @@ fi
 strip() { python3 -c "import json,sys
 for l in open(sys.argv[1]):
     m = json.loads(l)
-    print({k: v for k, v in m.items() if k not in ('images_per_sec', 'epoch_seconds', 'peak_rss_mib')})" "$1"; }
+    print({k: v for k, v in m.items() if k not in ('images_per_sec', 'epoch_seconds', 'peak_rss_mib', 'step_seconds', 'loader_wait_seconds', 'eval_seconds', 'checkpoint_seconds')})" "$1"; }
 if [ "$(strip "$OUT/reference/metrics.jsonl")" == "$(strip "$OUT/killed/metrics.jsonl")" ]; then
   echo "metrics: identical losses and errors in every epoch"
   ok=1

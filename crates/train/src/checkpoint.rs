@@ -30,6 +30,10 @@ pub struct TrainState {
     pub val_top1_err: f64,
     pub best_val_top1_err: f64,
     pub best_epoch: usize,
+    /// The metrics of the epoch this checkpoint ends (they reach `metrics.jsonl` only after
+    /// the checkpoint is written, so a resume puts them back if a crash came in between).
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::EpochMetrics>,
 }
 
 /// Creates `<output_dir>/<name>/`, or `<name>-2`, `<name>-3`, ... when it exists: an existing run

@@ -8,7 +8,7 @@ use cutmix_data::Skipped;
 use serde::{Deserialize, Serialize};
 
 /// One line of `metrics.jsonl` (errors in percent, as the paper reports them).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochMetrics {
     /// 1-based epoch number.
     pub epoch: usize,
@@ -25,6 +25,42 @@ pub struct EpochMetrics {
     /// The process's peak resident memory so far, in MiB (Linux; absent elsewhere).
     #[serde(default)]
     pub peak_rss_mib: Option<f64>,
+    /// Where the epoch's time went: inside the model step (mixing, forward, backward,
+    /// optimiser), waiting for the loader, validating, writing the checkpoint; the rest
+    /// (logging, figures, moving batches to the device) is `epoch_seconds` minus these.
+    #[serde(default)]
+    pub step_seconds: f64,
+    #[serde(default)]
+    pub loader_wait_seconds: f64,
+    #[serde(default)]
+    pub eval_seconds: f64,
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
+}
+
+impl EpochMetrics {
+    /// The share of the epoch spent outside the model step, in percent.
+    pub fn outside_step_percent(&self) -> f64 {
+        100.0 * (1.0 - self.step_seconds / self.epoch_seconds.max(1e-9))
+    }
+
+    /// One line: the shares of the epoch outside the model step.
+    pub fn time_line(&self) -> String {
+        let share = |s: f64| 100.0 * s / self.epoch_seconds.max(1e-9);
+        let other = self.epoch_seconds
+            - self.step_seconds
+            - self.loader_wait_seconds
+            - self.eval_seconds
+            - self.checkpoint_seconds;
+        format!(
+            "           time outside the model step: {:.1}% (loader wait {:.1}%, validation {:.1}%, checkpoint {:.1}%, other {:.1}%)",
+            self.outside_step_percent(),
+            share(self.loader_wait_seconds),
+            share(self.eval_seconds),
+            share(self.checkpoint_seconds),
+            share(other.max(0.0))
+        )
+    }
 }
 
 /// The process's peak resident set size in MiB, from `/proc/self/status` (`VmHWM`).
@@ -36,12 +72,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// The columns of `metrics.csv`, in order.
-const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib";
+const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds";
 
 impl EpochMetrics {
     fn csv_row(&self) -> String {
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.epoch,
             self.lr,
             self.train_loss,
@@ -52,7 +88,11 @@ impl EpochMetrics {
             self.images_per_sec,
             self.epoch_seconds,
             self.backend,
-            self.peak_rss_mib.map(|m| m.to_string()).unwrap_or_default()
+            self.peak_rss_mib.map(|m| m.to_string()).unwrap_or_default(),
+            self.step_seconds,
+            self.loader_wait_seconds,
+            self.eval_seconds,
+            self.checkpoint_seconds
         )
     }
 }

@@ -2,6 +2,7 @@
 //! `train_one_epoch`, `evaluate`, metrics and checkpoints.
 
 use std::fs;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,15 +196,57 @@ fn progress_bar(len: usize, prefix: String) -> ProgressBar {
 
 /// The rest of the run at the pace so far, as `1h02m`, `3m05s` or `12s`.
 fn time_left(elapsed: std::time::Duration, done: usize, total: usize) -> String {
-    let seconds = (elapsed.as_secs_f64() / done as f64 * (total - done) as f64).round() as u64;
-    match seconds {
+    duration(elapsed.as_secs_f64() / done as f64 * (total - done) as f64)
+}
+
+/// Seconds as `1h02m`, `3m05s` or `12s`.
+fn duration(seconds: f64) -> String {
+    match seconds.round() as u64 {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
         s => format!("{s}s"),
     }
 }
 
-/// Trains for one epoch; returns the tally over the batches as fed and the images per second.
+/// What one epoch of training gave.
+struct EpochRun {
+    model: Model,
+    /// Loss and errors over the batches as fed.
+    tally: Tally,
+    images_per_sec: f64,
+    /// The batch a stop request (Ctrl-C) ended the epoch at.
+    stopped_at: Option<usize>,
+    /// Seconds inside the model step (mixing, forward, backward, optimiser; the loss read back
+    /// waits for the device, so this is device time too).
+    step_seconds: f64,
+    /// Seconds the training thread waited for the loader's next batch.
+    loader_wait_seconds: f64,
+}
+
+/// Progress lines for logs: when stderr is not a terminal the bar draws nothing, so a line is
+/// printed about every tenth of the epoch and at least once a minute.
+struct PlainProgress {
+    every: usize,
+    last: Instant,
+}
+
+impl PlainProgress {
+    fn new(steps: usize) -> Option<Self> {
+        (!std::io::stderr().is_terminal()).then(|| Self {
+            every: steps.div_ceil(10).max(1),
+            last: Instant::now(),
+        })
+    }
+
+    fn tick(&mut self, done: usize, steps: usize, line: impl FnOnce() -> String) {
+        if done % self.every == 0 || done == steps || self.last.elapsed().as_secs() >= 60 {
+            println!("{}", line());
+            self.last = Instant::now();
+        }
+    }
+}
+
+/// Trains for one epoch.
 #[allow(clippy::too_many_arguments)]
 fn train_one_epoch(
     mut model: Model,
@@ -217,20 +260,33 @@ fn train_one_epoch(
     step: &mut usize,
     device: &Device,
     stop: &AtomicBool,
-) -> Result<(Model, Tally, f64, Option<usize>)> {
+) -> Result<EpochRun> {
     let steps_per_epoch = loader.num_batches();
-    let bar = progress_bar(
-        steps_per_epoch,
-        format!("epoch {}/{}", epoch + 1, config.train.epochs),
-    );
+    let prefix = format!("epoch {}/{}", epoch + 1, config.train.epochs);
+    let bar = progress_bar(steps_per_epoch, prefix.clone());
     bar.set_position(first_batch as u64);
+    let mut plain = PlainProgress::new(steps_per_epoch);
     let mut tally = Tally::default();
+    let (mut step_seconds, mut loader_wait_seconds) = (0.0, 0.0);
     let start = Instant::now();
-    for (offset, batch) in loader.epoch_from(epoch as u64, first_batch).enumerate() {
+    let mut batches = loader.epoch_from(epoch as u64, first_batch).enumerate();
+    loop {
+        let waited = Instant::now();
+        let Some((offset, batch)) = batches.next() else {
+            break;
+        };
+        loader_wait_seconds += waited.elapsed().as_secs_f64();
         let index = first_batch + offset;
         if stop.load(Ordering::Relaxed) {
             bar.abandon();
-            return Ok((model, tally, 0.0, Some(index)));
+            return Ok(EpochRun {
+                model,
+                tally,
+                images_per_sec: 0.0,
+                stopped_at: Some(index),
+                step_seconds,
+                loader_wait_seconds,
+            });
         }
         let mut batch = batch?;
         tally.skipped.append(&mut batch.skipped);
@@ -239,6 +295,7 @@ fn train_one_epoch(
             bar.inc(1);
             continue;
         }
+        let stepping = Instant::now();
         let lr = learning_rate(&config.train, epoch, index, steps_per_epoch);
         let mut rng = keyed_rng(config.seed, Stream::Mix, epoch as u64, index as u64);
         let (images, labels) = images_tensor(batch, device);
@@ -257,6 +314,7 @@ fn train_one_epoch(
         let targets = smooth_targets(targets, config.train.label_smoothing);
         let (next, out) = train_step(model, optimizer, logits, targets, lr);
         model = next;
+        step_seconds += stepping.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
             bar.abandon();
             bail!(
@@ -268,16 +326,35 @@ fn train_one_epoch(
         }
         *step += 1;
         tally.add(f64::from(out.loss), &out.logits, &labels);
-        let rate = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+        let rate = tally.images as f64 / elapsed;
         bar.set_message(format!(
             "loss {:.4} lr {lr:.4} {rate:.1} img/s",
             tally.loss()
         ));
         bar.inc(1);
+        if let Some(plain) = &mut plain {
+            let done = index + 1;
+            plain.tick(done, steps_per_epoch, || {
+                let left = elapsed / (done - first_batch) as f64 * (steps_per_epoch - done) as f64;
+                format!(
+                    "{prefix} step {done}/{steps_per_epoch}  loss {:.4}  lr {lr:.4}  {rate:.1} img/s  epoch left {}",
+                    tally.loss(),
+                    duration(left)
+                )
+            });
+        }
     }
     bar.finish_and_clear();
     let images_per_sec = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);
-    Ok((model, tally, images_per_sec, None))
+    Ok(EpochRun {
+        model,
+        tally,
+        images_per_sec,
+        stopped_at: None,
+        step_seconds,
+        loader_wait_seconds,
+    })
 }
 
 /// Loss, top-1 and top-5 over the validation loader, with BatchNorm's running statistics.
@@ -348,7 +425,14 @@ fn restore(config: &Config, model: Model, checkpoint: &Path, state: TrainState) 
         .load(checkpoint.join("optimizer.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.join("optimizer.bpk").display()))?;
     let log = MetricsLog::new(&run_dir);
-    let metrics = log.truncate_to(state.epoch)?;
+    let mut metrics = log.truncate_to(state.epoch)?;
+    // A crash between the checkpoint and its metrics line: the checkpoint carries the line.
+    if let Some(lost) = &state.metrics
+        && metrics.last().is_none_or(|m| m.epoch < lost.epoch)
+    {
+        log.append(lost)?;
+        metrics.push(lost.clone());
+    }
     log.write_csv(&metrics)?;
     println!(
         "resuming {} after epoch {} (step {}) from {}",
@@ -505,7 +589,14 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
     let run_start = Instant::now();
     for epoch in first_epoch..config.train.epochs {
         let start = Instant::now();
-        let (next, train_tally, images_per_sec, stopped_at) = train_one_epoch(
+        let EpochRun {
+            model: next,
+            tally: train_tally,
+            images_per_sec,
+            stopped_at,
+            step_seconds,
+            loader_wait_seconds,
+        } = train_one_epoch(
             model,
             &mut optimizer,
             &train_loader,
@@ -528,6 +619,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
                 val_top1_err: all_metrics.last().map_or(f64::NAN, |m| m.val_top1_err),
                 best_val_top1_err: best_err,
                 best_epoch,
+                metrics: None,
             };
             checkpoint::save(
                 &run_dir,
@@ -555,11 +647,13 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         for line in train_tally.skipped_report(&format!("epoch {}", epoch + 1)) {
             println!("{line}");
         }
+        let evaluating = Instant::now();
         let val = evaluate(&model, &val_loader, num_classes, &device)?;
+        let eval_seconds = evaluating.elapsed().as_secs_f64();
         for line in val.skipped_report("validation") {
             println!("{line}");
         }
-        let metrics = EpochMetrics {
+        let mut metrics = EpochMetrics {
             epoch: epoch + 1,
             lr: learning_rate(
                 &config.train,
@@ -576,13 +670,16 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             epoch_seconds: start.elapsed().as_secs_f64(),
             backend: backend_name.to_string(),
             peak_rss_mib: peak_rss_mib(),
+            step_seconds,
+            loader_wait_seconds,
+            eval_seconds,
+            checkpoint_seconds: 0.0,
         };
         let is_best = metrics.val_top1_err < best_err;
         if is_best {
             best_err = metrics.val_top1_err;
             best_epoch = epoch + 1;
         }
-        metrics_log.append(&metrics)?;
         let state = TrainState {
             epoch: epoch + 1,
             step,
@@ -591,7 +688,9 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             val_top1_err: metrics.val_top1_err,
             best_val_top1_err: best_err,
             best_epoch,
+            metrics: Some(metrics.clone()),
         };
+        let saving = Instant::now();
         checkpoint::save(
             &run_dir,
             &model,
@@ -601,6 +700,9 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             config.train.keep_last,
         )
         .context("saving the checkpoint")?;
+        metrics.checkpoint_seconds = saving.elapsed().as_secs_f64();
+        metrics.epoch_seconds = start.elapsed().as_secs_f64();
+        metrics_log.append(&metrics)?;
         println!(
             "epoch {:>3}/{}  lr {:.4}  train loss {:.4} err {:5.2}%  val loss {:.4} top-1 {:5.2}% top-5 {:5.2}%  {:.1} img/s  {:.1}s  run left {}",
             epoch + 1,
@@ -619,6 +721,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
                 config.train.epochs - first_epoch
             )
         );
+        println!("{}", metrics.time_line());
         all_metrics.push(metrics);
         metrics_log.write_csv(&all_metrics)?;
         let curves = run_dir.join("curves.png");

@@ -1152,7 +1152,32 @@ fn a_run_folder_takes_one_process_and_resume_restarts_a_run_that_had_no_checkpoi
     let refused = second.output().unwrap();
     assert_one_line_error(&refused, &["in use by another train process"]);
     assert!(running.wait().unwrap().success());
-    assert_eq!(metrics(&run).len(), 3);
+    let finished = metrics(&run);
+    assert_eq!(finished.len(), 3);
+    for key in [
+        "step_seconds",
+        "loader_wait_seconds",
+        "eval_seconds",
+        "checkpoint_seconds",
+    ] {
+        let seconds = finished[2][key].as_f64().unwrap();
+        assert!(
+            seconds > 0.0 && seconds < finished[2]["epoch_seconds"].as_f64().unwrap(),
+            "{key}"
+        );
+    }
+
+    // A crash after the last checkpoint but before its metrics line: --resume puts it back.
+    let log = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first_two: Vec<&str> = text.lines().take(2).collect();
+    std::fs::write(&log, first_two.join("\n") + "\n").unwrap();
+    let back = second.output().unwrap();
+    assert!(back.status.success(), "{}", stderr(&back));
+    let restored = metrics(&run);
+    assert_eq!(restored.len(), 3);
+    assert_eq!(restored[2]["val_top1_err"], finished[2]["val_top1_err"]);
+    assert_eq!(restored[2]["train_loss"], finished[2]["train_loss"]);
 
     // A run killed before its first checkpoint: --resume starts it over in the same folder.
     let early = out.path().join("early");
