@@ -298,6 +298,23 @@ pub struct TrainSection {
     /// Label smoothing of the training targets (0 = none), applied after mixing.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Apply weight decay to BatchNorm weights and biases and to biases too (`true`, as the
+    /// reference's `torch.optim.SGD`); `false` decays only conv and linear weights (timm's
+    /// `filter_bias_and_bn`).
+    #[serde(default = "default_true")]
+    pub decay_bn_and_bias: bool,
+    /// Clip the gradients' global L2 norm (over all parameters, as
+    /// `torch.nn.utils.clip_grad_norm_`) to this before each step; 0 = off.
+    #[serde(default)]
+    pub clip_grad_norm: f64,
+    /// Sum the gradients of this many batches before each optimiser step (each batch's loss
+    /// divided by it), for an effective batch of `batch_size * accumulate`; 1 = off.
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
+}
+
+fn default_accumulate() -> usize {
+    1
 }
 
 fn default_momentum() -> f64 {
@@ -417,6 +434,12 @@ impl Config {
             (0.0..1.0).contains(&t.momentum),
             "train.momentum",
             "must be in [0, 1)",
+        )?;
+        check(t.accumulate >= 1, "train.accumulate", "must be at least 1")?;
+        check(
+            t.clip_grad_norm.is_finite() && t.clip_grad_norm >= 0.0,
+            "train.clip_grad_norm",
+            "must be a number >= 0 (0 = off)",
         )?;
         check(
             t.weight_decay.is_finite() && t.weight_decay >= 0.0,

@@ -42,6 +42,9 @@ mod tests {
             warmup_epochs: 0,
             keep_last: 1,
             label_smoothing: 0.0,
+            decay_bn_and_bias: true,
+            clip_grad_norm: 0.0,
+            accumulate: 1,
         }
     }
 

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::loss::cross_entropy_with_logits;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,22 +55,33 @@ pub struct RunSummary {
 }
 
 /// SGD as PyTorch's `torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0)`.
+/// Parameters that `train.decay_bn_and_bias = false` leaves out of weight decay: BatchNorm's
+/// weight (gamma) and bias (beta), and every bias.
+const NO_DECAY: &str = r"(^|\.)(gamma|beta|bias)$";
+
+/// SGD as `torch.optim.SGD` with the run's momentum, Nesterov and weight decay (optionally not
+/// on BatchNorm parameters and biases).
 pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
-    let momentum = (train.momentum > 0.0).then_some(MomentumConfig {
-        momentum: train.momentum,
-        dampening: 0.0,
-        nesterov: train.nesterov,
-    });
-    let weight_decay = (train.weight_decay > 0.0).then_some(WeightDecayConfig {
-        penalty: train.weight_decay as f32,
-    });
-    SgdConfig::new()
-        .with_momentum(momentum)
-        .with_weight_decay(weight_decay)
-        .init()
+    let config = |weight_decay: f64| {
+        let momentum = (train.momentum > 0.0).then_some(MomentumConfig {
+            momentum: train.momentum,
+            dampening: 0.0,
+            nesterov: train.nesterov,
+        });
+        SgdConfig::new()
+            .with_momentum(momentum)
+            .with_weight_decay((weight_decay > 0.0).then_some(WeightDecayConfig {
+                penalty: weight_decay as f32,
+            }))
+    };
+    let optimizer = config(train.weight_decay).init();
+    if train.decay_bn_and_bias || train.weight_decay == 0.0 {
+        return optimizer;
+    }
+    let no_decay = ParamGroup::from_regex(NO_DECAY).expect("a valid pattern");
+    optimizer.with_group(no_decay, config(0.0).build(), None)
 }
 
-/// The mixing a config asks for.
 pub fn mixing(config: &Config) -> Mixing {
     let a = &config.augment;
     let mode = match a.mode {
@@ -126,13 +137,14 @@ pub struct StepOutput {
 
 /// One SGD step from a forward pass already made: soft-target cross-entropy of `logits`
 /// against `targets`, backward, update.
-pub fn train_step(
-    model: Model,
-    optimizer: &mut ModuleOptimizer,
+/// Backward pass of one batch: the gradients of its loss times `loss_scale` (1 / the number
+/// of accumulated batches), and its (unscaled) loss and logits.
+pub fn backward(
+    model: &Model,
     logits: Tensor<2>,
     targets: Tensor<2>,
-    lr: f64,
-) -> (Model, StepOutput) {
+    loss_scale: f32,
+) -> (GradientsParams, StepOutput) {
     let loss = cross_entropy_with_logits(logits.clone(), targets);
     let loss_value = loss.clone().into_scalar::<f32>();
     let logits: Vec<f32> = logits
@@ -140,15 +152,87 @@ pub fn train_step(
         .into_data()
         .try_into_vec_as::<f32>()
         .expect("f32 logits");
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optimizer.step(lr, model, grads);
+    let loss = if loss_scale == 1.0 {
+        loss
+    } else {
+        loss * loss_scale
+    };
+    let grads = GradientsParams::from_grads(loss.backward(), model);
     (
-        model,
+        grads,
         StepOutput {
             loss: loss_value,
             logits,
         },
     )
+}
+
+/// One optimiser step with `grads`, their global norm clipped to `clip` first (0 = no clip).
+pub fn apply_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    mut grads: GradientsParams,
+    lr: f64,
+    clip: f64,
+) -> Model {
+    if clip > 0.0 {
+        clip_global_norm(&model, &mut grads, clip);
+    }
+    optimizer.step(lr, model, grads)
+}
+
+/// One training step on one batch: backward, then the optimiser.
+pub fn train_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    lr: f64,
+) -> (Model, StepOutput) {
+    let (grads, out) = backward(&model, logits, targets, 1.0);
+    (apply_step(model, optimizer, grads, lr, 0.0), out)
+}
+
+/// Scales every gradient by `min(1, max_norm / (norm + 1e-6))`, `norm` being the L2 norm of all
+/// gradients together, as `torch.nn.utils.clip_grad_norm_` (on the device, no read-back).
+/// Returns the norm before clipping.
+pub fn clip_global_norm(model: &Model, grads: &mut GradientsParams, max_norm: f64) -> Tensor<1> {
+    struct SquaredSum<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredSum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                let squares = grad.powi_scalar(2).sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squares,
+                    None => squares,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: Tensor<1>,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                let factor = self.factor.clone().reshape([1; D]);
+                self.grads.register(param.id, grad * factor);
+            }
+        }
+    }
+    let mut sum = SquaredSum { grads, total: None };
+    model.visit(&mut sum);
+    let Some(total) = sum.total else {
+        return Tensor::zeros([1], &Device::default());
+    };
+    let norm = total.sqrt();
+    let factor = ((norm.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
+    model.visit(&mut Scale { grads, factor });
+    norm
 }
 
 /// The training forward pass of one batch with its mixing: on the input images, or on the
@@ -239,7 +323,7 @@ impl PlainProgress {
     }
 
     fn tick(&mut self, done: usize, steps: usize, line: impl FnOnce() -> String) {
-        if done % self.every == 0 || done == steps || self.last.elapsed().as_secs() >= 60 {
+        if done.is_multiple_of(self.every) || done == steps || self.last.elapsed().as_secs() >= 60 {
             println!("{}", line());
             self.last = Instant::now();
         }
@@ -269,6 +353,10 @@ fn train_one_epoch(
     let mut tally = Tally::default();
     let (mut step_seconds, mut loader_wait_seconds) = (0.0, 0.0);
     let start = Instant::now();
+    let accumulate = config.train.accumulate;
+    let mut accumulator = GradientsAccumulator::<Model>::new();
+    let mut pending = 0;
+    let mut last_lr = 0.0;
     let mut batches = loader.epoch_from(epoch as u64, first_batch).enumerate();
     loop {
         let waited = Instant::now();
@@ -277,7 +365,8 @@ fn train_one_epoch(
         };
         loader_wait_seconds += waited.elapsed().as_secs_f64();
         let index = first_batch + offset;
-        if stop.load(Ordering::Relaxed) {
+        // A stop waits for the end of an accumulation, so a checkpoint never holds half of one.
+        if pending == 0 && stop.load(Ordering::Relaxed) {
             bar.abandon();
             return Ok(EpochRun {
                 model,
@@ -312,8 +401,16 @@ fn train_one_epoch(
             &mut model_rng,
         );
         let targets = smooth_targets(targets, config.train.label_smoothing);
-        let (next, out) = train_step(model, optimizer, logits, targets, lr);
-        model = next;
+        let (grads, out) = backward(&model, logits, targets, 1.0 / accumulate as f32);
+        accumulator.accumulate(&model, grads);
+        pending += 1;
+        last_lr = lr;
+        if pending == accumulate {
+            let grads = accumulator.grads();
+            model = apply_step(model, optimizer, grads, lr, config.train.clip_grad_norm);
+            pending = 0;
+            *step += 1;
+        }
         step_seconds += stepping.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
             bar.abandon();
@@ -324,7 +421,6 @@ fn train_one_epoch(
                 *step + 1
             );
         }
-        *step += 1;
         tally.add(f64::from(out.loss), &out.logits, &labels);
         let elapsed = start.elapsed().as_secs_f64().max(1e-9);
         let rate = tally.images as f64 / elapsed;
@@ -344,6 +440,20 @@ fn train_one_epoch(
                 )
             });
         }
+    }
+    if pending > 0 {
+        // The epoch's last batches, fewer than `accumulate`: one step with what they summed.
+        let stepping = Instant::now();
+        let grads = accumulator.grads();
+        model = apply_step(
+            model,
+            optimizer,
+            grads,
+            last_lr,
+            config.train.clip_grad_norm,
+        );
+        *step += 1;
+        step_seconds += stepping.elapsed().as_secs_f64();
     }
     bar.finish_and_clear();
     let images_per_sec = tally.images as f64 / start.elapsed().as_secs_f64().max(1e-9);

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use burn::module::Module;
 use burn::tensor::{Device, DeviceKind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -178,7 +179,7 @@ fn same_seed_gives_the_same_run_whatever_the_worker_count() {
 /// Every tensor of a run's last model (BatchNorm statistics included), flattened in order;
 /// with no run, of a freshly initialised one.
 fn weights(run: Option<&Path>) -> Vec<f32> {
-    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::module::{ModuleVisitor, Param};
     use burn::tensor::Tensor;
     struct Collect(Vec<f32>);
     impl ModuleVisitor for Collect {
@@ -979,7 +980,7 @@ fn feature_level_cutmix_corrects_lambda_at_the_feature_resolution() {
 
 /// Every tensor of a checkpoint folder's model, flattened in order.
 fn checkpoint_weights(folder: &Path) -> Vec<f32> {
-    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::module::{ModuleVisitor, Param};
     use burn::tensor::Tensor;
     struct Collect(Vec<f32>);
     impl ModuleVisitor for Collect {
@@ -1202,4 +1203,182 @@ fn a_run_folder_takes_one_process_and_resume_restarts_a_run_that_had_no_checkpoi
         "{stdout}"
     );
     assert_eq!(metrics(&early).len(), 1);
+}
+
+/// The first shipped batch of 8 images, untransformed, as tensors.
+fn fixed_batch(device: &Device, offset: usize) -> (burn::tensor::Tensor<4>, Vec<usize>) {
+    let folder = ImageFolder::open(&mini().join("train"), None).unwrap();
+    let loader = cutmix_data::Loader::new(
+        std::sync::Arc::new(folder),
+        Some((0..8).map(|i| offset + i * 250).collect()),
+        cutmix_data::Transform::CifarEval { size: 32 },
+        cutmix_data::CIFAR_MEAN,
+        cutmix_data::CIFAR_STD,
+        cutmix_data::LoaderConfig {
+            batch_size: 8,
+            shuffle: false,
+            drop_last: false,
+            workers: 0,
+            prefetch: 1,
+            seed: 1,
+            strict: false,
+        },
+    );
+    images_tensor(loader.epoch(0).next().unwrap().unwrap(), device)
+}
+
+/// Every float tensor of a model by its PyTorch name.
+fn named(model: &cutmix_models::Model) -> std::collections::BTreeMap<String, Vec<f32>> {
+    cutmix_models::state_dict(model, 0)
+        .into_iter()
+        .filter_map(|(name, tensor)| match tensor.data {
+            cutmix_models::HostData::F32(values) => Some((name, values)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One SGD step (no momentum) from the same model and batch under `section`.
+fn one_step(section: &str) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let device = Device::flex().autodiff();
+    let model = resnet8(5, &device);
+    let (images, labels) = fixed_batch(&device, 0);
+    let targets = cutmix_augment::one_hot(&labels, 10, &device);
+    let section: TrainSection = toml::from_str(section).unwrap();
+    let mut optimizer = sgd(&section);
+    let logits = model.forward(images);
+    let (model, _) = train_step(model, &mut optimizer, logits, targets, 0.1);
+    named(&model.valid())
+}
+
+#[test]
+fn weight_decay_can_leave_batchnorm_and_biases_alone() {
+    let base = "epochs = 1\nbatch_size = 8\nlr = 0.1\nmomentum = 0.0\n";
+    let without = one_step(&format!("{base}weight_decay = 0.0"));
+    let all = one_step(&format!("{base}weight_decay = 0.5"));
+    let filtered = one_step(&format!(
+        "{base}weight_decay = 0.5\ndecay_bn_and_bias = false"
+    ));
+    let initial = named(&resnet8(5, &Device::flex()));
+    let mut decayed = 0;
+    for (name, start) in &initial {
+        if name.contains("running_") {
+            continue;
+        }
+        let is_weight =
+            name.ends_with(".weight") && !name.contains("bn") && !name.contains("downsample.1");
+        for (i, &w0) in start.iter().enumerate().step_by(97) {
+            // SGD: w1 = w0 - lr * (g + wd * w0); the decayed step is 0.1 * 0.5 * w0 lower.
+            let decay = 0.05 * w0;
+            let (plain, all, filtered) = (without[name][i], all[name][i], filtered[name][i]);
+            assert!(
+                (plain - decay - all).abs() < 1e-5,
+                "{name}[{i}] with decay everywhere"
+            );
+            let expected = if is_weight { plain - decay } else { plain };
+            assert!(
+                (expected - filtered).abs() < 1e-5,
+                "{name}[{i}]: {filtered} vs {expected}"
+            );
+            decayed += usize::from(is_weight && w0 != 0.0);
+        }
+    }
+    assert!(decayed > 100);
+}
+
+/// All gradients of a model, flattened in visiting order.
+fn flat_grads(model: &cutmix_models::Model, grads: &burn::optim::GradientsParams) -> Vec<f32> {
+    use burn::module::{ModuleVisitor, Param};
+    struct Collect<'a> {
+        grads: &'a burn::optim::GradientsParams,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                self.out
+                    .extend(grad.into_data().try_into_vec_as::<f32>().unwrap());
+            }
+        }
+    }
+    let mut collect = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut collect);
+    collect.out
+}
+
+#[test]
+fn clipping_scales_all_gradients_to_the_global_norm_and_accumulation_averages_batches() {
+    use cutmix_train::trainer::{backward, clip_global_norm};
+    let device = Device::flex().autodiff();
+    let model = resnet8(6, &device);
+    let gradients = |offset: usize, scale: f32| {
+        let (images, labels) = fixed_batch(&device, offset);
+        let targets = cutmix_augment::one_hot(&labels, 10, &device);
+        backward(&model, model.forward(images), targets, scale).0
+    };
+    let mut grads = gradients(0, 1.0);
+    let before = flat_grads(&model, &grads);
+    let norm = before
+        .iter()
+        .map(|g| f64::from(*g).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let reported = clip_global_norm(&model, &mut grads, norm / 4.0).into_scalar::<f32>();
+    assert!(
+        (f64::from(reported) - norm).abs() < 1e-4 * norm,
+        "{reported} vs {norm}"
+    );
+    let after = flat_grads(&model, &grads);
+    for (a, b) in before.iter().zip(&after) {
+        assert!(
+            (a / 4.0 - b).abs() <= 1e-6 + 1e-4 * a.abs(),
+            "{a} / 4 vs {b}"
+        );
+    }
+    // A bound above the norm leaves the gradients as they are.
+    let mut untouched = gradients(0, 1.0);
+    clip_global_norm(&model, &mut untouched, norm * 2.0);
+    assert_eq!(flat_grads(&model, &untouched), before);
+
+    // Two batches accumulated at loss scale 1/2 give the mean of their gradients.
+    let (a, b) = (gradients(0, 1.0), gradients(3, 1.0));
+    let mut accumulator = burn::optim::GradientsAccumulator::<cutmix_models::Model>::new();
+    accumulator.accumulate(&model, gradients(0, 0.5));
+    accumulator.accumulate(&model, gradients(3, 0.5));
+    let summed = flat_grads(&model, &accumulator.grads());
+    for ((x, y), s) in flat_grads(&model, &a)
+        .iter()
+        .zip(flat_grads(&model, &b))
+        .zip(summed)
+    {
+        assert!(((x + y) / 2.0 - s).abs() <= 1e-6 + 1e-4 * s.abs());
+    }
+}
+
+#[test]
+fn accumulation_and_clipping_train_with_fewer_steps() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let output = train(
+        &config,
+        &quick_sets(
+            out.path(),
+            &[
+                "train.accumulate=4",
+                "train.clip_grad_norm=1.0",
+                "train.decay_bn_and_bias=false",
+            ],
+        ),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    // 192 images in batches of 32: 6 batches, so 2 steps per epoch (4, then the last 2).
+    let state =
+        std::fs::read_to_string(out.path().join("quickstart/checkpoints/last/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["step"], 4);
+    let bad = train(&config, &quick_sets(out.path(), &["train.accumulate=0"]));
+    assert_one_line_error(&bad, &["train.accumulate"]);
 }
