@@ -287,7 +287,9 @@ fn write_normalised(image: &RgbImage, flip: bool, mean: [f32; 3], std: [f32; 3],
     let (w, h) = (image.width, image.height);
     assert_eq!(out.len(), 3 * w * h, "output buffer size");
     let tables: [[f32; 256]; 3] = std::array::from_fn(|c| {
-        std::array::from_fn(|v| v as f32 / (255.0 * std[c]) - mean[c] / std[c])
+        let scale = 1.0 / (255.0 * std[c]);
+        let shift = mean[c] / std[c];
+        std::array::from_fn(|v| v as f32 * scale - shift)
     });
     let (red, rest) = out.split_at_mut(w * h);
     let (green, blue) = rest.split_at_mut(w * h);

@@ -124,6 +124,7 @@ fn stage_copy(source: &Path, staged: &Path) -> Result<()> {
 pub fn save(
     run_dir: &Path,
     model: &Model,
+    ema: Option<&Model>,
     optimizer: &ModuleOptimizer,
     state: &TrainState,
     is_best: bool,
@@ -147,9 +148,16 @@ pub fn save(
     optimizer
         .save(staged.join("optimizer.bpk"))
         .with_context(|| format!("cannot write {}", staged.join("optimizer.bpk").display()))?;
+    let mut files = vec!["model.bpk", "optimizer.bpk"];
+    if let Some(ema) = ema {
+        ema.clone()
+            .save_file(staged.join("ema.bpk"))
+            .with_context(|| format!("cannot write {}", staged.join("ema.bpk").display()))?;
+        files.push("ema.bpk");
+    }
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_atomically(&staged.join("state.json"), &state_json)?;
-    for file in ["model.bpk", "optimizer.bpk"] {
+    for file in files {
         fs::File::open(staged.join(file))?.sync_all()?;
     }
     sync_dir(&staged)?;

@@ -311,6 +311,11 @@ pub struct TrainSection {
     /// divided by it), for an effective batch of `batch_size * accumulate`; 1 = off.
     #[serde(default = "default_accumulate")]
     pub accumulate: usize,
+    /// Keep an exponential moving average of the weights with this decay per optimiser step
+    /// (timm's `--model-ema-decay`, e.g. 0.9998), evaluated and checkpointed beside the raw
+    /// weights; 0 = off.
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn default_accumulate() -> usize {
@@ -436,6 +441,11 @@ impl Config {
             "must be in [0, 1)",
         )?;
         check(t.accumulate >= 1, "train.accumulate", "must be at least 1")?;
+        check(
+            (0.0..1.0).contains(&t.ema_decay),
+            "train.ema_decay",
+            "must be in [0, 1) (0 = off; timm uses 0.9998)",
+        )?;
         check(
             t.clip_grad_norm.is_finite() && t.clip_grad_norm >= 0.0,
             "train.clip_grad_norm",

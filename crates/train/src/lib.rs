@@ -8,6 +8,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod datasets;
+pub mod ema;
 pub mod metrics;
 pub mod plots;
 pub mod schedule;

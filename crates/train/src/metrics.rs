@@ -36,6 +36,13 @@ pub struct EpochMetrics {
     pub eval_seconds: f64,
     #[serde(default)]
     pub checkpoint_seconds: f64,
+    /// Validation of the weights' moving average (`train.ema_decay`), when it is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_top1_err: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_top5_err: Option<f64>,
 }
 
 impl EpochMetrics {
@@ -72,12 +79,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// The columns of `metrics.csv`, in order.
-const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds";
+const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds,ema_val_loss,ema_val_top1_err,ema_val_top5_err";
 
 impl EpochMetrics {
     fn csv_row(&self) -> String {
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.epoch,
             self.lr,
             self.train_loss,
@@ -88,13 +95,21 @@ impl EpochMetrics {
             self.images_per_sec,
             self.epoch_seconds,
             self.backend,
-            self.peak_rss_mib.map(|m| m.to_string()).unwrap_or_default(),
+            optional(self.peak_rss_mib),
             self.step_seconds,
             self.loader_wait_seconds,
             self.eval_seconds,
-            self.checkpoint_seconds
+            self.checkpoint_seconds,
+            optional(self.ema_val_loss),
+            optional(self.ema_val_top1_err),
+            optional(self.ema_val_top5_err)
         )
     }
+}
+
+/// A CSV cell: the number, or nothing.
+fn optional(value: Option<f64>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
 }
 
 /// Appends one JSON object per line to `metrics.jsonl`.

@@ -85,6 +85,9 @@ pub fn write_run_curves(name: &str, metrics: &[EpochMetrics], path: &Path) -> Re
                 series("train top-1 (mixed)", 0, true, |m| m.train_top1_err),
                 series("val top-1", 1, false, |m| m.val_top1_err),
                 series("val top-5", 2, false, |m| m.val_top5_err),
+                series("val top-1, weights' average", 3, false, |m| {
+                    m.ema_val_top1_err.unwrap_or(f64::NAN)
+                }),
             ],
         },
         Panel {
@@ -208,7 +211,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> Dr
         .bold_line_style(RGBColor(225, 225, 225))
         .light_line_style(WHITE)
         .draw()?;
-    for series in &panel.series {
+    for series in panel.series.iter().filter(|s| !s.points.is_empty()) {
         let style = ShapeStyle::from(&series.color).stroke_width(2);
         let points = series.points.clone();
         let drawn = if series.dashed {

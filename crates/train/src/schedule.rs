@@ -45,6 +45,7 @@ mod tests {
             decay_bn_and_bias: true,
             clip_grad_norm: 0.0,
             accumulate: 1,
+            ema_decay: 0.0,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::backend::{self, Backend};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
 use crate::datasets::{self, Datasets};
+use crate::ema::Ema;
 use crate::metrics::{EpochMetrics, MetricsLog, Tally, peak_rss_mib};
 use crate::plots;
 use crate::schedule::learning_rate;
@@ -342,6 +343,7 @@ fn train_one_epoch(
     epoch: usize,
     first_batch: usize,
     step: &mut usize,
+    ema: &mut Option<Ema>,
     device: &Device,
     stop: &AtomicBool,
 ) -> Result<EpochRun> {
@@ -410,6 +412,9 @@ fn train_one_epoch(
             model = apply_step(model, optimizer, grads, lr, config.train.clip_grad_norm);
             pending = 0;
             *step += 1;
+            if let Some(ema) = ema {
+                ema.update(&model);
+            }
         }
         step_seconds += stepping.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
@@ -453,6 +458,9 @@ fn train_one_epoch(
             config.train.clip_grad_norm,
         );
         *step += 1;
+        if let Some(ema) = ema {
+            ema.update(&model);
+        }
         step_seconds += stepping.elapsed().as_secs_f64();
     }
     bar.finish_and_clear();
@@ -503,6 +511,8 @@ pub fn evaluate(
 struct Start {
     run_dir: PathBuf,
     model: Model,
+    /// The weights' moving average from the checkpoint (`ema.bpk`), when it has one.
+    ema: Option<Model>,
     optimizer: ModuleOptimizer,
     state: Option<TrainState>,
     metrics: Vec<EpochMetrics>,
@@ -534,6 +544,17 @@ fn restore(config: &Config, model: Model, checkpoint: &Path, state: TrainState) 
     let optimizer = sgd(&config.train)
         .load(checkpoint.join("optimizer.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.join("optimizer.bpk").display()))?;
+    let ema_file = checkpoint.join("ema.bpk");
+    let ema = if config.train.ema_decay > 0.0 && ema_file.is_file() {
+        Some(
+            model
+                .valid()
+                .try_load_file(&ema_file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", ema_file.display()))?,
+        )
+    } else {
+        None
+    };
     let log = MetricsLog::new(&run_dir);
     let mut metrics = log.truncate_to(state.epoch)?;
     // A crash between the checkpoint and its metrics line: the checkpoint carries the line.
@@ -554,6 +575,7 @@ fn restore(config: &Config, model: Model, checkpoint: &Path, state: TrainState) 
     Ok(Start {
         run_dir,
         model,
+        ema,
         optimizer,
         state: Some(state),
         metrics,
@@ -601,6 +623,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
     let fresh = |run_dir: PathBuf, model: Model| Start {
         run_dir,
         model,
+        ema: None,
         optimizer: sgd(&config.train),
         state: None,
         metrics: Vec::new(),
@@ -638,10 +661,23 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
     let Start {
         run_dir,
         mut model,
+        ema: saved_average,
         mut optimizer,
         state: resumed,
         metrics: mut all_metrics,
     } = start;
+    let decay = config.train.ema_decay;
+    let mut ema = (decay > 0.0).then(|| match saved_average {
+        Some(average) => Ema::from_average(average, decay),
+        None => {
+            if resumed.is_some() {
+                println!(
+                    "train.ema_decay: the checkpoint has no moving average; it starts from the current weights"
+                );
+            }
+            Ema::new(&model, decay)
+        }
+    });
     checkpoint::write_atomically(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
     if let Some(classes) = &classes {
         checkpoint::write_atomically(&run_dir.join("classes.txt"), classes.join("\n").as_bytes())?;
@@ -716,6 +752,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             epoch,
             first_batch,
             &mut step,
+            &mut ema,
             &train_device,
             &options.stop,
         )?;
@@ -734,6 +771,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             checkpoint::save(
                 &run_dir,
                 &next,
+                ema.as_ref().map(|e| &e.model),
                 &optimizer,
                 &state,
                 false,
@@ -759,6 +797,10 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         }
         let evaluating = Instant::now();
         let val = evaluate(&model, &val_loader, num_classes, &device)?;
+        let ema_val = match &ema {
+            Some(ema) => Some(evaluate(&ema.model, &val_loader, num_classes, &device)?),
+            None => None,
+        };
         let eval_seconds = evaluating.elapsed().as_secs_f64();
         for line in val.skipped_report("validation") {
             println!("{line}");
@@ -784,6 +826,9 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             loader_wait_seconds,
             eval_seconds,
             checkpoint_seconds: 0.0,
+            ema_val_loss: ema_val.as_ref().map(Tally::loss),
+            ema_val_top1_err: ema_val.as_ref().map(Tally::top1_err),
+            ema_val_top5_err: ema_val.as_ref().map(Tally::top5_err),
         };
         let is_best = metrics.val_top1_err < best_err;
         if is_best {
@@ -804,6 +849,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         checkpoint::save(
             &run_dir,
             &model,
+            ema.as_ref().map(|e| &e.model),
             &optimizer,
             &state,
             is_best,
@@ -831,6 +877,15 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
                 config.train.epochs - first_epoch
             )
         );
+        if let (Some(loss), Some(top1), Some(top5)) = (
+            metrics.ema_val_loss,
+            metrics.ema_val_top1_err,
+            metrics.ema_val_top5_err,
+        ) {
+            println!(
+                "           moving average of the weights: val loss {loss:.4} top-1 {top1:5.2}% top-5 {top5:5.2}%"
+            );
+        }
         println!("{}", metrics.time_line());
         all_metrics.push(metrics);
         metrics_log.write_csv(&all_metrics)?;

@@ -50,7 +50,12 @@ impl Which {
 
 /// A run's model as one of its checkpoints holds it, on `device`, with the run's config and
 /// training state.
-pub fn load_run(run: &Path, which: Which, device: &Device) -> Result<(Config, Model, TrainState)> {
+pub fn load_run(
+    run: &Path,
+    which: Which,
+    average: bool,
+    device: &Device,
+) -> Result<(Config, Model, TrainState)> {
     let config_path = run.join("config.toml");
     if !config_path.is_file() {
         bail!(
@@ -60,7 +65,13 @@ pub fn load_run(run: &Path, which: Which, device: &Device) -> Result<(Config, Mo
     }
     let config = Config::load(&config_path, &[])?;
     let checkpoint = run.join("checkpoints").join(which.folder());
-    let weights = checkpoint.join("model.bpk");
+    if average && checkpoint.join("model.bpk").is_file() && !checkpoint.join("ema.bpk").is_file() {
+        bail!(
+            "{} has no moving average of the weights (ema.bpk): the run was trained without train.ema_decay",
+            checkpoint.display()
+        );
+    }
+    let weights = checkpoint.join(if average { "ema.bpk" } else { "model.bpk" });
     if !weights.is_file() {
         bail!(
             "{} has no {} checkpoint yet ({} is missing)",
@@ -82,8 +93,8 @@ pub fn load_run(run: &Path, which: Which, device: &Device) -> Result<(Config, Mo
 /// (torchvision's for ResNets, the reference's for PyramidNets), BatchNorm's
 /// `num_batches_tracked` included, with the architecture in the file's metadata. Returns the
 /// number of tensors written.
-pub fn export(run: &Path, which: Which, out: &Path) -> Result<usize> {
-    let (config, model, state) = load_run(run, which, &Device::flex())?;
+pub fn export(run: &Path, which: Which, average: bool, out: &Path) -> Result<usize> {
+    let (config, model, state) = load_run(run, which, average, &Device::flex())?;
     let tensors = state_dict(&model, state.step as i64);
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -99,6 +110,10 @@ pub fn export(run: &Path, which: Which, out: &Path) -> Result<usize> {
             config.model.num_classes.to_string(),
         ),
         ("epoch".to_string(), state.epoch.to_string()),
+        (
+            "weights".to_string(),
+            if average { "ema" } else { "raw" }.to_string(),
+        ),
         ("run".to_string(), run.display().to_string()),
     ]);
     write_safetensors(out, &tensors, metadata)?;
@@ -106,6 +121,7 @@ pub fn export(run: &Path, which: Which, out: &Path) -> Result<usize> {
 }
 
 /// Where `export` writes when `--out` is not given: `<run>/export-<which>.safetensors`.
-pub fn default_export_path(run: &Path, which: Which) -> PathBuf {
-    run.join(format!("export-{}.safetensors", which.folder()))
+pub fn default_export_path(run: &Path, which: Which, average: bool) -> PathBuf {
+    let ema = if average { "-ema" } else { "" };
+    run.join(format!("export-{}{ema}.safetensors", which.folder()))
 }

@@ -980,6 +980,11 @@ fn feature_level_cutmix_corrects_lambda_at_the_feature_resolution() {
 
 /// Every tensor of a checkpoint folder's model, flattened in order.
 fn checkpoint_weights(folder: &Path) -> Vec<f32> {
+    weights_file(folder, "model.bpk")
+}
+
+/// Every float tensor of one of a checkpoint's weights files (`model.bpk`, `ema.bpk`).
+fn weights_file(folder: &Path, file: &str) -> Vec<f32> {
     use burn::module::{ModuleVisitor, Param};
     use burn::tensor::Tensor;
     struct Collect(Vec<f32>);
@@ -990,7 +995,7 @@ fn checkpoint_weights(folder: &Path) -> Vec<f32> {
         }
     }
     let model = resnet8(123, &Device::flex())
-        .try_load_file(folder.join("model.bpk"))
+        .try_load_file(folder.join(file))
         .unwrap();
     let mut collect = Collect(Vec::new());
     model.visit(&mut collect);
@@ -1006,6 +1011,7 @@ fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
         "train.milestones=[2]",
         "augment.prob=1.0",
         "augment.mode=elem",
+        "train.ema_decay=0.9",
     ];
     let whole = tempfile::tempdir().unwrap();
     let output = train(&config, &quick_sets(whole.path(), &extra));
@@ -1056,6 +1062,11 @@ fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
     assert!(
         a == b,
         "the resumed run's weights differ from the uninterrupted run's"
+    );
+    assert!(
+        weights_file(&whole.path().join("quickstart/checkpoints/last"), "ema.bpk")
+            == weights_file(&run.join("checkpoints/last"), "ema.bpk"),
+        "the resumed run's moving average differs"
     );
     let (ma, mb) = (metrics(&whole.path().join("quickstart")), metrics(&run));
     assert_eq!(mb.len(), 3, "one line per epoch, none repeated");
@@ -1381,4 +1392,92 @@ fn accumulation_and_clipping_train_with_fewer_steps() {
     assert_eq!(state["step"], 4);
     let bad = train(&config, &quick_sets(out.path(), &["train.accumulate=0"]));
     assert_one_line_error(&bad, &["train.accumulate"]);
+}
+
+#[test]
+fn the_moving_average_blends_every_tensor_and_evaluates_as_the_run_reported() {
+    use cutmix_train::ema::Ema;
+    // The average after one update towards the model one SGD step later (weights and
+    // BatchNorm statistics both moved; the average follows by parameter id, as during a run).
+    let device = Device::flex().autodiff();
+    let model = resnet8(1, &device);
+    let mut ema = Ema::new(&model, 0.9);
+    let before = named(&model.valid());
+    let (images, labels) = fixed_batch(&device, 0);
+    let targets = cutmix_augment::one_hot(&labels, 10, &device);
+    let section: TrainSection = toml::from_str("epochs = 1\nbatch_size = 8\nlr = 0.1").unwrap();
+    let logits = model.forward_train(images, &mut StdRng::seed_from_u64(0));
+    let (model, _) = train_step(model, &mut sgd(&section), logits, targets, 0.1);
+    ema.update(&model);
+    let (after, averaged) = (named(&model.valid()), named(&ema.model));
+    assert!(
+        after["bn1.running_mean"].iter().any(|&v| v != 0.0),
+        "statistics moved"
+    );
+    assert_ne!(
+        after["conv1.weight"], before["conv1.weight"],
+        "weights moved"
+    );
+    for (name, values) in &averaged {
+        for (i, v) in values.iter().enumerate() {
+            let expected = 0.9 * before[name][i] + 0.1 * after[name][i];
+            assert!(
+                (v - expected).abs() <= 1e-6 * expected.abs().max(1.0),
+                "{name}[{i}]"
+            );
+        }
+    }
+
+    // A run with the average: evaluated each epoch, checkpointed, exported, evaluated again.
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let output = train(&config, &quick_sets(out.path(), &["train.ema_decay=0.5"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = out.path().join("quickstart");
+    let last = metrics(&run).pop().unwrap();
+    assert!(last["ema_val_top1_err"].is_number(), "{last}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("moving average of the weights"));
+    let exported = out.path().join("ema.safetensors");
+    let export = command(
+        env!("CARGO_BIN_EXE_export"),
+        &[
+            "--run".into(),
+            run.display().to_string(),
+            "--which".into(),
+            "last".into(),
+            "--ema".into(),
+            "--out".into(),
+            exported.display().to_string(),
+        ],
+    );
+    assert!(export.status.success(), "{}", stderr(&export));
+    let mut args = vec![
+        "--config".to_string(),
+        run.join("config.toml").display().to_string(),
+        "--weights".into(),
+        exported.display().to_string(),
+    ];
+    args.extend(with_sets(&[format!("data.root={}", mini().display())]));
+    let evaluated = command(env!("CARGO_BIN_EXE_eval"), &args);
+    assert!(evaluated.status.success(), "{}", stderr(&evaluated));
+    let line: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    assert_eq!(line["top1_err"], last["ema_val_top1_err"]);
+    assert_eq!(line["loss"], last["ema_val_loss"]);
+
+    // A run without it says so when asked for it.
+    let plain = tempfile::tempdir().unwrap();
+    assert!(
+        train(&config, &quick_sets(plain.path(), &["train.epochs=1"]))
+            .status
+            .success()
+    );
+    let refused = command(
+        env!("CARGO_BIN_EXE_export"),
+        &[
+            "--run".into(),
+            plain.path().join("quickstart").display().to_string(),
+            "--ema".into(),
+        ],
+    );
+    assert_one_line_error(&refused, &["train.ema_decay"]);
 }

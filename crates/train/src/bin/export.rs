@@ -19,7 +19,10 @@ struct Args {
     /// Which checkpoint: the best by validation top-1 error, or the last.
     #[arg(long, value_enum, default_value = "best")]
     which: Which,
-    /// The file to write (default: <run>/export-<which>.safetensors).
+    /// Export the moving average of the weights (`train.ema_decay`) instead of the raw weights.
+    #[arg(long)]
+    ema: bool,
+    /// The file to write (default: <run>/export-<which>[-ema].safetensors).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -29,8 +32,8 @@ fn main() -> ExitCode {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| weights::default_export_path(&args.run, args.which));
-    match weights::export(&args.run, args.which, &out) {
+        .unwrap_or_else(|| weights::default_export_path(&args.run, args.which, args.ema));
+    match weights::export(&args.run, args.which, args.ema, &out) {
         Ok(count) => {
             println!("wrote {count} tensors to {}", out.display());
             ExitCode::SUCCESS
