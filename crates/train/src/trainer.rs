@@ -293,6 +293,34 @@ fn duration(seconds: f64) -> String {
     }
 }
 
+/// A non-finite training loss: the run stops instead of training on NaN.
+#[derive(Debug)]
+struct Diverged {
+    loss: f32,
+    epoch: usize,
+    step: usize,
+    lr: f64,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training loss is {} at epoch {} step {}: the run diverged; lower train.lr (now {})",
+            self.loss,
+            self.epoch,
+            self.step,
+            if (1e-4..1e4).contains(&self.lr) {
+                self.lr.to_string()
+            } else {
+                format!("{:e}", self.lr)
+            }
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// What one epoch of training gave.
 struct EpochRun {
     model: Model,
@@ -419,12 +447,13 @@ fn train_one_epoch(
         step_seconds += stepping.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
             bar.abandon();
-            bail!(
-                "training loss is {} at epoch {} step {}: the run diverged; lower train.lr (now {lr}) and start again from the last checkpoint",
-                out.loss,
-                epoch + 1,
-                *step + 1
-            );
+            return Err(Diverged {
+                loss: out.loss,
+                epoch: epoch + 1,
+                step: *step + 1,
+                lr,
+            }
+            .into());
         }
         tally.add(f64::from(out.loss), &out.logits, &labels);
         let elapsed = start.elapsed().as_secs_f64().max(1e-9);
@@ -755,7 +784,18 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             &mut ema,
             &train_device,
             &options.stop,
-        )?;
+        )
+        .map_err(|e| match e.downcast_ref::<Diverged>() {
+            Some(diverged) => match checkpoint::latest(&run_dir) {
+                Ok(Some((last, state))) => anyhow::anyhow!(
+                    "{diverged} and continue from the last good checkpoint, {} (epoch {}), with --resume",
+                    last.display(),
+                    state.epoch
+                ),
+                _ => anyhow::anyhow!("{diverged} and start the run again (it has no checkpoint yet)"),
+            },
+            None => e,
+        })?;
         first_batch = 0;
         if let Some(batch) = stopped_at {
             let state = TrainState {

@@ -1481,3 +1481,32 @@ fn the_moving_average_blends_every_tensor_and_evaluates_as_the_run_reported() {
     );
     assert_one_line_error(&refused, &["train.ema_decay"]);
 }
+
+#[test]
+fn a_diverging_run_stops_and_names_its_last_good_checkpoint() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let first = train(&config, &quick_sets(out.path(), &["train.epochs=1"]));
+    assert!(first.status.success(), "{}", stderr(&first));
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_train"));
+    resume.arg("--config").arg(&config).arg("--resume");
+    for set in quick_sets(out.path(), &["train.epochs=2", "train.lr=1e30"]) {
+        resume.arg("--set").arg(set);
+    }
+    let diverged = resume.output().unwrap();
+    let checkpoints = out.path().join("quickstart/checkpoints");
+    assert_one_line_error(
+        &diverged,
+        &[
+            "at epoch 2",
+            "lower train.lr (now 1e30)",
+            &checkpoints.display().to_string(),
+            "(epoch 1), with --resume",
+        ],
+    );
+    let fresh = train(
+        &config,
+        &quick_sets(out.path(), &["name=fresh", "train.lr=1e30"]),
+    );
+    assert_one_line_error(&fresh, &["at epoch 1", "no checkpoint yet"]);
+}
