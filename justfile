@@ -24,6 +24,10 @@ fetch-cifar WHICH:
     scripts/fetch_cifar.sh {{WHICH}} data
 
 # What each mixing method costs per batch against a training step (flex).
+# Training steps on the CPU next to PyTorch (needs .venv: `just interop` makes it).
+bench-cpu *ARGS:
+    scripts/bench_cpu.sh {{ARGS}}
+
 # Loader vs torchvision on one core, and peak memory (needs .venv: `just interop` makes it).
 bench-loader *ARGS:
     scripts/bench_loader.sh {{ARGS}}

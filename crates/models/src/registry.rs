@@ -12,6 +12,9 @@ use crate::resnet::{ResNet, Stem};
 pub enum Arch {
     /// torchvision's ImageNet ResNet: depth 18, 34 (basic), 50, 101, 152 (bottleneck).
     ResNet,
+    /// The same ResNets with a stem for 32x32 inputs (3x3 stride-1 conv, no max pool; the
+    /// "ResNet-18 for CIFAR" of pytorch-cifar and many papers' baselines).
+    ResNetCifarStem,
     /// The reference's CIFAR ResNet: depth 6n+2 (basic) or 9n+2 (bottleneck).
     CifarResNet,
     /// The reference's CIFAR PyramidNet: depth 6n+2 (basic) or 9n+2 (bottleneck), any alpha.
@@ -20,12 +23,15 @@ pub enum Arch {
 
 impl Arch {
     /// The config spelling of each architecture.
-    pub const NAMES: [&'static str; 3] = ["resnet", "cifar_resnet", "pyramidnet"];
+    pub const NAMES: [&'static str; 4] =
+        ["resnet", "resnet_cifar_stem", "cifar_resnet", "pyramidnet"];
 
-    /// Parses the config spelling (`resnet`, `cifar_resnet`, `pyramidnet`).
+    /// Parses the config spelling (`resnet`, `resnet_cifar_stem`, `cifar_resnet`,
+    /// `pyramidnet`).
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "resnet" => Some(Self::ResNet),
+            "resnet_cifar_stem" => Some(Self::ResNetCifarStem),
             "cifar_resnet" => Some(Self::CifarResNet),
             "pyramidnet" => Some(Self::PyramidNet),
             _ => None,
@@ -178,6 +184,18 @@ impl Variant {
             resnet("resnet50", 50),
             resnet("resnet101", 101),
             resnet("resnet152", 152),
+            Variant {
+                name: "resnet18_cifar_stem",
+                config: ModelConfig {
+                    arch: Arch::ResNetCifarStem,
+                    depth: 18,
+                    alpha: 0.0,
+                    bottleneck: false,
+                    shakedrop: 0.0,
+                    num_classes: 10,
+                },
+                input_size: 32,
+            },
             cifar("cifar_resnet20", Arch::CifarResNet, 20, 0.0, false, 10),
             cifar("cifar_resnet56", Arch::CifarResNet, 56, 0.0, false, 10),
             cifar("cifar_resnet110", Arch::CifarResNet, 110, 0.0, false, 10),
@@ -245,10 +263,14 @@ impl ModelConfig {
             return Err(ModelError::NoClasses);
         }
         match self.arch {
-            Arch::ResNet => {
+            Arch::ResNet | Arch::ResNetCifarStem => {
                 if imagenet_resnet_table(self.depth).is_none() {
                     return Err(ModelError::InvalidDepth {
-                        arch: "resnet",
+                        arch: if self.arch == Arch::ResNet {
+                            "resnet"
+                        } else {
+                            "resnet_cifar_stem"
+                        },
                         depth: self.depth,
                         expected: "one of 18, 34, 50, 101, 152".into(),
                     });
@@ -287,11 +309,15 @@ impl ModelConfig {
         self.validate()?;
         let classes = self.num_classes;
         Ok(match self.arch {
-            Arch::ResNet => {
+            Arch::ResNet | Arch::ResNetCifarStem => {
                 let (blocks, bottleneck) =
                     imagenet_resnet_table(self.depth).expect("validated depth");
                 Model::ResNet(ResNet::new(
-                    Stem::ImageNet,
+                    if self.arch == Arch::ResNet {
+                        Stem::ImageNet
+                    } else {
+                        Stem::SmallImage
+                    },
                     blocks,
                     bottleneck,
                     classes,
@@ -392,6 +418,11 @@ mod tests {
         assert_eq!(params(Arch::ResNet, 50, 0.0, false, 1000), 25_557_032);
         assert_eq!(params(Arch::ResNet, 101, 0.0, false, 1000), 44_549_160);
         assert_eq!(params(Arch::ResNet, 152, 0.0, false, 1000), 60_192_808);
+        // pytorch-cifar's ResNet18 (kuangliu): 11,173,962 parameters at 10 classes.
+        assert_eq!(
+            params(Arch::ResNetCifarStem, 18, 0.0, false, 10),
+            11_173_962
+        );
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub enum Stem {
     ImageNet,
     /// 3x3 conv, BN, ReLU; stages of 16, 32, 64 planes (32x32 inputs).
     Cifar,
+    /// 3x3 stride-1 conv, BN, ReLU, no max pool; the ImageNet stages of 64 .. 512 planes
+    /// (ImageNet depths on 32x32 inputs).
+    SmallImage,
 }
 
 /// A ResNet (see the module docs). `layer4` is empty for the CIFAR stem.
@@ -143,6 +146,7 @@ impl ResNet {
             match stem {
                 Stem::ImageNet => (64, 7, 2, &[64, 128, 256, 512]),
                 Stem::Cifar => (16, 3, 1, &[16, 32, 64]),
+                Stem::SmallImage => (64, 3, 1, &[64, 128, 256, 512]),
             };
         let conv1 = init::conv(3, stem_planes, stem_kernel, stem_stride, rng, device);
         let bn1 = init::batch_norm(stem_planes, device);

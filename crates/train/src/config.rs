@@ -499,7 +499,10 @@ impl Config {
             "augment.prob",
             "must be in [0, 1]",
         )?;
-        let stages = if model.arch == Arch::ResNet { 4 } else { 3 };
+        let stages = match model.arch {
+            Arch::ResNet | Arch::ResNetCifarStem => 4,
+            Arch::CifarResNet | Arch::PyramidNet => 3,
+        };
         check(
             a.at.stage().is_none_or(|stage| stage <= stages),
             "augment.at",

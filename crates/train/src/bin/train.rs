@@ -54,6 +54,9 @@ fn list_models() -> std::io::Result<()> {
         let macs = model.macs([variant.input_size; 2]);
         let keys = match config.arch {
             Arch::ResNet => format!("arch=\"resnet\" depth={}", config.depth),
+            Arch::ResNetCifarStem => {
+                format!("arch=\"resnet_cifar_stem\" depth={}", config.depth)
+            }
             Arch::CifarResNet => format!(
                 "arch=\"cifar_resnet\" depth={} bottleneck={}",
                 config.depth, config.bottleneck

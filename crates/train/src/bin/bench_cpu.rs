@@ -1,0 +1,270 @@
+//! The Rust side of the CPU training-step benchmark (`scripts/bench_cpu.sh`, `just bench-cpu`,
+//! runs it beside the same models in PyTorch).
+//!
+//! ```text
+//! cargo run --release --bin bench_cpu -- --model cifar_resnet20 [--batch 64] [--steps 5] [--warmup 2]
+//! cargo run --release --bin bench_cpu -- --list
+//! cargo run --release --bin bench_cpu -- --ops
+//! ```
+//!
+//! Times whole training steps on flex (forward, backward, SGD with Nesterov momentum and
+//! weight decay; the loss read back, so the step is finished) on random images and labels, and
+//! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
+//! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
+//! (`{"op", "shape", "median_ms"}`): conv forward, conv input gradient, conv weight gradient
+//! and BatchNorm's training forward + backward, on shapes from the benchmarked models.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use cutmix_augment::one_hot;
+use cutmix_models::{Arch, ModelConfig};
+use cutmix_train::config::TrainSection;
+use cutmix_train::metrics::peak_rss_mib;
+use cutmix_train::trainer::{sgd, train_step};
+
+/// The benchmarked models: name, network, input side, default batch.
+fn models() -> Vec<(&'static str, ModelConfig, usize, usize)> {
+    let config = |arch, depth, alpha, bottleneck, num_classes| ModelConfig {
+        arch,
+        depth,
+        alpha,
+        bottleneck,
+        shakedrop: 0.0,
+        num_classes,
+    };
+    vec![
+        (
+            "cifar_resnet20",
+            config(Arch::CifarResNet, 20, 0.0, false, 10),
+            32,
+            64,
+        ),
+        (
+            "resnet18_cifar_stem",
+            config(Arch::ResNetCifarStem, 18, 0.0, false, 10),
+            32,
+            64,
+        ),
+        (
+            "pyramidnet110_a48_bottleneck",
+            config(Arch::PyramidNet, 110, 48.0, true, 100),
+            32,
+            64,
+        ),
+        (
+            "resnet50",
+            config(Arch::ResNet, 50, 0.0, true, 1000),
+            224,
+            8,
+        ),
+    ]
+}
+
+#[derive(Parser)]
+#[command(about = "Time training steps of the benchmark models on the CPU (flex)")]
+struct Args {
+    /// One of `--list`.
+    #[arg(long, default_value = "cifar_resnet20")]
+    model: String,
+    /// Batch size (default: the model's benchmark batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// List the models and their default batches.
+    #[arg(long)]
+    list: bool,
+    /// Time single ops instead of a model's step.
+    #[arg(long)]
+    ops: bool,
+}
+
+/// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
+/// stride.
+pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 6] = [
+    (64, 16, 32, 16, 3, 1),   // CIFAR ResNet-20, layer1
+    (64, 64, 32, 64, 3, 1),   // ResNet-18 CIFAR stem, layer1
+    (64, 128, 16, 128, 3, 1), // ResNet-18 CIFAR stem, layer2
+    (8, 3, 224, 64, 7, 2),    // ResNet-50 stem
+    (8, 64, 56, 64, 3, 1),    // ResNet-50 layer1 3x3
+    (8, 256, 56, 64, 1, 1),   // ResNet-50 layer1 1x1 reduce
+];
+
+/// BatchNorm shapes: batch, channels, side.
+pub const BN_SHAPES: [(usize, usize, usize); 3] = [(64, 16, 32), (64, 64, 32), (8, 256, 56)];
+
+/// Median milliseconds of `work` over 5 runs after one warm-up.
+fn time_ms(mut work: impl FnMut()) -> f64 {
+    work();
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
+fn random(shape: [usize; 4], rng: &mut StdRng, device: &Device) -> Tensor<4> {
+    let values: Vec<f32> = (0..shape.iter().product())
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn report(op: &str, shape: String, ms: f64) {
+    println!("{{\"op\": \"{op}\", \"shape\": \"{shape}\", \"median_ms\": {ms:.2}}}");
+}
+
+fn ops() {
+    use burn::module::Module;
+    use burn::nn::BatchNormConfig;
+    use burn::tensor::module::{conv_transpose2d, conv2d, conv2d_weight_backward};
+    use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+    let device = Device::flex();
+    let mut rng = StdRng::seed_from_u64(0);
+    let read = |t: Tensor<4>| t.into_data();
+    for (n, c, side, k, kernel, stride) in CONV_SHAPES {
+        let pad = kernel / 2;
+        let out = (side + 2 * pad - kernel) / stride + 1;
+        let x = random([n, c, side, side], &mut rng, &device);
+        let w = random([k, c, kernel, kernel], &mut rng, &device);
+        let g = random([n, k, out, out], &mut rng, &device);
+        let options = ConvOptions::new([stride; 2], [pad; 2], [1; 2], 1);
+        let shape = format!("{n}x{c}x{side}x{side} k{k} {kernel}x{kernel}/{stride}");
+        report(
+            "conv forward",
+            shape.clone(),
+            time_ms(|| {
+                read(conv2d(x.clone(), w.clone(), None, options.clone()));
+            }),
+        );
+        // The input gradient is the transposed convolution of the output gradient.
+        let padding_out = side - ((out - 1) * stride + kernel - 2 * pad);
+        let transpose =
+            ConvTransposeOptions::new([stride; 2], [pad; 2], [padding_out; 2], [1; 2], 1);
+        report(
+            "conv input grad",
+            shape.clone(),
+            time_ms(|| {
+                read(conv_transpose2d(
+                    g.clone(),
+                    w.clone(),
+                    None,
+                    transpose.clone(),
+                ));
+            }),
+        );
+        report(
+            "conv weight grad",
+            shape,
+            time_ms(|| {
+                read(conv2d_weight_backward(
+                    x.clone(),
+                    w.clone(),
+                    g.clone(),
+                    options.clone(),
+                ));
+            }),
+        );
+    }
+    let train = device.clone().autodiff();
+    for (n, c, side) in BN_SHAPES {
+        let bn = BatchNormConfig::new(c).init(&train);
+        let x = random([n, c, side, side], &mut rng, &train).require_grad();
+        let g = random([n, c, side, side], &mut rng, &train);
+        report(
+            "batchnorm train fwd+bwd",
+            format!("{n}x{c}x{side}x{side}"),
+            time_ms(|| {
+                let y = bn.forward(x.clone());
+                let grads = (y * g.clone()).sum().backward();
+                let _ = x.grad(&grads).map(|grad| grad.into_data());
+            }),
+        );
+        let _ = bn.valid();
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    if args.ops {
+        ops();
+        return Ok(());
+    }
+    if args.list {
+        for (name, _, side, batch) in models() {
+            println!("{name} {side} {batch}");
+        }
+        return Ok(());
+    }
+    let Some((name, config, side, default_batch)) =
+        models().into_iter().find(|(n, ..)| *n == args.model)
+    else {
+        bail!("unknown model `{}` (see --list)", args.model);
+    };
+    let batch = args.batch.unwrap_or(default_batch);
+    if args.steps == 0 || batch < 2 {
+        bail!("--steps must be at least 1 and --batch at least 2 (BatchNorm)");
+    }
+    let device = Device::flex().autodiff();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut model = config.init(&mut rng, &device)?;
+    let section: TrainSection = toml::from_str(&format!(
+        "epochs = 1\nbatch_size = {batch}\nlr = 0.1\nweight_decay = 5e-4"
+    ))?;
+    let mut optimizer = sgd(&section);
+    let values: Vec<f32> = (0..batch * 3 * side * side)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let labels: Vec<usize> = (0..batch)
+        .map(|_| rng.random_range(0..config.num_classes))
+        .collect();
+    let mut times = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let images = Tensor::<4>::from_data(
+            TensorData::new(values.clone(), [batch, 3, side, side]),
+            &device,
+        );
+        let targets = one_hot(&labels, config.num_classes, &device);
+        let logits = model.forward_train(images, &mut rng);
+        let (next, out) = train_step(model, &mut optimizer, logits, targets, 0.1);
+        model = next;
+        if !out.loss.is_finite() {
+            bail!("{name}: loss {} at step {step}", out.loss);
+        }
+        if step >= args.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
+    println!(
+        "{{\"model\": \"{name}\", \"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
+        steps.join(", "),
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
