@@ -217,6 +217,22 @@ impl ImageFolder {
         Ok(folder)
     }
 
+    /// The sorted names of the class folders in `dir` (their files are not listed).
+    pub fn class_names(dir: &Path) -> Result<Vec<String>, DataError> {
+        if !dir.is_dir() {
+            return Err(DataError::Missing {
+                dataset: "image folder",
+                path: dir.to_path_buf(),
+                hint: "expected one folder per class; set data.root".into(),
+            });
+        }
+        Ok(read_dir_sorted(dir)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .map(|p| file_name(&p))
+            .collect())
+    }
+
     /// Class names, in label order.
     pub fn classes(&self) -> &[String] {
         &self.classes

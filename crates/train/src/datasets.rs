@@ -36,68 +36,54 @@ fn subset(seed: u64, which: u64, len: usize, limit: usize) -> Option<Vec<usize>>
     Some(chosen.to_vec())
 }
 
-/// Opens the datasets and wraps them in loaders.
-pub fn build(config: &Config) -> Result<Datasets> {
-    let data = &config.data;
-    let mut warnings = Vec::new();
-    let (train, val, classes): (Arc<dyn Dataset>, Arc<dyn Dataset>, _) = match data.dataset {
-        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
-            let kind = if data.dataset == DatasetKind::Cifar10 {
-                CifarKind::Cifar10
-            } else {
-                CifarKind::Cifar100
-            };
-            let mut train = Cifar::load(kind, &data.root, Split::Train)?;
-            let mut val = Cifar::load(kind, &data.root, Split::Test)?;
-            if data.coarse_labels {
-                train = train.with_coarse_labels()?;
-                val = val.with_coarse_labels()?;
-            }
-            (Arc::new(train), Arc::new(val), None)
-        }
-        DatasetKind::Imagefolder => {
-            let train = ImageFolder::open(&data.root.join("train"), None)?;
-            let classes = train.classes().to_vec();
-            let val_dir = data.root.join("val");
-            let val = match &data.val_labels {
-                Some(labels) => ImageFolder::open_flat(&val_dir, labels, &classes)
-                    .context("config key data.val_labels")?,
-                None => ImageFolder::open(&val_dir, Some(&classes)).map_err(|e| {
-                    let flat = val_dir.is_dir()
-                        && std::fs::read_dir(&val_dir).is_ok_and(|entries| {
-                            entries.flatten().any(|e| e.path().is_file())
-                        });
-                    if flat {
-                        anyhow!(
-                            "{e}; {} holds images directly: set data.val_labels to the file of `<image> <class>` lines that labels them",
-                            val_dir.display()
-                        )
-                    } else {
-                        e.into()
-                    }
-                })?,
-            };
-            for (split, folder) in [("train", &train), ("val", &val)] {
-                for class in folder.empty_classes() {
-                    warnings.push(format!(
-                        "warning: {} has no images (the class keeps its label)",
-                        data.root.join(split).join(class).display()
-                    ));
-                }
-            }
-            (Arc::new(train), Arc::new(val), Some(classes))
-        }
-    };
-    let num_classes = train.num_classes();
-    if num_classes > config.model.num_classes {
-        bail!(
-            "config key model.num_classes: the dataset at {} has {num_classes} classes, the model only {}",
-            data.root.display(),
-            config.model.num_classes
-        );
+fn cifar_kind(dataset: DatasetKind) -> CifarKind {
+    if dataset == DatasetKind::Cifar10 {
+        CifarKind::Cifar10
+    } else {
+        CifarKind::Cifar100
     }
+}
+
+/// Opens one CIFAR split, with coarse labels when the config asks.
+fn open_cifar(config: &Config, split: Split) -> Result<Cifar> {
+    let data = &config.data;
+    let cifar = Cifar::load(cifar_kind(data.dataset), &data.root, split)?;
+    Ok(if data.coarse_labels {
+        cifar.with_coarse_labels()?
+    } else {
+        cifar
+    })
+}
+
+/// Opens `root/val`: class folders numbered as `classes`, or a flat folder labelled by
+/// `data.val_labels`.
+fn open_val_folder(config: &Config, classes: &[String]) -> Result<ImageFolder> {
+    let data = &config.data;
+    let val_dir = data.root.join("val");
+    Ok(match &data.val_labels {
+        Some(labels) => ImageFolder::open_flat(&val_dir, labels, classes)
+            .context("config key data.val_labels")?,
+        None => ImageFolder::open(&val_dir, Some(classes)).map_err(|e| {
+            let flat = val_dir.is_dir()
+                && std::fs::read_dir(&val_dir)
+                    .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_file()));
+            if flat {
+                anyhow!(
+                    "{e}; {} holds images directly: set data.val_labels to the file of `<image> <class>` lines that labels them",
+                    val_dir.display()
+                )
+            } else {
+                e.into()
+            }
+        })?,
+    })
+}
+
+/// The training and validation transforms and the normalisation.
+fn transforms(config: &Config) -> (Transform, Transform, [f32; 3], [f32; 3]) {
+    let data = &config.data;
     let size = data.image_size;
-    let (train_transform, val_transform, mean, std) = match data.transform_kind() {
+    match data.transform_kind() {
         TransformKind::Cifar => (
             Transform::CifarTrain { size, padding: 4 },
             Transform::CifarEval { size },
@@ -116,18 +102,74 @@ pub fn build(config: &Config) -> Result<Datasets> {
             IMAGENET_MEAN,
             IMAGENET_STD,
         ),
-    };
-    let loader_config = |shuffle: bool| LoaderConfig {
+    }
+}
+
+fn loader_config(config: &Config, shuffle: bool) -> LoaderConfig {
+    LoaderConfig {
         batch_size: config.train.batch_size,
         shuffle,
         drop_last: false,
-        workers: data.workers,
-        prefetch: data.prefetch,
+        workers: config.data.workers,
+        prefetch: config.data.prefetch,
         seed: config.seed,
-        strict: data.strict,
+        strict: config.data.strict,
+    }
+}
+
+fn check_classes(config: &Config, num_classes: usize) -> Result<()> {
+    if num_classes > config.model.num_classes {
+        bail!(
+            "config key model.num_classes: the dataset at {} has {num_classes} classes, the model only {}",
+            config.data.root.display(),
+            config.model.num_classes
+        );
+    }
+    Ok(())
+}
+
+fn val_loader(config: &Config, val: Arc<dyn Dataset>) -> Loader {
+    let (_, transform, mean, std) = transforms(config);
+    let indices = subset(config.seed, 1, val.len(), config.data.val_limit);
+    Loader::new(
+        val,
+        indices,
+        transform,
+        mean,
+        std,
+        loader_config(config, false),
+    )
+}
+
+/// Opens the datasets and wraps them in loaders.
+pub fn build(config: &Config) -> Result<Datasets> {
+    let data = &config.data;
+    let mut warnings = Vec::new();
+    let (train, val, classes): (Arc<dyn Dataset>, Arc<dyn Dataset>, _) = match data.dataset {
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => (
+            Arc::new(open_cifar(config, Split::Train)?),
+            Arc::new(open_cifar(config, Split::Test)?),
+            None,
+        ),
+        DatasetKind::Imagefolder => {
+            let train = ImageFolder::open(&data.root.join("train"), None)?;
+            let classes = train.classes().to_vec();
+            let val = open_val_folder(config, &classes)?;
+            for (split, folder) in [("train", &train), ("val", &val)] {
+                for class in folder.empty_classes() {
+                    warnings.push(format!(
+                        "warning: {} has no images (the class keeps its label)",
+                        data.root.join(split).join(class).display()
+                    ));
+                }
+            }
+            (Arc::new(train), Arc::new(val), Some(classes))
+        }
     };
+    let num_classes = train.num_classes();
+    check_classes(config, num_classes)?;
+    let (train_transform, _, mean, std) = transforms(config);
     let train_indices = subset(config.seed, 0, train.len(), data.train_limit);
-    let val_indices = subset(config.seed, 1, val.len(), data.val_limit);
     Ok(Datasets {
         train: Loader::new(
             train,
@@ -135,18 +177,32 @@ pub fn build(config: &Config) -> Result<Datasets> {
             train_transform,
             mean,
             std,
-            loader_config(true),
+            loader_config(config, true),
         ),
-        val: Loader::new(
-            val,
-            val_indices,
-            val_transform,
-            mean,
-            std,
-            loader_config(false),
-        ),
+        val: val_loader(config, val),
         num_classes,
         classes,
         warnings,
     })
+}
+
+/// The validation loader alone (what `eval` needs): CIFAR's test file, or `root/val` with the
+/// class numbering taken from the names of `root/train`'s class folders (their files are not
+/// listed), or from `root/val`'s own folders when there is no `root/train`.
+pub fn build_val(config: &Config) -> Result<Loader> {
+    let data = &config.data;
+    let val: Arc<dyn Dataset> = match data.dataset {
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => Arc::new(open_cifar(config, Split::Test)?),
+        DatasetKind::Imagefolder => {
+            let train_dir = data.root.join("train");
+            let classes = if train_dir.is_dir() {
+                ImageFolder::class_names(&train_dir)?
+            } else {
+                ImageFolder::class_names(&data.root.join("val"))?
+            };
+            Arc::new(open_val_folder(config, &classes)?)
+        }
+    };
+    check_classes(config, val.num_classes())?;
+    Ok(val_loader(config, val))
 }

@@ -57,11 +57,10 @@ fn run(args: Args) -> Result<()> {
         );
     }
     eprintln!("{}: {summary}", args.weights.display());
-    let data = datasets::build(&config)?;
+    let val = datasets::build_val(&config)?;
     let model = model.valid();
     if let Some(path) = &args.dump {
-        let batch = data
-            .val
+        let batch = val
             .epoch(0)
             .next()
             .context("the validation split is empty")??;
@@ -81,7 +80,7 @@ fn run(args: Args) -> Result<()> {
             path.display()
         );
     }
-    let tally = evaluate(&model, &data.val, model_config.num_classes, &backend.device)?;
+    let tally = evaluate(&model, &val, model_config.num_classes, &backend.device)?;
     for line in tally.skipped_report("validation") {
         eprintln!("{line}");
     }
