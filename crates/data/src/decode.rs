@@ -157,6 +157,12 @@ impl Encoded {
             {
                 return Ok(image);
             }
+            // At full size (no reduction, or a CMYK / 16-bit JPEG the scaled decoder declines).
+            if (w * h) as u64 > MAX_PIXELS {
+                return Err(self.error(format!(
+                    "image is {w} x {h} pixels, more than the {MAX_PIXELS} allowed at full size (a decompression bomb?)"
+                )));
+            }
             let mut reader = self.reader()?;
             let mut limits = Limits::default();
             limits.max_alloc = Some(MAX_PIXELS * 8);
