@@ -36,6 +36,9 @@ pub struct EpochMetrics {
     pub eval_seconds: f64,
     #[serde(default)]
     pub checkpoint_seconds: f64,
+    /// Image files left out of this epoch's training and validation batches (unreadable).
+    #[serde(default)]
+    pub skipped_images: usize,
     /// Validation of the weights' moving average (`train.ema_decay`), when it is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_val_loss: Option<f64>,
@@ -79,12 +82,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// The columns of `metrics.csv`, in order.
-const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds,ema_val_loss,ema_val_top1_err,ema_val_top5_err";
+const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds,skipped_images,ema_val_loss,ema_val_top1_err,ema_val_top5_err";
 
 impl EpochMetrics {
     fn csv_row(&self) -> String {
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.epoch,
             self.lr,
             self.train_loss,
@@ -100,6 +103,7 @@ impl EpochMetrics {
             self.loader_wait_seconds,
             self.eval_seconds,
             self.checkpoint_seconds,
+            self.skipped_images,
             optional(self.ema_val_loss),
             optional(self.ema_val_top1_err),
             optional(self.ema_val_top5_err)

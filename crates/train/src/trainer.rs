@@ -564,9 +564,56 @@ fn resumable(config: &Config) -> Result<(Option<(PathBuf, TrainState)>, checkpoi
     Ok((checkpoint::latest(&run_dir)?, lock))
 }
 
+/// The dotted keys whose values differ between two configs (as TOML), with both values.
+fn config_changes(before: &toml::Value, after: &toml::Value) -> Vec<String> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    flatten(&path, value, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    flatten("", before, &mut old);
+    flatten("", after, &mut new);
+    let old: std::collections::BTreeMap<_, _> = old.into_iter().collect();
+    let new: std::collections::BTreeMap<_, _> = new.into_iter().collect();
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            format!("{k} {} -> {}", show(old.get(k)), show(new.get(k)))
+        })
+        .collect()
+}
+
 /// Restores model, optimiser, progress and metrics from `checkpoint` of the run folder.
 fn restore(config: &Config, model: Model, checkpoint: &Path, state: TrainState) -> Result<Start> {
     let run_dir = config.output_dir.join(&config.name);
+    // A resumed run with another config is allowed (a longer schedule, say), but said out loud.
+    if let Ok(text) = fs::read_to_string(run_dir.join("config.toml"))
+        && let (Ok(before), Ok(after)) = (
+            text.parse::<toml::Table>(),
+            config.to_toml().parse::<toml::Table>(),
+        )
+    {
+        let changes = config_changes(&toml::Value::Table(before), &toml::Value::Table(after));
+        if !changes.is_empty() {
+            println!(
+                "--resume with a config that differs from the run's config.toml: {}",
+                changes.join(", ")
+            );
+        }
+    }
     let model = model
         .try_load_file(checkpoint.join("model.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: not this config's model: {e}", checkpoint.display()))?;
@@ -866,6 +913,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             loader_wait_seconds,
             eval_seconds,
             checkpoint_seconds: 0.0,
+            skipped_images: train_tally.skipped.len() + val.skipped.len(),
             ema_val_loss: ema_val.as_ref().map(Tally::loss),
             ema_val_top1_err: ema_val.as_ref().map(Tally::top1_err),
             ema_val_top5_err: ema_val.as_ref().map(Tally::top5_err),

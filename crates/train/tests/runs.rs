@@ -670,6 +670,8 @@ fn awkward_files_are_converted_skipped_and_named_or_stop_a_strict_run() {
         assert!(stdout.contains(&line), "no `{line}` in {stdout}");
     }
     assert!(stdout.contains("truncated JPEG"), "{stdout}");
+    let last = metrics(&out.path().join("quickstart")).pop().unwrap();
+    assert_eq!(last["skipped_images"], 2);
     let classes = std::fs::read_to_string(out.path().join("quickstart/classes.txt")).unwrap();
     assert_eq!(classes, "airplane\ncat\nship\nzebra");
 
@@ -1494,6 +1496,13 @@ fn a_diverging_run_stops_and_names_its_last_good_checkpoint() {
         resume.arg("--set").arg(set);
     }
     let diverged = resume.output().unwrap();
+    let said = String::from_utf8_lossy(&diverged.stdout);
+    assert!(
+        said.contains(
+            "differs from the run's config.toml: train.epochs 1 -> 2, train.lr 0.1 -> 1000000000000000000000000000000.0"
+        ),
+        "{said}"
+    );
     let checkpoints = out.path().join("quickstart/checkpoints");
     assert_one_line_error(
         &diverged,
