@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use image::{ImageFormat, ImageReader, Limits};
 
+use crate::error::panic_message;
 use crate::{DataError, RgbImage};
 
 /// The most pixels an image may decode to: PIL's `DecompressionBombError` threshold
@@ -219,11 +220,7 @@ impl Encoded {
     /// Runs `work`, turning a decoder panic into an error naming this file.
     fn guard<T>(&self, work: impl FnOnce() -> Result<T, DataError>) -> Result<T, DataError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown".into());
+            let message = panic_message(&*panic).unwrap_or_else(|| "unknown".into());
             Err(self.error(format!("the decoder panicked: {message}")))
         })
     }

@@ -23,6 +23,14 @@ pub enum DataError {
     WorkerPanic { batch: usize, message: String },
 }
 
+/// The message a panic carried (`panic!("...")` or `panic!("{}", ..)`), if it carried text.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+}
+
 impl DataError {
     /// The file an example could not be read or decoded from, when that is what went wrong:
     /// such an example can be skipped instead of stopping the run.

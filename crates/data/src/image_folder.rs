@@ -181,7 +181,7 @@ impl ImageFolder {
             }
         }
         let mut folder = Self::empty(dir, classes.to_vec());
-        let mut used = 0;
+        let mut used = std::collections::HashSet::new();
         for image in images_in(dir)? {
             let stem = image.file_stem().unwrap_or_default().to_string_lossy();
             let (label, _) = labels
@@ -191,21 +191,12 @@ impl ImageFolder {
                     reason: format!("no line for this image in {}", labels_file.display()),
                 })?;
             folder.push(&file_name(&image), *label);
-            used += 1;
+            used.insert(stem.into_owned());
         }
-        if used < labels.len() {
-            let present: std::collections::HashSet<String> = (0..folder.len())
-                .map(|i| {
-                    let path = Path::new(folder.name(i));
-                    path.file_stem()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .collect();
+        if used.len() < labels.len() {
             let (stem, (_, line)) = labels
                 .iter()
-                .filter(|(stem, _)| !present.contains(*stem))
+                .filter(|(stem, _)| !used.contains(*stem))
                 .min_by_key(|(_, (_, line))| *line)
                 .expect("a label without an image");
             return Err(DataError::Corrupt {

@@ -25,6 +25,15 @@ pub use transforms::{
     CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_REDUCTION, Transform,
 };
 
+/// The process's peak resident set size in MiB, from `/proc/self/status` (`VmHWM`; Linux,
+/// `None` elsewhere): what the loader's memory bound is checked against.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// An RGB image, 8 bits per channel, stored row-major as `[height][width][3]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbImage {

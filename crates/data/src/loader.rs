@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 
 use rand::seq::SliceRandom;
 
+use crate::error::panic_message;
 use crate::{DataError, Dataset, Stream, Transform, keyed_rng};
 
 /// How batches are cut and prepared.
@@ -266,11 +267,7 @@ impl EpochIter {
                             plan.build(batch)
                         }))
                         .unwrap_or_else(|panic| {
-                            let message = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
+                            let message = panic_message(&*panic).unwrap_or_default();
                             Err(DataError::WorkerPanic { batch, message })
                         });
                         if sender.send((batch, built)).is_err() {

@@ -73,13 +73,7 @@ impl EpochMetrics {
     }
 }
 
-/// The process's peak resident set size in MiB, from `/proc/self/status` (`VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
+pub use cutmix_data::peak_rss_mib;
 
 /// The columns of `metrics.csv`, in order.
 const CSV_COLUMNS: &str = "epoch,lr,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,images_per_sec,epoch_seconds,backend,peak_rss_mib,step_seconds,loader_wait_seconds,eval_seconds,checkpoint_seconds,skipped_images,ema_val_loss,ema_val_top1_err,ema_val_top5_err";

@@ -359,6 +359,26 @@ impl PlainProgress {
     }
 }
 
+/// One optimiser step with the accumulated gradients (clipped as the config says), counted in
+/// `step`, and the moving average of the weights moved after it.
+fn optimizer_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    accumulator: &mut GradientsAccumulator<Model>,
+    lr: f64,
+    config: &Config,
+    step: &mut usize,
+    ema: &mut Option<Ema>,
+) -> Model {
+    let grads = accumulator.grads();
+    let model = apply_step(model, optimizer, grads, lr, config.train.clip_grad_norm);
+    *step += 1;
+    if let Some(ema) = ema {
+        ema.update(&model);
+    }
+    model
+}
+
 /// Trains for one epoch.
 #[allow(clippy::too_many_arguments)]
 fn train_one_epoch(
@@ -436,13 +456,8 @@ fn train_one_epoch(
         pending += 1;
         last_lr = lr;
         if pending == accumulate {
-            let grads = accumulator.grads();
-            model = apply_step(model, optimizer, grads, lr, config.train.clip_grad_norm);
+            model = optimizer_step(model, optimizer, &mut accumulator, lr, config, step, ema);
             pending = 0;
-            *step += 1;
-            if let Some(ema) = ema {
-                ema.update(&model);
-            }
         }
         step_seconds += stepping.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
@@ -478,18 +493,15 @@ fn train_one_epoch(
     if pending > 0 {
         // The epoch's last batches, fewer than `accumulate`: one step with what they summed.
         let stepping = Instant::now();
-        let grads = accumulator.grads();
-        model = apply_step(
+        model = optimizer_step(
             model,
             optimizer,
-            grads,
+            &mut accumulator,
             last_lr,
-            config.train.clip_grad_norm,
+            config,
+            step,
+            ema,
         );
-        *step += 1;
-        if let Some(ema) = ema {
-            ema.update(&model);
-        }
         step_seconds += stepping.elapsed().as_secs_f64();
     }
     bar.finish_and_clear();

@@ -19,6 +19,7 @@ use std::time::Instant;
 use cutmix_data::{
     CIFAR_MEAN, CIFAR_STD, Cifar, CifarKind, ColorAugment, Dataset, IMAGENET_MEAN, IMAGENET_STD,
     ImageFolder, Loader, LoaderConfig, MAX_REDUCTION, Sample, Split, Stream, Transform, keyed_rng,
+    peak_rss_mib,
 };
 
 struct Args {
@@ -211,18 +212,6 @@ fn pipelines(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Peak resident memory of this process in MiB (Linux), else 0.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn epoch(args: &Args) -> Result<(), String> {
     let folder = ImageFolder::open(&args.folder, None).map_err(|e| e.to_string())?;
     let images = folder.len();
@@ -263,7 +252,7 @@ fn epoch(args: &Args) -> Result<(), String> {
         "{{\"pipeline\": \"epoch\", \"workers\": {}, \"images\": {seen}, \"folder_images\": {images}, \"seconds\": {seconds:.3}, \"img_per_s\": {:.1}, \"peak_rss_mib\": {:.1}}}",
         args.workers,
         seen as f64 / seconds,
-        peak_rss_mib()
+        peak_rss_mib().unwrap_or(0.0)
     );
     Ok(())
 }
