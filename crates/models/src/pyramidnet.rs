@@ -14,6 +14,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
+use cutmix_kernels::{batch_norm, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -97,11 +98,11 @@ impl PyramidBlock {
 
     /// The residual branch, up to its last BatchNorm.
     fn branch(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut out = self.conv1.forward(self.bn1.forward(x));
-        out = self.conv2.forward(relu(self.bn2.forward(out)));
-        out = self.bn3.forward(out);
+        let mut out = conv2d(&self.conv1, batch_norm(&self.bn1, x));
+        out = conv2d(&self.conv2, relu(batch_norm(&self.bn2, out)));
+        out = batch_norm(&self.bn3, out);
         if let (Some(conv3), Some(bn4)) = (&self.conv3, &self.bn4) {
-            out = bn4.forward(conv3.forward(relu(out)));
+            out = batch_norm(bn4, conv2d(conv3, relu(out)));
         }
         out
     }
@@ -220,7 +221,7 @@ impl PyramidNet {
     /// - `x`: `[batch, 3, h, w]`
     /// - output: `[batch, num_classes]` (logits)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = self.bn1.forward(self.conv1.forward(x));
+        let mut x = batch_norm(&self.bn1, conv2d(&self.conv1, x));
         for block in self.blocks() {
             x = block.forward(x);
         }
@@ -247,7 +248,7 @@ impl PyramidNet {
         rng: &mut impl Rng,
         mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
     ) -> Tensor<2> {
-        let mut x = self.bn1.forward(self.conv1.forward(x));
+        let mut x = batch_norm(&self.bn1, conv2d(&self.conv1, x));
         for (index, layer) in [&self.layer1, &self.layer2, &self.layer3]
             .into_iter()
             .enumerate()
@@ -267,7 +268,7 @@ impl PyramidNet {
     }
 
     fn head(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = relu(self.bn_final.forward(x));
+        let x = relu(batch_norm(&self.bn_final, x));
         self.fc.forward(global_average_pool(x))
     }
 

@@ -12,6 +12,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
+use cutmix_kernels::{batch_norm, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -78,13 +79,13 @@ impl ResidualBlock {
     /// - output: `[batch, planes * expansion, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward(conv.forward(x.clone())),
+            Some((conv, bn)) => batch_norm(bn, conv2d(conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(self.bn1.forward(self.conv1.forward(x)));
-        out = self.bn2.forward(self.conv2.forward(out));
+        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv3.forward(relu(out)));
+            out = batch_norm(bn3, conv2d(conv3, relu(out)));
         }
         relu(out + shortcut)
     }
@@ -219,7 +220,7 @@ impl ResNet {
 
     /// conv1, bn1, ReLU and, with the ImageNet stem, the 3x3/2 max pool.
     fn stem(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
         if self.max_pool {
             max_pool2d(
                 x,

@@ -12,7 +12,8 @@
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
 //! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
 //! (`{"op", "shape", "median_ms"}`): conv forward, conv input gradient, conv weight gradient
-//! and BatchNorm's training forward + backward, on shapes from the benchmarked models.
+//! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
+//! through `cutmix-kernels` (what training runs) and through flex's own op (`<op>, flex's`).
 
 use std::time::Instant;
 
@@ -129,10 +130,13 @@ fn report(op: &str, shape: String, ms: f64) {
 }
 
 fn ops() {
+    use burn::backend::Dispatch;
+    use burn::backend::ops::ModuleOps;
     use burn::module::Module;
     use burn::nn::BatchNormConfig;
-    use burn::tensor::module::{conv_transpose2d, conv2d, conv2d_weight_backward};
-    use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+    use burn::tensor::module::{conv2d, conv2d_weight_backward};
+    use burn::tensor::ops::ConvOptions;
+    use cutmix_kernels::{batch_norm, conv2d_input_grad, conv2d_no_bias, conv2d_weight_grad};
     let device = Device::flex();
     let mut rng = StdRng::seed_from_u64(0);
     let read = |t: Tensor<4>| t.into_data();
@@ -142,58 +146,58 @@ fn ops() {
         let x = random([n, c, side, side], &mut rng, &device);
         let w = random([k, c, kernel, kernel], &mut rng, &device);
         let g = random([n, k, out, out], &mut rng, &device);
-        let options = ConvOptions::new([stride; 2], [pad; 2], [1; 2], 1);
+        let o = ConvOptions::new([stride; 2], [pad; 2], [1; 2], 1);
         let shape = format!("{n}x{c}x{side}x{side} k{k} {kernel}x{kernel}/{stride}");
-        report(
-            "conv forward",
-            shape.clone(),
-            time_ms(|| {
-                read(conv2d(x.clone(), w.clone(), None, options.clone()));
+        // Each op through cutmix-kernels (what training runs) and through flex's own op.
+        let (x, w, g) = (&x, &w, &g);
+        let cases: [(&str, &dyn Fn() -> Tensor<4>); 6] = [
+            ("conv forward", &|| {
+                conv2d_no_bias(x.clone(), w.clone(), o.clone())
             }),
-        );
-        // The input gradient is the transposed convolution of the output gradient.
-        let padding_out = side - ((out - 1) * stride + kernel - 2 * pad);
-        let transpose =
-            ConvTransposeOptions::new([stride; 2], [pad; 2], [padding_out; 2], [1; 2], 1);
-        report(
-            "conv input grad",
-            shape.clone(),
-            time_ms(|| {
-                read(conv_transpose2d(
-                    g.clone(),
-                    w.clone(),
-                    None,
-                    transpose.clone(),
-                ));
+            ("conv forward, flex's", &|| {
+                conv2d(x.clone(), w.clone(), None, o.clone())
             }),
-        );
-        report(
-            "conv weight grad",
-            shape,
-            time_ms(|| {
-                read(conv2d_weight_backward(
-                    x.clone(),
-                    w.clone(),
-                    g.clone(),
-                    options.clone(),
-                ));
+            ("conv input grad", &|| {
+                conv2d_input_grad(x.clone(), w.clone(), g.clone(), o.clone())
             }),
-        );
+            ("conv input grad, flex's", &|| {
+                Tensor::from_dispatch(<Dispatch as ModuleOps<Dispatch>>::conv2d_x_backward(
+                    x.clone().into_dispatch(),
+                    w.clone().into_dispatch(),
+                    g.clone().into_dispatch(),
+                    o.clone(),
+                ))
+            }),
+            ("conv weight grad", &|| {
+                conv2d_weight_grad(x.clone(), w.clone(), g.clone(), o.clone())
+            }),
+            ("conv weight grad, flex's", &|| {
+                conv2d_weight_backward(x.clone(), w.clone(), g.clone(), o.clone())
+            }),
+        ];
+        for (op, run) in cases {
+            report(op, shape.clone(), time_ms(|| drop(read(run()))));
+        }
     }
     let train = device.clone().autodiff();
     for (n, c, side) in BN_SHAPES {
         let bn = BatchNormConfig::new(c).init(&train);
         let x = random([n, c, side, side], &mut rng, &train).require_grad();
         let g = random([n, c, side, side], &mut rng, &train);
-        report(
-            "batchnorm train fwd+bwd",
-            format!("{n}x{c}x{side}x{side}"),
-            time_ms(|| {
-                let y = bn.forward(x.clone());
-                let grads = (y * g.clone()).sum().backward();
+        let shape = format!("{n}x{c}x{side}x{side}");
+        let fused = |x: Tensor<4>| batch_norm(&bn, x);
+        let flex = |x: Tensor<4>| bn.forward(x);
+        let cases: [(&str, &dyn Fn(Tensor<4>) -> Tensor<4>); 2] = [
+            ("batchnorm train fwd+bwd", &fused),
+            ("batchnorm train fwd+bwd, flex's", &flex),
+        ];
+        for (op, forward) in cases {
+            let ms = time_ms(|| {
+                let grads = (forward(x.clone()) * g.clone()).sum().backward();
                 let _ = x.grad(&grads).map(|grad| grad.into_data());
-            }),
-        );
+            });
+            report(op, shape.clone(), ms);
+        }
         let _ = bn.valid();
     }
 }

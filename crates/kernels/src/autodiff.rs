@@ -1,0 +1,182 @@
+//! The differentiable implementations: forward passes on the inner backend, recorded as one
+//! node each with a handwritten backward (the same structure as burn-autodiff's own
+//! `batch_norm_train` and `conv2d`, with this crate's kernels in the backward).
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::ConvOptions;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend};
+
+use crate::CpuKernels;
+
+type Inner<B> = FloatTensor<B>;
+
+#[derive(Debug)]
+struct BatchNormTrainStep;
+
+impl<B: CpuKernels> Backward<B, 3> for BatchNormTrainStep {
+    /// Input and gamma checkpointed; the batch statistics kept as the forward computed them.
+    type State = (NodeId, NodeId, Inner<B>, Inner<B>, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+        let x = checkpointer.retrieve_node_output::<Inner<B>>(x_state);
+        let gamma = checkpointer.retrieve_node_output::<Inner<B>>(gamma_state);
+        let (x_grad, gamma_grad, beta_grad) =
+            B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, x_grad);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, gamma_grad);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<B>(node.id, beta_grad);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conv2dNoBiasStep;
+
+impl<B: CpuKernels> Backward<B, 2> for Conv2dNoBiasStep {
+    type State = (NodeId, NodeId, ConvOptions<2>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, options) = ops.state;
+        let x = checkpointer.retrieve_node_output::<Inner<B>>(x_state);
+        let weight = checkpointer.retrieve_node_output::<Inner<B>>(weight_state);
+        if let Some(node) = node_x {
+            let grad = B::conv2d_input_grad(
+                x.clone(),
+                weight.clone(),
+                output_grad.clone(),
+                options.clone(),
+            );
+            grads.register::<B>(node.id, grad);
+        }
+        if let Some(node) = node_weight {
+            let grad = B::conv2d_weight_grad(x, weight, output_grad, options);
+            grads.register::<B>(node.id, grad);
+        }
+    }
+}
+
+impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let statistics = |mean, variance| (Self::from_inner(mean), Self::from_inner(variance));
+        match BatchNormTrainStep
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let (output, mean, variance) = B::fused_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let state = (
+                    x_state,
+                    gamma_state,
+                    mean.clone(),
+                    variance.clone(),
+                    epsilon,
+                );
+                let output = prep.finish(state, output);
+                let (mean, variance) = statistics(mean, variance);
+                (output, mean, variance)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (output, mean, variance) = B::fused_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let (mean, variance) = statistics(mean, variance);
+                (prep.finish(output), mean, variance)
+            }
+        }
+    }
+
+    fn fused_batch_norm_train_backward(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        panic!("the BatchNorm training backward is not differentiable (no double backward)");
+    }
+
+    fn conv2d_no_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        match Conv2dNoBiasStep
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                let output =
+                    B::conv2d_no_bias(x.into_primitive(), weight.into_primitive(), options.clone());
+                prep.finish((x_state, weight_state, options), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_no_bias(
+                x.into_primitive(),
+                weight.into_primitive(),
+                options,
+            )),
+        }
+    }
+
+    fn conv2d_input_grad(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+        _options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        panic!("the conv2d input gradient is not differentiable (no double backward)");
+    }
+
+    fn conv2d_weight_grad(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+        _options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        panic!("the conv2d weight gradient is not differentiable (no double backward)");
+    }
+}

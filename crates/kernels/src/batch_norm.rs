@@ -1,0 +1,340 @@
+//! BatchNorm training forward and backward on contiguous `[batch, channels, spatial]` f32
+//! slices: one pass per statistic, one pass to write, channels in parallel.
+//!
+//! Burn's default (`ModuleOps::batch_norm_train` and its backward) builds the statistics from
+//! swapped-and-reshaped copies and separate reductions; here each channel's plane is read in
+//! place. The arithmetic matches PyTorch's CPU kernel: the mean first, then the biased variance
+//! as the mean of squared deviations (two passes, no cancellation), sums of f32 lanes gathered
+//! in f64 per plane.
+
+use rayon::prelude::*;
+
+/// The shape of a BatchNorm input seen as `[batch, channels, spatial]` (spatial = the product
+/// of the dimensions after the channel dimension; 1 for a `[batch, channels]` input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planes {
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+}
+
+impl Planes {
+    /// From a tensor shape `[batch, channels, ...]` (rank 2 or more).
+    pub fn from_dims(dims: &[usize]) -> Self {
+        assert!(
+            dims.len() >= 2,
+            "BatchNorm input must have rank 2 or more, got {dims:?}"
+        );
+        Self {
+            batch: dims[0],
+            channels: dims[1],
+            spatial: dims[2..].iter().product(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.channels * self.spatial
+    }
+
+    /// Values per channel.
+    fn count(&self) -> usize {
+        self.batch * self.spatial
+    }
+
+    /// The planes of channel `c`, one per batch item.
+    fn planes<'a>(&self, values: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
+        let (channels, spatial) = (self.channels, self.spatial);
+        (0..self.batch).map(move |n| {
+            let start = (n * channels + c) * spatial;
+            &values[start..start + spatial]
+        })
+    }
+}
+
+/// Sum of `f(x)` over a slice in eight f32 lanes (so it vectorises), returned as f64.
+#[inline]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = rest.iter().map(|&v| f(v)).sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
+}
+
+/// Sum of `f(x, y)` over two slices of one length, as [`lane_sum`].
+#[inline]
+fn lane_sum2(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 8];
+    let xc = xs.chunks_exact(8);
+    let yc = ys.chunks_exact(8);
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x8, y8) in xc.zip(yc) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(x8).zip(y8) {
+            *lane += f(x, y);
+        }
+    }
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
+}
+
+/// The outputs of [`forward`].
+pub struct Forward {
+    pub output: Vec<f32>,
+    /// Per channel.
+    pub mean: Vec<f32>,
+    /// Per channel, biased (divided by the count, as Burn's `batch_norm_train` returns it).
+    pub variance: Vec<f32>,
+}
+
+/// Normalises `x` with its own batch statistics: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64, shape: Planes) -> Forward {
+    assert_eq!(x.len(), shape.len(), "BatchNorm input length");
+    assert_eq!(gamma.len(), shape.channels, "BatchNorm gamma length");
+    assert_eq!(beta.len(), shape.channels, "BatchNorm beta length");
+    let count = shape.count().max(1) as f64;
+
+    let stats: Vec<(f32, f32)> = (0..shape.channels)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+            let mean = (sum / count) as f32;
+            let squares: f64 = shape
+                .planes(x, c)
+                .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
+                .sum();
+            (mean, (squares / count) as f32)
+        })
+        .collect();
+    let (mean, variance): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+
+    // y = x * scale + shift per channel.
+    let (scale, shift): (Vec<f32>, Vec<f32>) = (0..shape.channels)
+        .map(|c| {
+            let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
+            let scale = gamma[c] as f64 * inv_std;
+            (
+                scale as f32,
+                (beta[c] as f64 - mean[c] as f64 * scale) as f32,
+            )
+        })
+        .unzip();
+
+    let mut output = vec![0f32; x.len()];
+    for_each_plane(&mut output, x, None, shape, |c, out, x, _| {
+        let (a, b) = (scale[c], shift[c]);
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * a + b;
+        }
+    });
+    Forward {
+        output,
+        mean,
+        variance,
+    }
+}
+
+/// The outputs of [`backward`].
+pub struct Backward {
+    pub x_grad: Vec<f32>,
+    pub gamma_grad: Vec<f32>,
+    pub beta_grad: Vec<f32>,
+}
+
+/// Gradients of [`forward`] given the gradient of its output and the statistics it returned.
+///
+/// With `xhat = (x - mean) * inv_std` and `M` values per channel:
+/// `beta_grad = sum(dy)`, `gamma_grad = sum(dy * xhat)`,
+/// `x_grad = gamma * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`,
+/// written as `x_grad = k1 * dy + k2 * x + k3` per channel.
+pub fn backward(
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    variance: &[f32],
+    epsilon: f64,
+    output_grad: &[f32],
+    shape: Planes,
+) -> Backward {
+    assert_eq!(x.len(), shape.len(), "BatchNorm input length");
+    assert_eq!(
+        output_grad.len(),
+        shape.len(),
+        "BatchNorm output gradient length"
+    );
+    let count = shape.count().max(1) as f64;
+
+    let sums: Vec<(f64, f64)> = (0..shape.channels)
+        .into_par_iter()
+        .map(|c| {
+            let m = mean[c];
+            let sum_dy: f64 = shape
+                .planes(output_grad, c)
+                .map(|p| lane_sum(p, |v| v))
+                .sum();
+            let sum_dy_centred: f64 = shape
+                .planes(output_grad, c)
+                .zip(shape.planes(x, c))
+                .map(|(dy, x)| lane_sum2(dy, x, |dy, x| dy * (x - m)))
+                .sum();
+            (sum_dy, sum_dy_centred)
+        })
+        .collect();
+
+    let mut gamma_grad = Vec::with_capacity(shape.channels);
+    let mut beta_grad = Vec::with_capacity(shape.channels);
+    let mut coefficients = Vec::with_capacity(shape.channels);
+    for (c, &(sum_dy, sum_dy_centred)) in sums.iter().enumerate() {
+        let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
+        let g = gamma[c] as f64;
+        beta_grad.push(sum_dy as f32);
+        gamma_grad.push((sum_dy_centred * inv_std) as f32);
+        let k1 = g * inv_std;
+        let k2 = -g * inv_std * inv_std * inv_std * sum_dy_centred / count;
+        let k3 = -k1 * sum_dy / count - k2 * mean[c] as f64;
+        coefficients.push((k1 as f32, k2 as f32, k3 as f32));
+    }
+
+    let mut x_grad = vec![0f32; x.len()];
+    for_each_plane(&mut x_grad, x, Some(output_grad), shape, |c, out, x, dy| {
+        let (k1, k2, k3) = coefficients[c];
+        let dy = dy.expect("output gradient");
+        for ((o, &x), &dy) in out.iter_mut().zip(x).zip(dy) {
+            *o = k1 * dy + k2 * x + k3;
+        }
+    });
+    Backward {
+        x_grad,
+        gamma_grad,
+        beta_grad,
+    }
+}
+
+/// Calls `f(channel, out_plane, x_plane, other_plane)` for every `[batch, channel]` plane, in
+/// parallel over groups of planes large enough to be worth a task.
+fn for_each_plane(
+    out: &mut [f32],
+    x: &[f32],
+    other: Option<&[f32]>,
+    shape: Planes,
+    f: impl Fn(usize, &mut [f32], &[f32], Option<&[f32]>) + Sync,
+) {
+    let spatial = shape.spatial.max(1);
+    // About 16 K values per task.
+    let planes_per_task = (16_384 / spatial).max(1);
+    out.par_chunks_mut(planes_per_task * spatial)
+        .enumerate()
+        .for_each(|(task, block)| {
+            for (i, out) in block.chunks_mut(spatial).enumerate() {
+                let plane = task * planes_per_task + i;
+                let range = plane * spatial..(plane + 1) * spatial;
+                let other = other.map(|o| &o[range.clone()]);
+                f(plane % shape.channels, out, &x[range], other);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random sequence in [-1, 1) plus an offset.
+    fn values(len: usize, seed: u64, offset: f32) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + offset
+            })
+            .collect()
+    }
+
+    /// The textbook formulas in f64, one value at a time.
+    fn naive(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        dy: &[f32],
+        eps: f64,
+        s: Planes,
+    ) -> [Vec<f64>; 6] {
+        let idx = |n: usize, c: usize, i: usize| (n * s.channels + c) * s.spatial + i;
+        let m = (s.batch * s.spatial) as f64;
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let (mut means, mut vars, mut dgamma, mut dbeta) = (vec![], vec![], vec![], vec![]);
+        for c in 0..s.channels {
+            let all: Vec<(usize, f64)> = (0..s.batch)
+                .flat_map(|n| (0..s.spatial).map(move |i| idx(n, c, i)))
+                .map(|j| (j, x[j] as f64))
+                .collect();
+            let mean = all.iter().map(|&(_, v)| v).sum::<f64>() / m;
+            let var = all.iter().map(|&(_, v)| (v - mean).powi(2)).sum::<f64>() / m;
+            let inv = 1.0 / (var + eps).sqrt();
+            let g = gamma[c] as f64;
+            let sdy: f64 = all.iter().map(|&(j, _)| dy[j] as f64).sum();
+            let sdyx: f64 = all
+                .iter()
+                .map(|&(j, v)| dy[j] as f64 * (v - mean) * inv)
+                .sum();
+            for &(j, v) in &all {
+                let xhat = (v - mean) * inv;
+                y[j] = xhat * g + beta[c] as f64;
+                dx[j] = g * inv * (dy[j] as f64 - sdy / m - xhat * sdyx / m);
+            }
+            means.push(mean);
+            vars.push(var);
+            dgamma.push(sdyx);
+            dbeta.push(sdy);
+        }
+        [y, means, vars, dx, dgamma, dbeta]
+    }
+
+    fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}[{i}]: got {g}, want {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_the_formulas_on_odd_shapes() {
+        for (dims, offset) in [
+            (vec![1, 3, 5, 7], 0.0),
+            (vec![4, 16, 8, 8], 3.0),
+            (vec![3, 5], -2.0),
+            (vec![2, 7, 13], 0.5),
+            (vec![5, 2, 1, 1], 0.0),
+        ] {
+            let s = Planes::from_dims(&dims);
+            let x = values(s.len(), 1, offset);
+            let dy = values(s.len(), 2, 0.1);
+            let gamma = values(s.channels, 3, 1.0);
+            let beta = values(s.channels, 4, 0.0);
+            let eps = 1e-5;
+            let [y, mean, var, dx, dgamma, dbeta] = naive(&x, &gamma, &beta, &dy, eps, s);
+            let f = forward(&x, &gamma, &beta, eps, s);
+            close(&f.output, &y, 1e-4, "output");
+            close(&f.mean, &mean, 1e-5, "mean");
+            close(&f.variance, &var, 1e-5, "variance");
+            let b = backward(&x, &gamma, &f.mean, &f.variance, eps, &dy, s);
+            close(&b.x_grad, &dx, 1e-3, "x_grad");
+            close(&b.gamma_grad, &dgamma, 1e-4, "gamma_grad");
+            close(&b.beta_grad, &dbeta, 1e-4, "beta_grad");
+        }
+    }
+}

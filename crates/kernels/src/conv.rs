@@ -1,0 +1,554 @@
+//! conv2d without groups on contiguous NCHW f32 slices, as im2col + GEMM: the forward pass,
+//! the input gradient and the weight gradient.
+//!
+//! A batch item's input is unfolded (im2col) into `cols`, `[ci * kh * kw, oh * ow]`, with
+//! `cols[(ci, kh, kw), (oh, ow)] = x[ci, oh * stride - pad + kh * dilation, ...]` (zero outside
+//! the image). Then:
+//! - forward: `y_n = W · cols_n`, the GEMM writing straight into the output tensor (flex
+//!   converts the input to NHWC, runs one GEMM per tile of 512 pixels into a fresh buffer and
+//!   copies each result into place);
+//! - input gradient: `dcols_n = Wᵀ · dy_n`, folded back (col2im) into `dx_n` (flex runs a
+//!   transposed convolution);
+//! - weight gradient: `dW = sum over n of dy_n · cols_nᵀ`, with the batch cut into chunks whose
+//!   unfolded inputs sit side by side, so each GEMM's inner dimension is a chunk's pixels
+//!   rather than one image's (Burn's default convolves the input by the output gradient with
+//!   batch and channels swapped, which flex runs as one small GEMM per input channel).
+//!
+//! 1x1 convolutions with stride 1 and no padding skip the unfolding: `cols_n` is `x_n`.
+//! Batch items run in parallel; with fewer items than threads the GEMM itself takes the threads.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// The geometry of a 2-D convolution without groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Input height and width.
+    pub input: [usize; 2],
+    /// Output height and width (from the output gradient; end padding only changes these).
+    pub output: [usize; 2],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// Padding at the start of each spatial dimension.
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl ConvShape {
+    fn rows(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    fn output_pixels(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+
+    fn input_len(&self) -> usize {
+        self.in_channels * self.input[0] * self.input[1]
+    }
+}
+
+/// The unfolded input of one weight-gradient chunk is kept under about this many floats (8 MiB).
+const CHUNK_FLOATS: usize = 2 << 20;
+
+impl ConvShape {
+    /// Whether `cols` is the input itself (1x1, stride 1, no padding).
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.padding == [0, 0]
+            && self.input == self.output
+    }
+
+    fn output_len(&self) -> usize {
+        self.out_channels * self.output_pixels()
+    }
+}
+
+/// How many tasks to cut `batch` items into, and the GEMM's own parallelism: the threads go to
+/// the batch items, or to the GEMM when there are fewer items than threads.
+fn split(batch: usize) -> (usize, Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = threads.min(batch).max(1);
+    let parallelism = if tasks < threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    (tasks, parallelism)
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with each matrix given by its pointer and its
+/// (row, column) strides.
+///
+/// # Safety
+/// Every pointer must address a buffer holding its matrix at the given strides; `dst` must not
+/// overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, [usize; 2]),
+    accumulate: bool,
+    lhs: (*const f32, [usize; 2]),
+    rhs: (*const f32, [usize; 2]),
+    parallelism: Parallelism,
+) {
+    let stride = |s: usize| s as isize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            stride(dst.1[1]),
+            stride(dst.1[0]),
+            accumulate,
+            lhs.0,
+            stride(lhs.1[1]),
+            stride(lhs.1[0]),
+            rhs.0,
+            stride(rhs.1[1]),
+            stride(rhs.1[0]),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The output, `[batch, out_channels, out_h, out_w]` row-major, of a convolution by `weight`
+/// (`[out_channels, in_channels, kh, kw]`).
+pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
+    let s = shape;
+    assert_eq!(x.len(), s.batch * s.input_len(), "conv input length");
+    assert_eq!(
+        weight.len(),
+        s.out_channels * s.rows(),
+        "conv weight length"
+    );
+    let mut output = vec![0f32; s.batch * s.output_len()];
+    if output.is_empty() {
+        return output;
+    }
+    let (_, parallelism) = split(s.batch);
+    let (rows, pixels) = (s.rows(), s.output_pixels());
+    output
+        .par_chunks_mut(s.output_len())
+        .enumerate()
+        .for_each_init(Vec::new, |cols, (n, out)| {
+            let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
+            let cols: &[f32] = if s.is_pointwise() {
+                image
+            } else {
+                cols.resize(rows * pixels, 0.0);
+                unfold(image, s, cols, pixels, 0);
+                cols
+            };
+            // SAFETY: out is [out_channels, pixels], weight [out_channels, rows] and cols
+            // [rows, pixels], all row-major; out is a buffer of its own.
+            unsafe {
+                matmul(
+                    [s.out_channels, pixels, rows],
+                    (out.as_mut_ptr(), [pixels, 1]),
+                    false,
+                    (weight.as_ptr(), [rows, 1]),
+                    (cols.as_ptr(), [pixels, 1]),
+                    parallelism,
+                );
+            }
+        });
+    output
+}
+
+/// The gradient of the input, `[batch, in_channels, h, w]`, given the output gradient.
+pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32> {
+    let s = shape;
+    assert_eq!(
+        weight.len(),
+        s.out_channels * s.rows(),
+        "conv weight length"
+    );
+    assert_eq!(
+        output_grad.len(),
+        s.batch * s.output_len(),
+        "conv output gradient length"
+    );
+    let mut x_grad = vec![0f32; s.batch * s.input_len()];
+    if x_grad.is_empty() || s.output_pixels() == 0 {
+        return x_grad;
+    }
+    let (_, parallelism) = split(s.batch);
+    let (rows, pixels) = (s.rows(), s.output_pixels());
+    x_grad
+        .par_chunks_mut(s.input_len())
+        .enumerate()
+        .for_each_init(Vec::new, |dcols, (n, dx)| {
+            let dy = &output_grad[n * s.output_len()..(n + 1) * s.output_len()];
+            let pointwise = s.is_pointwise();
+            let dst: &mut [f32] = if pointwise {
+                dx
+            } else {
+                dcols.resize(rows * pixels, 0.0);
+                dcols
+            };
+            // SAFETY: dst is [rows, pixels] row-major, weight [out_channels, rows] read as its
+            // transpose [rows, out_channels], dy [out_channels, pixels]; dst is a buffer of its
+            // own.
+            unsafe {
+                matmul(
+                    [rows, pixels, s.out_channels],
+                    (dst.as_mut_ptr(), [pixels, 1]),
+                    false,
+                    (weight.as_ptr(), [1, rows]),
+                    (dy.as_ptr(), [pixels, 1]),
+                    parallelism,
+                );
+            }
+            if !pointwise {
+                fold(dcols, s, dx);
+            }
+        });
+    x_grad
+}
+
+/// The gradient of the weight, `[out_channels, in_channels, kernel_h, kernel_w]` row-major.
+pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32> {
+    let s = shape;
+    assert_eq!(x.len(), s.batch * s.input_len(), "conv input length");
+    assert_eq!(
+        output_grad.len(),
+        s.batch * s.output_len(),
+        "conv output gradient length"
+    );
+    let weight_len = s.out_channels * s.rows();
+    if s.batch == 0 || s.output_pixels() == 0 {
+        return vec![0.0; weight_len];
+    }
+
+    let (tasks, parallelism) = split(s.batch);
+    let per_task = s.batch.div_ceil(tasks);
+    let chunk = (CHUNK_FLOATS / (s.rows() * s.output_pixels()).max(1)).clamp(1, per_task);
+
+    let partials: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|task| {
+            let begin = task * per_task;
+            let end = ((task + 1) * per_task).min(s.batch);
+            let mut grad = vec![0f32; weight_len];
+            let mut cols = Vec::new();
+            let mut dy = Vec::new();
+            let mut first = true;
+            for start in (begin..end).step_by(chunk) {
+                let items = start..(start + chunk).min(end);
+                accumulate_chunk(
+                    x,
+                    output_grad,
+                    s,
+                    items,
+                    &mut cols,
+                    &mut dy,
+                    &mut grad,
+                    first,
+                    parallelism,
+                );
+                first = false;
+            }
+            grad
+        })
+        .collect();
+
+    let mut partials = partials.into_iter();
+    let mut grad = partials.next().expect("at least one task");
+    for partial in partials {
+        for (g, p) in grad.iter_mut().zip(&partial) {
+            *g += p;
+        }
+    }
+    grad
+}
+
+/// Adds the gradient of batch items `items` to `grad` (overwrites it when `first`).
+#[allow(clippy::too_many_arguments)]
+fn accumulate_chunk(
+    x: &[f32],
+    output_grad: &[f32],
+    s: ConvShape,
+    items: std::ops::Range<usize>,
+    cols: &mut Vec<f32>,
+    dy: &mut Vec<f32>,
+    grad: &mut [f32],
+    first: bool,
+    parallelism: Parallelism,
+) {
+    let pixels = s.output_pixels();
+    let depth = items.len() * pixels; // the GEMM's inner dimension
+    let rows = s.rows();
+    cols.resize(rows * depth, 0.0);
+    dy.resize(s.out_channels * depth, 0.0);
+
+    for (i, n) in items.clone().enumerate() {
+        let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
+        unfold(image, s, cols, depth, i * pixels);
+        let plane = &output_grad[n * s.out_channels * pixels..(n + 1) * s.out_channels * pixels];
+        for co in 0..s.out_channels {
+            dy[co * depth + i * pixels..co * depth + (i + 1) * pixels]
+                .copy_from_slice(&plane[co * pixels..(co + 1) * pixels]);
+        }
+    }
+
+    // grad[co, r] (+)= sum over k of dy[co, k] * cols[r, k]
+    // SAFETY: grad is [out_channels, rows] row-major, dy [out_channels, depth] row-major, and
+    // cols [rows, depth] is read as its transpose [depth, rows]; grad is a buffer of its own.
+    unsafe {
+        matmul(
+            [s.out_channels, rows, depth],
+            (grad.as_mut_ptr(), [rows, 1]),
+            !first,
+            (dy.as_ptr(), [depth, 1]),
+            (cols.as_ptr(), [1, depth]),
+            parallelism,
+        );
+    }
+}
+
+/// The range of output positions `o` whose input position `o * stride + offset - pad` lies in
+/// `[0, len)`.
+fn valid_outputs(
+    offset: usize,
+    pad: usize,
+    stride: usize,
+    len: usize,
+    outputs: usize,
+) -> (usize, usize) {
+    // o * stride + offset >= pad  <=>  o >= ceil((pad - offset) / stride)
+    let low = pad.saturating_sub(offset).div_ceil(stride);
+    // o * stride + offset - pad <= len - 1  <=>  o <= (len - 1 + pad - offset) / stride
+    let high = if len + pad > offset {
+        ((len - 1 + pad - offset) / stride + 1).min(outputs)
+    } else {
+        0
+    };
+    (low.min(high), high)
+}
+
+/// Writes one image's unfolded input into columns `column..column + pixels` of `cols`, a
+/// `[in_channels * kh * kw, depth]` row-major buffer.
+fn unfold(image: &[f32], s: ConvShape, cols: &mut [f32], depth: usize, column: usize) {
+    let [h, w] = s.input;
+    let [oh_len, ow_len] = s.output;
+    let [kh_len, kw_len] = s.kernel;
+    let [sh, sw] = s.stride;
+    let [ph, pw] = s.padding;
+    let [dh, dw] = s.dilation;
+    for ci in 0..s.in_channels {
+        let channel = &image[ci * h * w..(ci + 1) * h * w];
+        for kh in 0..kh_len {
+            let (oh_low, oh_high) = valid_outputs(kh * dh, ph, sh, h, oh_len);
+            for kw in 0..kw_len {
+                let (ow_low, ow_high) = valid_outputs(kw * dw, pw, sw, w, ow_len);
+                let row = (ci * kh_len + kh) * kw_len + kw;
+                let out = &mut cols[row * depth + column..row * depth + column + oh_len * ow_len];
+                for (oh, out_row) in out.chunks_exact_mut(ow_len).enumerate() {
+                    if oh < oh_low || oh >= oh_high || ow_low >= ow_high {
+                        out_row.fill(0.0);
+                        continue;
+                    }
+                    let ih = oh * sh + kh * dh - ph;
+                    let input_row = &channel[ih * w..(ih + 1) * w];
+                    out_row[..ow_low].fill(0.0);
+                    out_row[ow_high..].fill(0.0);
+                    let first = ow_low * sw + kw * dw - pw;
+                    if sw == 1 {
+                        out_row[ow_low..ow_high]
+                            .copy_from_slice(&input_row[first..first + ow_high - ow_low]);
+                    } else {
+                        for (o, ow) in out_row[ow_low..ow_high].iter_mut().zip(0..) {
+                            *o = input_row[first + ow * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds one image's unfolded gradient `dcols` (`[in_channels * kh * kw, oh * ow]`) back into
+/// its input gradient `dx` (`[in_channels, h, w]`): the transpose of [`unfold`].
+fn fold(dcols: &[f32], s: ConvShape, dx: &mut [f32]) {
+    let [h, w] = s.input;
+    let [oh_len, ow_len] = s.output;
+    let [kh_len, kw_len] = s.kernel;
+    let [sh, sw] = s.stride;
+    let [ph, pw] = s.padding;
+    let [dh, dw] = s.dilation;
+    let pixels = oh_len * ow_len;
+    for ci in 0..s.in_channels {
+        let channel = &mut dx[ci * h * w..(ci + 1) * h * w];
+        for kh in 0..kh_len {
+            let (oh_low, oh_high) = valid_outputs(kh * dh, ph, sh, h, oh_len);
+            for kw in 0..kw_len {
+                let (ow_low, ow_high) = valid_outputs(kw * dw, pw, sw, w, ow_len);
+                if ow_low >= ow_high {
+                    continue;
+                }
+                let row = (ci * kh_len + kh) * kw_len + kw;
+                let grads = &dcols[row * pixels..(row + 1) * pixels];
+                for oh in oh_low..oh_high {
+                    let ih = oh * sh + kh * dh - ph;
+                    let input_row = &mut channel[ih * w..(ih + 1) * w];
+                    let first = ow_low * sw + kw * dw - pw;
+                    let span = &grads[oh * ow_len + ow_low..oh * ow_len + ow_high];
+                    if sw == 1 {
+                        for (x, &g) in input_row[first..first + span.len()].iter_mut().zip(span) {
+                            *x += g;
+                        }
+                    } else {
+                        for (i, &g) in span.iter().enumerate() {
+                            input_row[first + i * sw] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_add(0x9E3779B97F4A7C15);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn output_len(
+        input: usize,
+        kernel: usize,
+        stride: usize,
+        pad: (usize, usize),
+        dilation: usize,
+    ) -> usize {
+        (input + pad.0 + pad.1 - dilation * (kernel - 1) - 1) / stride + 1
+    }
+
+    /// Output, input gradient and weight gradient from the definition, one product at a time,
+    /// in f64.
+    fn naive(x: &[f32], w: &[f32], dy: &[f32], s: ConvShape) -> [Vec<f64>; 3] {
+        let mut y = vec![0f64; s.batch * s.output_len()];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        for n in 0..s.batch {
+            for co in 0..s.out_channels {
+                for ci in 0..s.in_channels {
+                    for kh in 0..s.kernel[0] {
+                        for kw in 0..s.kernel[1] {
+                            let wi =
+                                ((co * s.in_channels + ci) * s.kernel[0] + kh) * s.kernel[1] + kw;
+                            for oh in 0..s.output[0] {
+                                for ow in 0..s.output[1] {
+                                    let ih = (oh * s.stride[0] + kh * s.dilation[0]) as isize
+                                        - s.padding[0] as isize;
+                                    let iw = (ow * s.stride[1] + kw * s.dilation[1]) as isize
+                                        - s.padding[1] as isize;
+                                    if ih < 0
+                                        || iw < 0
+                                        || ih >= s.input[0] as isize
+                                        || iw >= s.input[1] as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi = ((n * s.in_channels + ci) * s.input[0] + ih as usize)
+                                        * s.input[1]
+                                        + iw as usize;
+                                    let yi = ((n * s.out_channels + co) * s.output[0] + oh)
+                                        * s.output[1]
+                                        + ow;
+                                    y[yi] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += dy[yi] as f64 * w[wi] as f64;
+                                    dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [y, dx, dw]
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        // (batch, ci, co, input, kernel, stride, padding begin/end, dilation)
+        let cases = [
+            (2, 3, 4, [7, 9], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            (1, 5, 2, [6, 5], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            (3, 4, 6, [11, 10], [3, 3], [2, 2], [(1, 1), (1, 1)], [1, 1]),
+            (2, 3, 5, [15, 13], [7, 7], [2, 2], [(3, 3), (3, 3)], [1, 1]),
+            (4, 6, 3, [8, 8], [1, 1], [2, 2], [(0, 0), (0, 0)], [1, 1]),
+            (2, 2, 3, [9, 7], [3, 2], [1, 2], [(2, 0), (1, 2)], [2, 1]),
+            (5, 1, 1, [1, 1], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            (3, 2, 2, [4, 4], [3, 3], [1, 1], [(3, 3), (3, 3)], [1, 1]),
+            (1, 3, 2, [5, 5], [1, 1], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+        ];
+        for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
+            let output =
+                [0, 1].map(|d| output_len(input[d], kernel[d], stride[d], pad[d], dilation[d]));
+            let s = ConvShape {
+                batch,
+                in_channels: ci,
+                out_channels: co,
+                input,
+                output,
+                kernel,
+                stride,
+                padding: [pad[0].0, pad[1].0],
+                dilation,
+            };
+            let x = values(batch * s.input_len(), 1);
+            let w = values(co * s.rows(), 3);
+            let dy = values(batch * s.output_len(), 2);
+            let [y, dx, dw] = naive(&x, &w, &dy, s);
+            assert_close(&forward(&x, &w, s), &y, &format!("{s:?} output"));
+            assert_close(&input_grad(&w, &dy, s), &dx, &format!("{s:?} input grad"));
+            assert_close(&weight_grad(&x, &dy, s), &dw, &format!("{s:?} weight grad"));
+        }
+    }
+
+    #[test]
+    fn valid_output_ranges() {
+        // kernel offset 0, pad 1, stride 1, input 4, 4 outputs: o=0 reads -1
+        assert_eq!(valid_outputs(0, 1, 1, 4, 4), (1, 4));
+        // offset 2 (last tap of a 3x3), pad 1: o=3 reads 4, out of range
+        assert_eq!(valid_outputs(2, 1, 1, 4, 4), (0, 3));
+        // stride 2, pad 3, offset 0, input 7, 4 outputs: o=0 reads -3, o=1 reads -1, o=2 reads 1
+        assert_eq!(valid_outputs(0, 3, 2, 7, 4), (2, 4));
+        // padding larger than the image: nothing valid for that tap
+        let (low, high) = valid_outputs(0, 3, 1, 1, 1);
+        assert!(low >= high);
+    }
+}

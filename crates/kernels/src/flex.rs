@@ -1,0 +1,194 @@
+//! The kernels on flex's tensors: f32 inputs run this crate's kernels (made contiguous first when
+//! they are views); other dtypes and grouped convolutions run flex's own ops.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::{DType, Flex, TensorData, TensorMetadata};
+
+use crate::CpuKernels;
+use crate::batch_norm::{self, Planes};
+use crate::conv::{self, ConvShape};
+
+/// A flex tensor's values as one contiguous f32 slice (copying a view first).
+fn contiguous(tensor: FlexTensor) -> FlexTensor {
+    if tensor.as_slice::<f32>().is_some() {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    }
+}
+
+fn values(tensor: &FlexTensor) -> &[f32] {
+    tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn all_f32(tensors: &[&FlexTensor]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+impl CpuKernels for Flex {
+    fn fused_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        if !all_f32(&[&x, &gamma, &beta]) {
+            let out = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
+            return (out.output, out.mean, out.variance);
+        }
+        let dims = x.shape().to_vec();
+        let planes = Planes::from_dims(&dims);
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let out = batch_norm::forward(values(&x), values(&gamma), values(&beta), epsilon, planes);
+        (
+            tensor(out.output, dims),
+            tensor(out.mean, vec![planes.channels]),
+            tensor(out.variance, vec![planes.channels]),
+        )
+    }
+
+    fn fused_batch_norm_train_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        if !all_f32(&[&x, &gamma, &mean, &variance, &output_grad]) {
+            let grads = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
+                x,
+                gamma,
+                mean,
+                variance,
+                epsilon,
+                output_grad,
+            );
+            return (grads.x_grad, grads.gamma_grad, grads.beta_grad);
+        }
+        let dims = x.shape().to_vec();
+        let planes = Planes::from_dims(&dims);
+        let [x, gamma, mean, variance, output_grad] =
+            [x, gamma, mean, variance, output_grad].map(contiguous);
+        let grads = batch_norm::backward(
+            values(&x),
+            values(&gamma),
+            values(&mean),
+            values(&variance),
+            epsilon,
+            values(&output_grad),
+            planes,
+        );
+        (
+            tensor(grads.x_grad, dims),
+            tensor(grads.gamma_grad, vec![planes.channels]),
+            tensor(grads.beta_grad, vec![planes.channels]),
+        )
+    }
+
+    fn conv2d_no_bias(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
+        if options.groups != 1 || !all_f32(&[&x, &weight]) {
+            return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options);
+        }
+        let shape = conv_shape(&x, &weight, None, &options);
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let output = conv::forward(values(&x), values(&weight), shape);
+        let [oh, ow] = shape.output;
+        tensor(output, vec![shape.batch, shape.out_channels, oh, ow])
+    }
+
+    fn conv2d_input_grad(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        if options.groups != 1 || !all_f32(&[&x, &weight, &output_grad]) {
+            return <Flex as ModuleOps<Flex>>::conv2d_x_backward(x, weight, output_grad, options);
+        }
+        let shape = conv_shape(&x, &weight, Some(&output_grad), &options);
+        let (weight, output_grad) = (contiguous(weight), contiguous(output_grad));
+        let grad = conv::input_grad(values(&weight), values(&output_grad), shape);
+        let [h, w] = shape.input;
+        tensor(grad, vec![shape.batch, shape.in_channels, h, w])
+    }
+
+    fn conv2d_weight_grad(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        if options.groups != 1 || !all_f32(&[&x, &weight, &output_grad]) {
+            return <Flex as ModuleOps<Flex>>::conv2d_weight_backward(
+                x,
+                weight,
+                output_grad,
+                options,
+            );
+        }
+        let shape = conv_shape(&x, &weight, Some(&output_grad), &options);
+        let (x, output_grad) = (contiguous(x), contiguous(output_grad));
+        let grad = conv::weight_grad(values(&x), values(&output_grad), shape);
+        let [kh, kw] = shape.kernel;
+        tensor(grad, vec![shape.out_channels, shape.in_channels, kh, kw])
+    }
+}
+
+/// The geometry of a convolution of `x` by `weight`; the output size from the output gradient
+/// when there is one, else from the options (begin and end padding).
+fn conv_shape(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    output_grad: Option<&FlexTensor>,
+    options: &ConvOptions<2>,
+) -> ConvShape {
+    let [batch, in_channels, h, w] = dims4(x);
+    let [out_channels, weight_in, kh, kw] = dims4(weight);
+    assert_eq!(
+        weight_in, in_channels,
+        "conv2d: the weight takes {weight_in} input channels, the input has {in_channels}"
+    );
+    let output = match output_grad {
+        Some(grad) => {
+            let [_, _, oh, ow] = dims4(grad);
+            [oh, ow]
+        }
+        None => [0, 1].map(|d| {
+            let (begin, end) = options.padding[d];
+            let input = [h, w][d] + begin + end;
+            let span = options.dilation[d] * ([kh, kw][d] - 1) + 1;
+            assert!(
+                input >= span,
+                "conv2d: a kernel spanning {span} does not fit an input of {input} (padded)"
+            );
+            (input - span) / options.stride[d] + 1
+        }),
+    };
+    ConvShape {
+        batch,
+        in_channels,
+        out_channels,
+        input: [h, w],
+        output,
+        kernel: [kh, kw],
+        stride: options.stride,
+        padding: options.padding_begin(),
+        dilation: options.dilation,
+    }
+}
+
+fn dims4(tensor: &FlexTensor) -> [usize; 4] {
+    let shape = tensor.shape();
+    assert_eq!(
+        shape.num_dims(),
+        4,
+        "conv2d tensors have rank 4, got {shape:?}"
+    );
+    [shape[0], shape[1], shape[2], shape[3]]
+}

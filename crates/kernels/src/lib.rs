@@ -1,0 +1,185 @@
+//! Faster CPU kernels for Burn's flex backend, as a Burn backend extension (`#[backend_extension]`):
+//! a fused BatchNorm training forward and backward, and conv2d (forward, input gradient, weight
+//! gradient) as im2col + GEMMs that write in place, the weight gradient over whole chunks of the
+//! batch. [`batch_norm`] and [`conv2d`] take Burn's own `nn` modules and use the
+//! kernels on flex (with or without autodiff); every other backend runs Burn's ops unchanged.
+
+mod autodiff;
+pub mod batch_norm;
+pub mod conv;
+mod flex;
+
+use burn::backend::backend_extension;
+use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch};
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::tensor::{Device, Tensor};
+
+/// The operations this crate implements for flex. Each has a differentiable implementation for
+/// `Autodiff<Flex>` with its own backward pass.
+#[backend_extension(Flex, Autodiff)]
+pub trait CpuKernels: Backend {
+    /// BatchNorm with the batch's own statistics: `(output, mean, biased variance)`, as Burn's
+    /// `ModuleOps::batch_norm_train`.
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients of [`fused_batch_norm_train`](CpuKernels::fused_batch_norm_train):
+    /// `(x_grad, gamma_grad, beta_grad)`, as Burn's `ModuleOps::batch_norm_train_backward`.
+    fn fused_batch_norm_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// A conv2d without bias, differentiated through
+    /// [`conv2d_input_grad`](CpuKernels::conv2d_input_grad) and
+    /// [`conv2d_weight_grad`](CpuKernels::conv2d_weight_grad).
+    fn conv2d_no_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient of a conv2d's input, as Burn's `ModuleOps::conv2d_x_backward`.
+    fn conv2d_input_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient of a conv2d's weight, as Burn's `ModuleOps::conv2d_weight_backward`.
+    fn conv2d_weight_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether a tensor on `device` runs on flex (with or without autodiff).
+pub fn on_flex(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
+/// `bn.forward(x)`, with the fused kernels in training on flex. Same semantics as Burn's
+/// `BatchNorm::forward`: batch statistics and a running-statistics update when the device is an
+/// autodiff device and the layer is not frozen, the running statistics otherwise.
+pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    if !(device.is_autodiff() && bn.training.is_enabled() && on_flex(&device)) {
+        return bn.forward(x);
+    }
+    let [channels] = bn.gamma.shape().dims();
+    assert!(
+        D >= 2 && x.dims()[1] == channels,
+        "BatchNorm over {channels} channels got an input of shape {:?}",
+        x.dims()
+    );
+    let (output, mean, variance) = Dispatch::fused_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let mean = Tensor::<1>::from_dispatch(mean).detach();
+    let variance = Tensor::<1>::from_dispatch(variance).detach();
+
+    let momentum = bn.momentum;
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    bn.running_mean.update(
+        running_mean
+            .mul_scalar(1.0 - momentum)
+            .add(mean.mul_scalar(momentum))
+            .detach(),
+    );
+    bn.running_var.update(
+        running_var
+            .mul_scalar(1.0 - momentum)
+            .add(variance.mul_scalar(momentum))
+            .detach(),
+    );
+    Tensor::from_dispatch(output)
+}
+
+/// `conv.forward(x)`, through this crate's conv kernels on flex. Convolutions with a bias,
+/// groups, or `Same` padding run Burn's op everywhere.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => return conv.forward(x),
+    };
+    if conv.bias.is_some() || conv.groups != 1 {
+        return conv.forward(x);
+    }
+    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, 1);
+    conv2d_no_bias(x, conv.weight.val(), options)
+}
+
+/// `burn::tensor::module::conv2d(x, weight, None, options)`, through this crate's kernels on
+/// flex (differentiable on an autodiff device).
+pub fn conv2d_no_bias(x: Tensor<4>, weight: Tensor<4>, options: ConvOptions<2>) -> Tensor<4> {
+    if !on_flex(&x.device()) {
+        return burn::tensor::module::conv2d(x, weight, None, options);
+    }
+    Tensor::from_dispatch(Dispatch::conv2d_no_bias(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        options,
+    ))
+}
+
+/// The gradient of a conv2d's input (Burn's `ModuleOps::conv2d_x_backward`), through this
+/// crate's kernel on flex.
+pub fn conv2d_input_grad(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    output_grad: Tensor<4>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !on_flex(&x.device()) {
+        return Tensor::from_dispatch(<Dispatch as ModuleOps<Dispatch>>::conv2d_x_backward(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            output_grad.into_dispatch(),
+            options,
+        ));
+    }
+    Tensor::from_dispatch(Dispatch::conv2d_input_grad(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        output_grad.into_dispatch(),
+        options,
+    ))
+}
+
+/// The gradient of a conv2d's weight (`burn::tensor::module::conv2d_weight_backward`), through
+/// this crate's kernel on flex.
+pub fn conv2d_weight_grad(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    output_grad: Tensor<4>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !on_flex(&x.device()) {
+        return burn::tensor::module::conv2d_weight_backward(x, weight, output_grad, options);
+    }
+    Tensor::from_dispatch(Dispatch::conv2d_weight_grad(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        output_grad.into_dispatch(),
+        options,
+    ))
+}

@@ -1,0 +1,276 @@
+//! The kernels against flex's own ops (Burn's defaults) on random shapes: values, gradients
+//! through autodiff, and the BatchNorm running statistics.
+
+use burn::backend::ops::ConvOptions;
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+use cutmix_kernels::{batch_norm, conv2d, conv2d_weight_grad, on_flex};
+
+fn random<const D: usize>(dims: [usize; D], offset: f32, device: &Device) -> Tensor<D> {
+    Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device).add_scalar(offset)
+}
+
+fn assert_close<const D: usize>(got: Tensor<D>, want: Tensor<D>, tolerance: f32, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got: Vec<f32> = got.into_data().try_to_vec::<f32>().unwrap();
+    let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= tolerance * scale,
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+fn batch_norm_layer(channels: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).init(device);
+    bn.gamma = Param::from_tensor(random([channels], 1.0, device));
+    bn.beta = Param::from_tensor(random([channels], 0.0, device));
+    bn
+}
+
+const BN_SHAPES: [&[usize]; 6] = [
+    &[2, 3, 5, 7],
+    &[8, 16, 8, 8],
+    &[1, 4, 9, 9],
+    &[5, 6],
+    &[3, 2, 11],
+    &[16, 64, 1, 1],
+];
+
+#[test]
+fn batch_norm_forward_matches_flex() {
+    let device = Device::flex();
+    for dims in BN_SHAPES {
+        let x: Tensor<4> = random(pad4(dims), 2.0, &device);
+        let bn = batch_norm_layer(dims[1], &device);
+        let want = burn::tensor::module::batch_norm_train(
+            x.clone(),
+            bn.gamma.val(),
+            bn.beta.val(),
+            bn.epsilon,
+        );
+        let (output, mean, variance) =
+            <burn::backend::Dispatch as cutmix_kernels::CpuKernels>::fused_batch_norm_train(
+                x.into_dispatch(),
+                bn.gamma.val().into_dispatch(),
+                bn.beta.val().into_dispatch(),
+                bn.epsilon,
+            );
+        assert_close(
+            Tensor::<4>::from_dispatch(output),
+            want.output,
+            1e-5,
+            "output",
+        );
+        assert_close(Tensor::<1>::from_dispatch(mean), want.mean, 1e-5, "mean");
+        assert_close(
+            Tensor::<1>::from_dispatch(variance),
+            want.variance,
+            1e-5,
+            "variance",
+        );
+    }
+}
+
+/// A `[b, c, ...]` shape as rank 4 (trailing ones), so one test covers ranks 2 to 4.
+fn pad4(dims: &[usize]) -> [usize; 4] {
+    let mut out = [1; 4];
+    out[..dims.len()].copy_from_slice(dims);
+    out
+}
+
+#[test]
+fn batch_norm_training_matches_burn_with_gradients_and_running_statistics() {
+    let device = Device::flex().autodiff();
+    for dims in BN_SHAPES {
+        let x: Tensor<4> = random(pad4(dims), -1.5, &device);
+        let weights: Tensor<4> = random(pad4(dims), 0.0, &device);
+        let burn_bn = batch_norm_layer(dims[1], &device);
+        let ours_bn = burn_bn.clone();
+        // Two steps, so the running statistics are updated twice.
+        for step in 0..2 {
+            let x = x.clone().mul_scalar(step as f32 + 1.0);
+            let x_burn = x.clone().detach().require_grad();
+            let x_ours = x.detach().require_grad();
+            let y_burn = burn_bn.forward(x_burn.clone());
+            let y_ours = batch_norm(&ours_bn, x_ours.clone());
+            assert_close(y_ours.clone(), y_burn.clone(), 1e-5, "output");
+            let g_burn = (y_burn * weights.clone()).sum().backward();
+            let g_ours = (y_ours * weights.clone()).sum().backward();
+            assert_close(
+                x_ours.grad(&g_ours).unwrap(),
+                x_burn.grad(&g_burn).unwrap(),
+                1e-4,
+                "x grad",
+            );
+            assert_close(
+                ours_bn.gamma.grad(&g_ours).unwrap(),
+                burn_bn.gamma.grad(&g_burn).unwrap(),
+                1e-4,
+                "gamma grad",
+            );
+            assert_close(
+                ours_bn.beta.grad(&g_ours).unwrap(),
+                burn_bn.beta.grad(&g_burn).unwrap(),
+                1e-4,
+                "beta grad",
+            );
+        }
+        assert_close(
+            ours_bn.running_mean.value(),
+            burn_bn.running_mean.value(),
+            1e-5,
+            "running mean",
+        );
+        assert_close(
+            ours_bn.running_var.value(),
+            burn_bn.running_var.value(),
+            1e-5,
+            "running var",
+        );
+    }
+}
+
+#[test]
+fn batch_norm_outside_training_uses_the_running_statistics() {
+    let device = Device::flex();
+    let bn = batch_norm_layer(3, &device);
+    let x: Tensor<4> = random([2, 3, 4, 4], 1.0, &device);
+    assert_close(batch_norm(&bn, x.clone()), bn.forward(x), 0.0, "inference");
+}
+
+/// (batch, in, out, input h/w, kernel, stride, padding top/left/bottom/right, dilation)
+type ConvCase = (
+    usize,
+    usize,
+    usize,
+    [usize; 2],
+    [usize; 2],
+    [usize; 2],
+    [usize; 4],
+    [usize; 2],
+);
+
+const CONV_CASES: [ConvCase; 9] = [
+    (2, 3, 4, [7, 9], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+    (1, 5, 2, [6, 5], [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
+    (3, 4, 6, [11, 10], [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
+    (2, 3, 8, [17, 15], [7, 7], [2, 2], [3, 3, 3, 3], [1, 1]),
+    (4, 6, 3, [8, 8], [1, 1], [2, 2], [0, 0, 0, 0], [1, 1]),
+    (2, 2, 3, [9, 7], [3, 2], [1, 2], [2, 1, 0, 2], [2, 1]),
+    (1, 16, 32, [8, 8], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+    (5, 64, 16, [4, 4], [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
+    (6, 8, 8, [5, 5], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+];
+
+fn conv_layer(case: &ConvCase, device: &Device) -> Conv2d {
+    let &(_, ci, co, _, kernel, stride, [top, left, bottom, right], dilation) = case;
+    let mut conv = Conv2dConfig::new([ci, co], kernel)
+        .with_stride(stride)
+        .with_dilation(dilation)
+        .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+        .with_bias(false)
+        .init(device);
+    conv.weight = Param::from_tensor(random([co, ci, kernel[0], kernel[1]], 0.0, device));
+    conv
+}
+
+#[test]
+fn conv2d_matches_burn_with_gradients() {
+    let device = Device::flex().autodiff();
+    for case in &CONV_CASES {
+        let &(batch, ci, _, [h, w], ..) = case;
+        let conv = conv_layer(case, &device);
+        let x: Tensor<4> = random([batch, ci, h, w], 0.5, &device);
+        let x_burn = x.clone().detach().require_grad();
+        let x_ours = x.detach().require_grad();
+        let y_burn = conv.forward(x_burn.clone());
+        let y_ours = conv2d(&conv, x_ours.clone());
+        assert_close(y_ours.clone(), y_burn.clone(), 1e-5, "output");
+        let weights = random(y_burn.dims(), 0.0, &device);
+        let g_burn = (y_burn * weights.clone()).sum().backward();
+        let g_ours = (y_ours * weights).sum().backward();
+        let what = format!("{case:?}");
+        assert_close(
+            x_ours.grad(&g_ours).unwrap(),
+            x_burn.grad(&g_burn).unwrap(),
+            1e-5,
+            &format!("x grad {what}"),
+        );
+        assert_close(
+            conv.weight.grad(&g_ours).unwrap(),
+            conv.weight.grad(&g_burn).unwrap(),
+            1e-5,
+            &format!("weight grad {what}"),
+        );
+    }
+}
+
+#[test]
+fn conv2d_weight_grad_matches_flex_on_a_large_batch() {
+    // Enough batch items to be cut into several chunks per thread.
+    let device = Device::flex();
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    let x: Tensor<4> = random([64, 16, 32, 32], 0.0, &device);
+    let w: Tensor<4> = random([16, 16, 3, 3], 0.0, &device);
+    let g: Tensor<4> = random([64, 16, 32, 32], 0.0, &device);
+    let want = burn::tensor::module::conv2d_weight_backward(
+        x.clone(),
+        w.clone(),
+        g.clone(),
+        options.clone(),
+    );
+    let got = conv2d_weight_grad(x, w, g, options);
+    assert_close(got, want, 1e-5, "weight grad");
+}
+
+#[test]
+fn conv2d_with_bias_or_groups_is_burn_s() {
+    let device = Device::flex().autodiff();
+    let conv = Conv2dConfig::new([4, 6], [3, 3])
+        .with_groups(2)
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    let x: Tensor<4> = random([2, 4, 6, 6], 0.0, &device);
+    assert_close(
+        conv2d(&conv, x.clone()),
+        conv.forward(x),
+        0.0,
+        "grouped conv with bias",
+    );
+}
+
+#[test]
+fn only_flex_devices_take_the_kernels() {
+    assert!(on_flex(&Device::flex()));
+    assert!(on_flex(&Device::flex().autodiff()));
+    assert!(!on_flex(&Device::wgpu(DeviceKind::Cpu)));
+    assert!(!on_flex(&Device::wgpu(DeviceKind::Cpu).autodiff()));
+}
+
+#[test]
+fn non_contiguous_inputs_are_read_correctly() {
+    // A transposed view: the kernels must not read its storage in memory order.
+    let device = Device::flex();
+    let x: Tensor<4> = random([3, 4, 5, 6], 1.0, &device).swap_dims(2, 3);
+    let bn = batch_norm_layer(4, &device);
+    let want =
+        burn::tensor::module::batch_norm_train(x.clone(), bn.gamma.val(), bn.beta.val(), 1e-5);
+    let (output, ..) =
+        <burn::backend::Dispatch as cutmix_kernels::CpuKernels>::fused_batch_norm_train(
+            x.into_dispatch(),
+            bn.gamma.val().into_dispatch(),
+            bn.beta.val().into_dispatch(),
+            1e-5,
+        );
+    assert_close(
+        Tensor::<4>::from_dispatch(output),
+        want.output,
+        1e-5,
+        "transposed input",
+    );
+}
