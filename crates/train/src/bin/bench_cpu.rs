@@ -266,6 +266,8 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn main() {
+    // As `train` does, so the benchmark times what a run trains with.
+    cutmix_train::backend::keep_freed_memory();
     let args = Args::parse();
     if let Err(e) = run(&args) {
         eprintln!("error: {e:#}");

@@ -98,6 +98,7 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     cutmix_train::backend::quiet_mesa();
+    cutmix_train::backend::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

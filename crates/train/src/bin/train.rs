@@ -117,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     backend::quiet_mesa();
+    backend::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
