@@ -133,6 +133,8 @@ fn report(title: &str, config: &ModelConfig, shape: [usize; 4], step_repeats: us
 }
 
 fn main() {
+    // As `train` does, so the step it compares with is a run's.
+    cutmix_train::backend::keep_freed_memory();
     let quick = std::env::args().any(|a| a == "--quick");
     println!(
         "flex (CPU), {} threads available",
