@@ -4,9 +4,10 @@
 //! A batch item's input is unfolded (im2col) into `cols`, `[ci * kh * kw, oh * ow]`, with
 //! `cols[(ci, kh, kw), (oh, ow)] = x[ci, oh * stride - pad + kh * dilation, ...]` (zero outside
 //! the image). Then:
-//! - forward: `y_n = W · cols_n`, the GEMM writing straight into the output tensor (flex
-//!   converts the input to NHWC, runs one GEMM per tile of 512 pixels into a fresh buffer and
-//!   copies each result into place);
+//! - forward: `y_n = W · cols_n`, unfolded a band of output rows at a time (about 1 MiB, so it
+//!   is still in cache for the GEMM), each GEMM writing straight into its columns of the output
+//!   tensor (flex converts the input to NHWC, runs one GEMM per tile of 512 pixels into a fresh
+//!   buffer and copies each result into place);
 //! - input gradient: `dcols_n = Wᵀ · dy_n`, folded back (col2im) into `dx_n` (flex runs a
 //!   transposed convolution);
 //! - weight gradient: `dW = sum over n of dy_n · cols_nᵀ`, with the batch cut into chunks whose
@@ -50,6 +51,9 @@ impl ConvShape {
         self.in_channels * self.input[0] * self.input[1]
     }
 }
+
+/// The forward pass unfolds whole output rows at a time, about this many floats (1 MiB).
+const TILE_FLOATS: usize = 1 << 18;
 
 /// The unfolded input of one weight-gradient chunk is kept under about this many floats (8 MiB).
 const CHUNK_FLOATS: usize = 2 << 20;
@@ -144,24 +148,46 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
         .enumerate()
         .for_each_init(Vec::new, |cols, (n, out)| {
             let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
-            let cols: &[f32] = if s.is_pointwise() {
-                image
-            } else {
-                cols.resize(rows * pixels, 0.0);
-                unfold(image, s, cols, pixels, 0);
-                cols
-            };
-            // SAFETY: out is [out_channels, pixels], weight [out_channels, rows] and cols
-            // [rows, pixels], all row-major; out is a buffer of its own.
-            unsafe {
-                matmul(
-                    [s.out_channels, pixels, rows],
-                    (out.as_mut_ptr(), [pixels, 1]),
-                    false,
-                    (weight.as_ptr(), [rows, 1]),
-                    (cols.as_ptr(), [pixels, 1]),
-                    parallelism,
-                );
+            if s.is_pointwise() {
+                // SAFETY: out is [out_channels, pixels], weight [out_channels, rows] and the
+                // image [rows, pixels], all row-major; out is a buffer of its own.
+                unsafe {
+                    matmul(
+                        [s.out_channels, pixels, rows],
+                        (out.as_mut_ptr(), [pixels, 1]),
+                        false,
+                        (weight.as_ptr(), [rows, 1]),
+                        (image.as_ptr(), [pixels, 1]),
+                        parallelism,
+                    );
+                }
+                return;
+            }
+            // A few output rows at a time, so the unfolded tile is still in cache when the
+            // GEMM reads it; each tile's result lands in its columns of the output.
+            let ow = s.output[1].max(1);
+            let tiles = (rows * pixels)
+                .div_ceil(TILE_FLOATS)
+                .clamp(1, s.output[0].max(1));
+            let tile_rows = s.output[0].div_ceil(tiles).max(1);
+            for first in (0..s.output[0]).step_by(tile_rows) {
+                let tile = first..(first + tile_rows).min(s.output[0]);
+                let width = tile.len() * ow;
+                cols.resize(rows * width, 0.0);
+                unfold_rows(image, s, cols, width, 0, tile);
+                // SAFETY: out is [out_channels, pixels] row-major and this tile writes its
+                // columns first * ow .. first * ow + width; weight is [out_channels, rows] and
+                // cols [rows, width], row-major; out is a buffer of its own.
+                unsafe {
+                    matmul(
+                        [s.out_channels, width, rows],
+                        (out.as_mut_ptr().add(first * ow), [pixels, 1]),
+                        false,
+                        (weight.as_ptr(), [rows, 1]),
+                        (cols.as_ptr(), [width, 1]),
+                        parallelism,
+                    );
+                }
             }
         });
     output
@@ -341,6 +367,18 @@ fn valid_outputs(
 /// Writes one image's unfolded input into columns `column..column + pixels` of `cols`, a
 /// `[in_channels * kh * kw, depth]` row-major buffer.
 fn unfold(image: &[f32], s: ConvShape, cols: &mut [f32], depth: usize, column: usize) {
+    unfold_rows(image, s, cols, depth, column, 0..s.output[0]);
+}
+
+/// As [`unfold`], for output rows `output_rows` only: columns `column..column + rows * ow`.
+fn unfold_rows(
+    image: &[f32],
+    s: ConvShape,
+    cols: &mut [f32],
+    depth: usize,
+    column: usize,
+    output_rows: std::ops::Range<usize>,
+) {
     let [h, w] = s.input;
     let [oh_len, ow_len] = s.output;
     let [kh_len, kw_len] = s.kernel;
@@ -354,8 +392,8 @@ fn unfold(image: &[f32], s: ConvShape, cols: &mut [f32], depth: usize, column: u
             for kw in 0..kw_len {
                 let (ow_low, ow_high) = valid_outputs(kw * dw, pw, sw, w, ow_len);
                 let row = (ci * kh_len + kh) * kw_len + kw;
-                let out = &mut cols[row * depth + column..row * depth + column + oh_len * ow_len];
-                for (oh, out_row) in out.chunks_exact_mut(ow_len).enumerate() {
+                let out = &mut cols[row * depth + column..][..output_rows.len() * ow_len];
+                for (oh, out_row) in output_rows.clone().zip(out.chunks_exact_mut(ow_len)) {
                     if oh < oh_low || oh >= oh_high || ow_low >= ow_high {
                         out_row.fill(0.0);
                         continue;
@@ -514,6 +552,8 @@ mod tests {
             (5, 1, 1, [1, 1], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
             (3, 2, 2, [4, 4], [3, 3], [1, 1], [(3, 3), (3, 3)], [1, 1]),
             (1, 3, 2, [5, 5], [1, 1], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            // large enough for several forward tiles (12, 12, 12 and 9 output rows)
+            (1, 32, 2, [45, 61], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =

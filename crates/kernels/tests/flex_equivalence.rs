@@ -155,7 +155,7 @@ type ConvCase = (
     [usize; 2],
 );
 
-const CONV_CASES: [ConvCase; 9] = [
+const CONV_CASES: [ConvCase; 10] = [
     (2, 3, 4, [7, 9], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
     (1, 5, 2, [6, 5], [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
     (3, 4, 6, [11, 10], [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
@@ -165,6 +165,8 @@ const CONV_CASES: [ConvCase; 9] = [
     (1, 16, 32, [8, 8], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
     (5, 64, 16, [4, 4], [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
     (6, 8, 8, [5, 5], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+    // several forward tiles of whole output rows, the last one partial
+    (2, 32, 4, [37, 90], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
 ];
 
 fn conv_layer(case: &ConvCase, device: &Device) -> Conv2d {
