@@ -270,7 +270,6 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
             let mut grad = vec![0f32; weight_len];
             let mut cols = Vec::new();
             let mut dy = Vec::new();
-            let mut first = true;
             for start in (begin..end).step_by(chunk) {
                 let items = start..(start + chunk).min(end);
                 accumulate_chunk(
@@ -281,10 +280,9 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
                     &mut cols,
                     &mut dy,
                     &mut grad,
-                    first,
+                    start == begin,
                     parallelism,
                 );
-                first = false;
             }
             grad
         })

@@ -95,21 +95,17 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     let mean = Tensor::<1>::from_dispatch(mean).detach();
     let variance = Tensor::<1>::from_dispatch(variance).detach();
 
+    // running = (1 - momentum) * running + momentum * batch, as Burn's BatchNorm.
     let momentum = bn.momentum;
-    let running_mean = bn.running_mean.value_sync().to_device(&device);
-    let running_var = bn.running_var.value_sync().to_device(&device);
-    bn.running_mean.update(
-        running_mean
-            .mul_scalar(1.0 - momentum)
-            .add(mean.mul_scalar(momentum))
-            .detach(),
-    );
-    bn.running_var.update(
-        running_var
-            .mul_scalar(1.0 - momentum)
-            .add(variance.mul_scalar(momentum))
-            .detach(),
-    );
+    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, variance)] {
+        let value = running.value_sync().to_device(&device);
+        running.update(
+            value
+                .mul_scalar(1.0 - momentum)
+                .add(batch.mul_scalar(momentum))
+                .detach(),
+        );
+    }
     Tensor::from_dispatch(output)
 }
 
