@@ -116,23 +116,17 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64, shape: Plan
         .collect();
     let (mean, variance): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
 
-    // y = x * scale + shift per channel.
-    let (scale, shift): (Vec<f32>, Vec<f32>) = (0..shape.channels)
-        .map(|c| {
-            let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
-            let scale = gamma[c] as f64 * inv_std;
-            (
-                scale as f32,
-                (beta[c] as f64 - mean[c] as f64 * scale) as f32,
-            )
-        })
-        .unzip();
+    // y = (x - mean) * scale + beta per channel. Not `x * scale + shift`: when the mean is
+    // large against the spread, `x * scale` and `mean * scale` nearly cancel in f32.
+    let scale: Vec<f32> = (0..shape.channels)
+        .map(|c| (gamma[c] as f64 / (variance[c] as f64 + epsilon).sqrt()) as f32)
+        .collect();
 
     let mut output = vec![0f32; x.len()];
     for_each_plane(&mut output, x, None, shape, |c, out, x, _| {
-        let (a, b) = (scale[c], shift[c]);
+        let (m, a, b) = (mean[c], scale[c], beta[c]);
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = v * a + b;
+            *o = (v - m) * a + b;
         }
     });
     Forward {
@@ -154,7 +148,8 @@ pub struct Backward {
 /// With `xhat = (x - mean) * inv_std` and `M` values per channel:
 /// `beta_grad = sum(dy)`, `gamma_grad = sum(dy * xhat)`,
 /// `x_grad = gamma * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`,
-/// written as `x_grad = k1 * dy + k2 * x + k3` per channel.
+/// written as `x_grad = k1 * dy + k2 * (x - mean) + k3` per channel (with `x - mean`, not `x`:
+/// `k2 * x` and `k2 * mean` would nearly cancel in f32 when the mean dwarfs the spread).
 pub fn backward(
     x: &[f32],
     gamma: &[f32],
@@ -199,16 +194,17 @@ pub fn backward(
         gamma_grad.push((sum_dy_centred * inv_std) as f32);
         let k1 = g * inv_std;
         let k2 = -g * inv_std * inv_std * inv_std * sum_dy_centred / count;
-        let k3 = -k1 * sum_dy / count - k2 * mean[c] as f64;
+        let k3 = -k1 * sum_dy / count;
         coefficients.push((k1 as f32, k2 as f32, k3 as f32));
     }
 
     let mut x_grad = vec![0f32; x.len()];
     for_each_plane(&mut x_grad, x, Some(output_grad), shape, |c, out, x, dy| {
         let (k1, k2, k3) = coefficients[c];
+        let m = mean[c];
         let dy = dy.expect("output gradient");
         for ((o, &x), &dy) in out.iter_mut().zip(x).zip(dy) {
-            *o = k1 * dy + k2 * x + k3;
+            *o = k1 * dy + k2 * (x - m) + k3;
         }
     });
     Backward {
@@ -336,5 +332,43 @@ mod tests {
             close(&b.gamma_grad, &dgamma, 1e-4, "gamma_grad");
             close(&b.beta_grad, &dbeta, 1e-4, "beta_grad");
         }
+    }
+
+    /// Values far from zero with a tiny spread (a channel whose mean is 300,000 of its standard
+    /// deviations): the output and the input gradient stay as precise as the formulas in f64.
+    /// Written as `x * scale + shift` and `k2 * x + k3` (the kernels before 2026-12), the
+    /// output lost more than 0.1% here.
+    #[test]
+    fn keeps_its_precision_when_the_mean_dwarfs_the_spread() {
+        let s = Planes::from_dims(&[8, 4, 6, 6]);
+        let x: Vec<f32> = values(s.len(), 5, 0.0)
+            .iter()
+            .map(|v| 40.0 + 2e-4 * v)
+            .collect();
+        let dy = values(s.len(), 6, 0.1);
+        let gamma = values(s.channels, 7, 1.0);
+        let beta = values(s.channels, 8, 0.0);
+        let eps = 1e-5;
+        let [y, _, _, dx, _, _] = naive(&x, &gamma, &beta, &dy, eps, s);
+        let f = forward(&x, &gamma, &beta, eps, s);
+        let b = backward(&x, &gamma, &f.mean, &f.variance, eps, &dy, s);
+        let worst = |got: &[f32], want: &[f64]| {
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let error = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+            error / scale
+        };
+        assert!(
+            worst(&f.output, &y) < 1e-3,
+            "output {}",
+            worst(&f.output, &y)
+        );
+        assert!(
+            worst(&b.x_grad, &dx) < 1e-3,
+            "x_grad {}",
+            worst(&b.x_grad, &dx)
+        );
     }
 }

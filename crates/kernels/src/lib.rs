@@ -2,7 +2,9 @@
 //! a fused BatchNorm training forward and backward, and conv2d (forward, input gradient, weight
 //! gradient) as im2col + GEMMs that write in place, the weight gradient over whole chunks of the
 //! batch. [`batch_norm`] and [`conv2d`] take Burn's own `nn` modules and use the
-//! kernels on flex (with or without autodiff); every other backend runs Burn's ops unchanged.
+//! kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
+//! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
+//! variance), not Burn's.
 
 mod autodiff;
 pub mod batch_norm;
@@ -72,12 +74,15 @@ pub fn on_flex(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
 }
 
-/// `bn.forward(x)`, with the fused kernels in training on flex. Same semantics as Burn's
-/// `BatchNorm::forward`: batch statistics and a running-statistics update when the device is an
-/// autodiff device and the layer is not frozen, the running statistics otherwise.
+/// `bn.forward(x)`, with the fused kernels in training on flex. The semantics of Burn's
+/// `BatchNorm::forward` (batch statistics and a running-statistics update when the device is an
+/// autodiff device and the layer is not frozen, the running statistics otherwise) except for
+/// one thing, on every backend: the running variance moves towards the batch's *unbiased*
+/// variance (`n / (n - 1)` times the biased one the normalisation divides by, `n` the values
+/// per channel), as PyTorch's `BatchNorm2d` does; Burn's moves towards the biased one.
 pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
-    if !(device.is_autodiff() && bn.training.is_enabled() && on_flex(&device)) {
+    if !(device.is_autodiff() && bn.training.is_enabled()) {
         return bn.forward(x);
     }
     let [channels] = bn.gamma.shape().dims();
@@ -86,18 +91,33 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         "BatchNorm over {channels} channels got an input of shape {:?}",
         x.dims()
     );
-    let (output, mean, variance) = Dispatch::fused_batch_norm_train(
-        x.into_dispatch(),
-        bn.gamma.val().into_dispatch(),
-        bn.beta.val().into_dispatch(),
-        bn.epsilon,
-    );
-    let mean = Tensor::<1>::from_dispatch(mean).detach();
-    let variance = Tensor::<1>::from_dispatch(variance).detach();
+    let per_channel = x.shape().num_elements() / channels;
+    let (output, mean, variance) = if on_flex(&device) {
+        let (output, mean, variance) = Dispatch::fused_batch_norm_train(
+            x.into_dispatch(),
+            bn.gamma.val().into_dispatch(),
+            bn.beta.val().into_dispatch(),
+            bn.epsilon,
+        );
+        (
+            Tensor::from_dispatch(output),
+            Tensor::<1>::from_dispatch(mean),
+            Tensor::<1>::from_dispatch(variance),
+        )
+    } else {
+        let result =
+            burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+        (result.output, result.mean, result.variance)
+    };
+    let unbiased = per_channel as f64 / per_channel.saturating_sub(1).max(1) as f64;
+    let variance = variance.detach().mul_scalar(unbiased);
 
-    // running = (1 - momentum) * running + momentum * batch, as Burn's BatchNorm.
+    // running = (1 - momentum) * running + momentum * batch.
     let momentum = bn.momentum;
-    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, variance)] {
+    for (running, batch) in [
+        (&bn.running_mean, mean.detach()),
+        (&bn.running_var, variance),
+    ] {
         let value = running.value_sync().to_device(&device);
         running.update(
             value
@@ -106,7 +126,7 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
                 .detach(),
         );
     }
-    Tensor::from_dispatch(output)
+    output
 }
 
 /// `conv.forward(x)`, through this crate's conv kernels on flex. Convolutions with a bias,
