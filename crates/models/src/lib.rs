@@ -19,6 +19,6 @@ pub use resnet::{ResNet, ResidualBlock};
 pub use shakedrop::ShakeDrop;
 pub use state_dict::{
     HostData, HostTensor, LoadError, LoadSummary, StateDict, burn_paths_to_torch, load_state_dict,
-    state_dict,
+    param_names, state_dict,
 };
 pub use weights_file::{WeightsError, WeightsFormat, read_weights, write_safetensors};

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::registry::Model;
@@ -194,6 +194,35 @@ pub fn state_dict(model: &Model, batches_tracked: i64) -> Vec<(String, HostTenso
     };
     model.visit(&mut reader);
     reader.out
+}
+
+/// Every parameter's id with its PyTorch name and whether Burn stores it transposed (a Linear
+/// weight), in visiting order: names for what is kept per parameter id, as an optimiser's
+/// momentum buffers.
+pub fn param_names(model: &Model) -> Vec<(ParamId, String, bool)> {
+    struct Lister {
+        path: PathTracker,
+        out: Vec<(ParamId, String, bool)>,
+    }
+    impl ModuleVisitor for Lister {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let entry = self.path.entry(&param.lazy_shape().to_vec());
+            self.out
+                .push((param.id, entry.torch_name, entry.transposed));
+        }
+    }
+    let mut lister = Lister {
+        path: PathTracker::default(),
+        out: Vec::new(),
+    };
+    model.visit(&mut lister);
+    lister.out
 }
 
 /// Renames tensors saved under Burn's module paths (a `.bpk` checkpoint) to PyTorch's names
