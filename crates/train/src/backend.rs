@@ -1,7 +1,11 @@
 //! Turns the `backend` setting into a Burn device (DESIGN.md, "Backends").
 
+use std::path::PathBuf;
+
 use anyhow::{Result, bail};
 use burn::tensor::{Device, DeviceKind};
+use cubecl_runtime::config::cache::CacheConfig;
+use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
 
 use crate::config::BackendChoice;
 
@@ -13,6 +17,8 @@ pub struct Backend {
     pub name: &'static str,
     /// A line for the log: the backend and the adapter it runs on.
     pub description: String,
+    /// wgpu: where CubeCL keeps compiled kernels and autotune results ([`keep_gpu_caches`]).
+    pub gpu_cache: Option<PathBuf>,
 }
 
 /// A wgpu adapter as wgpu reports it.
@@ -69,6 +75,7 @@ fn flex() -> Backend {
         device: Device::flex(),
         name: "flex",
         description: "flex (CPU)".into(),
+        gpu_cache: None,
     }
 }
 
@@ -81,6 +88,7 @@ fn wgpu() -> Result<Backend> {
             device: Device::wgpu(DeviceKind::DefaultDevice),
             name: "wgpu",
             description: format!("wgpu on {} ({:?}, {:?})", gpu.name, gpu.kind, gpu.api),
+            gpu_cache: Some(keep_gpu_caches()),
         });
     }
     if let Some(cpu) = adapters.iter().find(|a| a.kind == wgpu::DeviceType::Cpu) {
@@ -91,6 +99,7 @@ fn wgpu() -> Result<Backend> {
                 "wgpu on {} (software adapter on the CPU: correct but slow; use flex to train on a CPU)",
                 cpu.name
             ),
+            gpu_cache: Some(keep_gpu_caches()),
         });
     }
     bail!(
@@ -105,6 +114,7 @@ fn ndarray() -> Result<Backend> {
         device: Device::ndarray(),
         name: "ndarray",
         description: "ndarray (CPU; deprecated upstream and about 40x slower than flex)".into(),
+        gpu_cache: None,
     })
 }
 
@@ -131,6 +141,24 @@ pub fn select(choice: BackendChoice) -> Result<Backend> {
             }
         }
     }
+}
+
+/// Keeps what CubeCL learns about a GPU (autotune results and compiled kernels) in a per-user
+/// folder, `$XDG_CACHE_HOME/cubecl` (usually `~/.cache/cubecl`), so the next run on this machine
+/// does not pay for it again. CubeCL's own default is the `target/` folder of the Cargo
+/// workspace the process runs in, which a prebuilt binary or another working directory misses.
+/// A `cubecl.toml` (or `burn.toml` `[cubecl]` section) that names another place wins, as do
+/// CubeCL's environment variables (`CUBECL_AUTOTUNE_CACHE=0` turns the cache off). Call before
+/// any GPU device is used; returns the folder.
+pub fn keep_gpu_caches() -> PathBuf {
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if matches!(config.environment.path, CacheConfig::Target) {
+        config.environment.path = CacheConfig::Global;
+    }
+    let root = config.environment.path.root();
+    // Already set (a second device in the same process): the first call's folder stays.
+    CubeClRuntimeConfig::try_set(config);
+    root
 }
 
 /// Mesa's Vulkan drivers open a Wayland connection when wgpu lists adapters, and print an error

@@ -316,6 +316,16 @@ pub struct TrainSection {
     /// weights; 0 = off.
     #[serde(default)]
     pub ema_decay: f64,
+    /// Batches between reads of the loss and errors back from the device (for the progress
+    /// bar, the log lines and a diverged-run check); they are also read at the end of each
+    /// epoch. A read waits for the device to finish every step queued before it, so on a GPU
+    /// it should be rare; the metrics are the same whatever the interval.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_log_every() -> usize {
+    20
 }
 
 fn default_accumulate() -> usize {
@@ -441,6 +451,7 @@ impl Config {
             "must be in [0, 1)",
         )?;
         check(t.accumulate >= 1, "train.accumulate", "must be at least 1")?;
+        check(t.log_every >= 1, "train.log_every", "must be at least 1")?;
         check(
             (0.0..1.0).contains(&t.ema_decay),
             "train.ema_decay",

@@ -5,6 +5,7 @@
 //! and PNG figures of runs.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod datasets;

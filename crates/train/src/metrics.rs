@@ -244,6 +244,21 @@ impl Tally {
         self.images += labels.len();
     }
 
+    /// Adds a batch counted elsewhere (on the device): its mean loss, its size and its top-1 and
+    /// top-5 mistakes, with the same arithmetic as [`add`](Self::add).
+    pub fn add_counts(
+        &mut self,
+        mean_loss: f64,
+        images: usize,
+        top1_wrong: usize,
+        top5_wrong: usize,
+    ) {
+        self.top1_wrong += top1_wrong;
+        self.top5_wrong += top5_wrong;
+        self.loss_sum += mean_loss * images as f64;
+        self.images += images;
+    }
+
     pub fn loss(&self) -> f64 {
         self.loss_sum / self.images.max(1) as f64
     }

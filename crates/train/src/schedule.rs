@@ -46,6 +46,7 @@ mod tests {
             clip_grad_norm: 0.0,
             accumulate: 1,
             ema_decay: 0.0,
+            log_every: 20,
         }
     }
 

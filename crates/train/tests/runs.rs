@@ -1519,3 +1519,292 @@ fn a_diverging_run_stops_and_names_its_last_good_checkpoint() {
     );
     assert_one_line_error(&fresh, &["at epoch 1", "no checkpoint yet"]);
 }
+
+/// A tensor of a fixture file as f32 values.
+fn fixture_floats(tensors: &cutmix_models::StateDict, name: &str) -> Vec<f32> {
+    match &tensors[name].data {
+        cutmix_models::HostData::F32(values) => values.clone(),
+        cutmix_models::HostData::I64(values) => values.iter().map(|&v| v as f32).collect(),
+    }
+}
+
+/// `max |ours - theirs| / max |theirs|` (0 when both are all zeros).
+fn relative_error(ours: &[f32], theirs: &[f32]) -> f32 {
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    if scale == 0.0 { worst } else { worst / scale }
+}
+
+/// What two replayed steps leave: the weights and BatchNorm statistics, the momentum buffers
+/// (by PyTorch name), the losses and the mixed batches.
+struct Replayed {
+    weights: std::collections::BTreeMap<String, Vec<f32>>,
+    buffers: std::collections::BTreeMap<String, Vec<f32>>,
+    losses: Vec<f32>,
+    mixed: Vec<Vec<f32>>,
+}
+
+/// Replays the two SGD steps of a PyTorch fixture on `device`.
+fn replay_pytorch_steps(
+    config: &ModelConfig,
+    fixture: &cutmix_models::StateDict,
+    device: &Device,
+) -> Replayed {
+    use burn::tensor::{Tensor, TensorData};
+    use cutmix_augment::{CutBox, Draw};
+
+    let device = device.clone().autodiff();
+    let fresh = config.init(&mut StdRng::seed_from_u64(0), &device).unwrap();
+    let initial: cutmix_models::StateDict = fixture
+        .iter()
+        .filter_map(|(name, t)| Some((name.strip_prefix("init.")?.to_string(), t.clone())))
+        .collect();
+    let (mut model, summary) = cutmix_models::load_state_dict(fresh, &initial, "fc.").unwrap();
+    assert!(summary.reinitialised.is_empty(), "{summary}");
+    let hparams = fixture_floats(fixture, "hparams");
+    let (lr, momentum, weight_decay) = (hparams[0], hparams[1], hparams[2]);
+    let section: TrainSection = toml::from_str(&format!(
+        "epochs = 1\nbatch_size = 8\nlr = {lr}\nmomentum = {momentum}\nnesterov = true\nweight_decay = {weight_decay}"
+    ))
+    .unwrap();
+    let mut optimizer = sgd(&section);
+    let labels: Vec<usize> = fixture_floats(fixture, "labels")
+        .iter()
+        .map(|&l| l as usize)
+        .collect();
+    let input = fixture_floats(fixture, "input");
+    let (mut losses, mut mixed_batches) = (Vec::new(), Vec::new());
+    for step in 0..2 {
+        let images =
+            Tensor::<4>::from_data(TensorData::new(input.clone(), [8, 3, 32, 32]), &device);
+        let perm = fixture_floats(fixture, &format!("step{step}.perm"));
+        let b = fixture_floats(fixture, &format!("step{step}.box"));
+        let cut = CutBox {
+            y1: b[0] as usize,
+            y2: b[1] as usize,
+            x1: b[2] as usize,
+            x2: b[3] as usize,
+        };
+        let lambda = cut.kept_share(32, 32);
+        assert_eq!(
+            lambda,
+            fixture_floats(fixture, &format!("step{step}.lam"))[0]
+        );
+        let draw = Draw {
+            partners: perm.iter().map(|&p| p as usize).collect(),
+            boxes: vec![cut; 8],
+            blends: vec![1.0; 8],
+            lambdas: vec![lambda; 8],
+            zero_fill: false,
+        };
+        let mixed = draw.apply(images, &labels, 10);
+        mixed_batches.push(
+            mixed
+                .images
+                .clone()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        );
+        let logits = model.forward_train(mixed.images, &mut StdRng::seed_from_u64(0));
+        let (next, out) = train_step(model, &mut optimizer, logits, mixed.targets, f64::from(lr));
+        model = next;
+        losses.push(out.loss);
+    }
+    let weights = named(&model.valid());
+    // The momentum buffers, named through the parameter ids the optimiser keys them by.
+    let saved = tempfile::tempdir().unwrap();
+    let file = saved.path().join("optimizer.bpk");
+    optimizer.save(&file).unwrap();
+    let (_, state) = cutmix_models::read_weights(&file).unwrap();
+    let mut buffers = std::collections::BTreeMap::new();
+    for (id, name, transposed) in cutmix_models::param_names(&model) {
+        if name.contains("running_") {
+            continue; // BatchNorm's statistics are buffers, not parameters: no momentum.
+        }
+        let prefix = format!("{}.", id.val());
+        let (key, tensor) = state
+            .iter()
+            .find(|(key, _)| key.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no optimiser state for {name}"));
+        let cutmix_models::HostData::F32(values) = &tensor.data else {
+            panic!("{key} holds floats");
+        };
+        let values = if transposed {
+            let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+            (0..rows * cols)
+                .map(|i| values[(i % rows) * cols + i / rows])
+                .collect()
+        } else {
+            values.clone()
+        };
+        buffers.insert(name, values);
+    }
+    Replayed {
+        weights,
+        buffers,
+        losses,
+        mixed: mixed_batches,
+    }
+}
+
+/// Two training steps equal PyTorch's: a fixture written by PyTorch
+/// (`scripts/write_train_step_fixture.py`) holds a small CIFAR ResNet's and a small PyramidNet's
+/// initial weights and statistics, a batch of real images, two CutMix draws (box, partner order,
+/// lambda) and everything after two SGD steps with Nesterov momentum and weight decay, computed
+/// in float64 (the exact answer). Replayed on flex and on wgpu, the mixed batches equal
+/// PyTorch's, and every weight, BatchNorm running statistic and momentum buffer is within 1e-4
+/// relative (`max |ours - exact| / max |exact|`) of the exact answer, or within 3 times
+/// PyTorch's own f32 error on that tensor where that is larger (BatchNorm bias gradients are
+/// sums that nearly cancel: PyTorch's f32 misses the exact ones by up to 9e-5).
+#[test]
+fn two_sgd_steps_equal_pytorchs() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let models = [
+        (
+            "train_step_cifar_resnet8.safetensors",
+            Arch::CifarResNet,
+            8,
+            0.0,
+        ),
+        (
+            "train_step_pyramidnet11_a24.safetensors",
+            Arch::PyramidNet,
+            11,
+            24.0,
+        ),
+    ];
+    for (file, arch, depth, alpha) in models {
+        let config = ModelConfig {
+            arch,
+            depth,
+            alpha,
+            bottleneck: arch == Arch::PyramidNet,
+            shakedrop: 0.0,
+            num_classes: 10,
+        };
+        let (_, fixture) = cutmix_models::read_weights(&fixtures.join(file)).unwrap();
+        for device in [Device::flex(), Device::wgpu(DeviceKind::Cpu)] {
+            let replayed = replay_pytorch_steps(&config, &fixture, &device);
+            let at = format!("{file} on {device:?}");
+            for step in 0..2 {
+                let theirs = fixture_floats(&fixture, &format!("step{step}.input"));
+                let error = relative_error(&replayed.mixed[step], &theirs);
+                assert!(
+                    error < 1e-7,
+                    "{at}: the mixed batch of step {step}: {error}"
+                );
+                let loss = replayed.losses[step];
+                let theirs = fixture_floats(&fixture, &format!("step{step}.loss"))[0];
+                assert!(
+                    (loss - theirs).abs() <= 1e-5 * theirs.abs(),
+                    "{at}: loss {loss} vs {theirs}"
+                );
+            }
+            let mut compared = 0;
+            let tensors = [
+                ("final", &replayed.weights),
+                ("momentum", &replayed.buffers),
+            ];
+            for (kind, values) in tensors {
+                for (name, ours) in values {
+                    let key = format!("{kind}.{name}");
+                    let exact = fixture_floats(&fixture, &key);
+                    let torch_f32 = fixture_floats(&fixture, &format!("torch_f32_error.{key}"))[0];
+                    let bound = 1e-4f32.max(3.0 * torch_f32);
+                    let error = relative_error(ours, &exact);
+                    assert!(
+                        error <= bound,
+                        "{at}: {key} relative error {error} (bound {bound}; PyTorch f32's {torch_f32})"
+                    );
+                    compared += 1;
+                }
+            }
+            let expected = fixture
+                .keys()
+                .filter(|k| {
+                    (k.starts_with("final.") && !k.ends_with("num_batches_tracked"))
+                        || k.starts_with("momentum.")
+                })
+                .count();
+            assert_eq!(compared, expected, "{at}: every tensor compared");
+        }
+    }
+}
+
+/// Training and validation keep their numbers on the device and read them back every
+/// `train.log_every` batches (and at the end of an epoch), never per batch: the reads of a run
+/// are counted, and a run's metrics do not depend on how often it reads.
+#[test]
+fn an_epoch_reads_its_numbers_back_at_the_progress_interval_only() {
+    use cutmix_train::config::Config;
+    use cutmix_train::trainer::{RunOptions, host_reads};
+    let config_path = repo().join("configs/quickstart.toml");
+    let run = |log_every: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let mut sets = quick_sets(out.path(), &["augment.prob=1.0"]);
+        sets.push(format!("train.log_every={log_every}"));
+        let config = Config::load(&config_path, &sets).unwrap();
+        let before = host_reads();
+        let summary = cutmix_train::trainer::train(&config, &RunOptions::default()).unwrap();
+        (host_reads() - before, summary.metrics, out)
+    };
+    // 192 training images in batches of 32: 6 batches; 64 validation images: 2 batches.
+    let (every_two, metrics, _a) = run(2);
+    assert_eq!(
+        every_two,
+        2 * (3 + 1),
+        "per epoch: 3 training reads, 1 validation read"
+    );
+    let (every_four, again, _b) = run(4);
+    assert_eq!(
+        every_four,
+        2 * (2 + 1),
+        "per epoch: reads at batch 4 and at the end, 1 validation read"
+    );
+    for (x, y) in metrics.iter().zip(&again) {
+        assert_eq!(x.train_loss, y.train_loss);
+        assert_eq!(x.train_top1_err, y.train_top1_err);
+        assert_eq!(x.val_loss, y.val_loss);
+        assert_eq!(x.val_top1_err, y.val_top1_err);
+    }
+}
+
+/// A run on wgpu times its first steps (kernel compilation and autotuning) and says so, and
+/// CubeCL's caches go to the user's cache folder (`$XDG_CACHE_HOME/cubecl`, else
+/// `~/.cache/cubecl`), not to the working directory's Cargo `target/`.
+#[test]
+fn a_wgpu_run_reports_its_warm_up_and_keeps_the_kernel_cache_per_user() {
+    let out = tempfile::tempdir().unwrap();
+    let sets = quick_sets(
+        out.path(),
+        &[
+            "backend=wgpu",
+            "train.epochs=1",
+            "data.train_limit=64",
+            "data.val_limit=32",
+        ],
+    );
+    let output = train(&repo().join("configs/quickstart.toml"), &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("GPU warm-up: the first 2 steps took"),
+        "{stdout}"
+    );
+    let user_cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache"),
+    };
+    let folder = user_cache.join("cubecl");
+    assert!(
+        stdout.contains(&format!("cached in {}", folder.display())),
+        "{stdout}"
+    );
+    let entries = std::fs::read_dir(&folder).map(|d| d.count()).unwrap_or(0);
+    assert!(entries > 0, "nothing cached in {}", folder.display());
+}

@@ -1,0 +1,235 @@
+//! One training step's parts: the optimiser, the mixing, the mixed forward pass, the loss and
+//! its gradients, clipping, and the update.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::loss::cross_entropy_with_logits;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+
+use cutmix_augment::{CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner};
+use cutmix_data::Batch;
+use cutmix_models::Model;
+
+use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
+
+/// Parameters that `train.decay_bn_and_bias = false` leaves out of weight decay: BatchNorm's
+/// weight (gamma) and bias (beta), and every bias.
+const NO_DECAY: &str = r"(^|\.)(gamma|beta|bias)$";
+
+/// SGD as `torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0)` with the run's
+/// momentum, Nesterov and weight decay (optionally not on BatchNorm parameters and biases).
+pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
+    let config = |weight_decay: f64| {
+        let momentum = (train.momentum > 0.0).then_some(MomentumConfig {
+            momentum: train.momentum,
+            dampening: 0.0,
+            nesterov: train.nesterov,
+        });
+        SgdConfig::new()
+            .with_momentum(momentum)
+            .with_weight_decay((weight_decay > 0.0).then_some(WeightDecayConfig {
+                penalty: weight_decay as f32,
+            }))
+    };
+    let optimizer = config(train.weight_decay).init();
+    if train.decay_bn_and_bias || train.weight_decay == 0.0 {
+        return optimizer;
+    }
+    let no_decay = ParamGroup::from_regex(NO_DECAY).expect("a valid pattern");
+    optimizer.with_group(no_decay, config(0.0).build(), None)
+}
+
+/// The `[augment]` section as a mixing method.
+pub fn mixing(config: &Config) -> Mixing {
+    let a = &config.augment;
+    let mode = match a.mode {
+        MixMode::Batch => Mode::Batch,
+        MixMode::Elem => Mode::Elem,
+    };
+    let partner = match a.partner {
+        PartnerKind::Permutation => Partner::Permutation,
+        PartnerKind::Flip => Partner::Flip,
+        PartnerKind::Roll => Partner::Roll,
+    };
+    let cutmix = CutMix {
+        beta: a.beta,
+        prob: a.prob,
+        mode,
+        partner,
+    };
+    let mixup = Mixup {
+        alpha: a.mixup_alpha,
+        prob: a.prob,
+        mode,
+        partner,
+    };
+    match a.method {
+        MixMethod::None => Mixing::None,
+        MixMethod::Cutmix => Mixing::CutMix(cutmix),
+        MixMethod::Mixup => Mixing::Mixup(mixup),
+        MixMethod::Cutout => Mixing::Cutout(Cutout {
+            size: a.cutout_size,
+            prob: a.prob,
+        }),
+        MixMethod::CutmixMixup => Mixing::CutMixOrMixup(CutMixOrMixup {
+            cutmix,
+            mixup,
+            switch_prob: a.switch_prob,
+        }),
+    }
+}
+
+/// Uploads a host batch's images as an NCHW tensor; returns it with the labels.
+pub fn images_tensor(batch: Batch, device: &Device) -> (Tensor<4>, Vec<usize>) {
+    let shape = [batch.len(), 3, batch.size, batch.size];
+    let images = Tensor::from_data(TensorData::new(batch.images, shape), device);
+    (images, batch.labels)
+}
+
+/// What one optimisation step saw, read back to the host.
+pub struct StepOutput {
+    pub loss: f32,
+    /// `[batch][classes]` logits, row-major.
+    pub logits: Vec<f32>,
+}
+
+/// The soft-target cross-entropy of `logits` against `targets` and the gradients of the loss
+/// times `loss_scale` (1 / the number of accumulated batches); the (unscaled) loss stays on the
+/// device.
+pub fn loss_and_grads(
+    model: &Model,
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    loss_scale: f32,
+) -> (GradientsParams, Tensor<1>) {
+    let loss = cross_entropy_with_logits(logits, targets);
+    let scaled = if loss_scale == 1.0 {
+        loss.clone()
+    } else {
+        loss.clone() * loss_scale
+    };
+    let grads = GradientsParams::from_grads(scaled.backward(), model);
+    (grads, loss.detach())
+}
+
+/// [`loss_and_grads`], with the loss and the logits read back (tests and benchmarks; the
+/// training loop keeps them on the device).
+pub fn backward(
+    model: &Model,
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    loss_scale: f32,
+) -> (GradientsParams, StepOutput) {
+    let seen = logits.clone().detach();
+    let (grads, loss) = loss_and_grads(model, logits, targets, loss_scale);
+    let output = StepOutput {
+        loss: loss.into_scalar::<f32>(),
+        logits: seen
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 logits"),
+    };
+    (grads, output)
+}
+
+/// One optimiser step with `grads`, their global norm clipped to `clip` first (0 = no clip).
+pub fn apply_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    mut grads: GradientsParams,
+    lr: f64,
+    clip: f64,
+) -> Model {
+    if clip > 0.0 {
+        clip_global_norm(&model, &mut grads, clip);
+    }
+    optimizer.step(lr, model, grads)
+}
+
+/// One training step on one batch: backward, then the optimiser, with the loss and logits read
+/// back (tests and benchmarks).
+pub fn train_step(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    lr: f64,
+) -> (Model, StepOutput) {
+    let (grads, out) = backward(&model, logits, targets, 1.0);
+    (apply_step(model, optimizer, grads, lr, 0.0), out)
+}
+
+/// Scales every gradient by `min(1, max_norm / (norm + 1e-6))`, `norm` being the L2 norm of all
+/// gradients together, as `torch.nn.utils.clip_grad_norm_` (on the device, no read-back).
+/// Returns the norm before clipping.
+pub fn clip_global_norm(model: &Model, grads: &mut GradientsParams, max_norm: f64) -> Tensor<1> {
+    struct SquaredSum<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredSum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                let squares = grad.powi_scalar(2).sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squares,
+                    None => squares,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: Tensor<1>,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                let factor = self.factor.clone().reshape([1; D]);
+                self.grads.register(param.id, grad * factor);
+            }
+        }
+    }
+    let mut sum = SquaredSum { grads, total: None };
+    model.visit(&mut sum);
+    let Some(total) = sum.total else {
+        return Tensor::zeros([1], &Device::default());
+    };
+    let norm = total.sqrt();
+    let factor = ((norm.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
+    model.visit(&mut Scale { grads, factor });
+    norm
+}
+
+/// The training forward pass of one batch with its mixing: on the input images, or on the
+/// feature map after a stage (`augment.at`). Returns the logits and the soft targets.
+#[allow(clippy::too_many_arguments)]
+pub fn mixed_forward(
+    model: &Model,
+    images: Tensor<4>,
+    labels: &[usize],
+    num_classes: usize,
+    mixing: &Mixing,
+    at: Option<usize>,
+    mix_rng: &mut StdRng,
+    model_rng: &mut StdRng,
+) -> (Tensor<2>, Tensor<2>) {
+    match at {
+        None => {
+            let mixed = mixing.apply(images, labels, num_classes, mix_rng);
+            (model.forward_train(mixed.images, model_rng), mixed.targets)
+        }
+        Some(stage) => {
+            let mut targets = None;
+            let logits = model.forward_train_mixed(images, stage, model_rng, &mut |features| {
+                let mixed = mixing.apply(features, labels, num_classes, mix_rng);
+                targets = Some(mixed.targets);
+                mixed.images
+            });
+            (logits, targets.expect("the model ran the mixing stage"))
+        }
+    }
+}
