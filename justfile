@@ -23,15 +23,21 @@ train CONFIG *ARGS:
 fetch-cifar WHICH:
     scripts/fetch_cifar.sh {{WHICH}} data
 
-# What each mixing method costs per batch against a training step (flex).
 # Training steps on the CPU next to PyTorch (needs .venv: `just interop` makes it).
 bench-cpu *ARGS:
     scripts/bench_cpu.sh {{ARGS}}
+
+# Training steps on a GPU (wgpu) next to PyTorch on CUDA: needs an NVIDIA GPU with its Vulkan
+# driver and python3 with torch (`DRY=1 just bench-gpu` checks the script anywhere, tiny shapes).
+# `just bench-gpu --bundle` makes a tarball that runs on a GPU machine with no Rust toolchain.
+bench-gpu *ARGS:
+    scripts/bench_gpu.sh {{ARGS}}
 
 # Loader vs torchvision on one core, and peak memory (needs .venv: `just interop` makes it).
 bench-loader *ARGS:
     scripts/bench_loader.sh {{ARGS}}
 
+# What each mixing method costs per batch against a training step (flex).
 bench-mixing *ARGS:
     cargo run --release --bin bench_mixing -- {{ARGS}}
 

@@ -24,47 +24,17 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use cutmix_augment::one_hot;
-use cutmix_models::{Arch, ModelConfig};
+use cutmix_models::ModelConfig;
 use cutmix_train::config::TrainSection;
 use cutmix_train::metrics::peak_rss_mib;
 use cutmix_train::trainer::{sgd, train_step};
 
-/// The benchmarked models: name, network, input side, default batch.
+/// The CPU benchmark's models: name, network, input side, default batch.
 fn models() -> Vec<(&'static str, ModelConfig, usize, usize)> {
-    let config = |arch, depth, alpha, bottleneck, num_classes| ModelConfig {
-        arch,
-        depth,
-        alpha,
-        bottleneck,
-        shakedrop: 0.0,
-        num_classes,
-    };
-    vec![
-        (
-            "cifar_resnet20",
-            config(Arch::CifarResNet, 20, 0.0, false, 10),
-            32,
-            64,
-        ),
-        (
-            "resnet18_cifar_stem",
-            config(Arch::ResNetCifarStem, 18, 0.0, false, 10),
-            32,
-            64,
-        ),
-        (
-            "pyramidnet110_a48_bottleneck",
-            config(Arch::PyramidNet, 110, 48.0, true, 100),
-            32,
-            64,
-        ),
-        (
-            "resnet50",
-            config(Arch::ResNet, 50, 0.0, true, 1000),
-            224,
-            8,
-        ),
-    ]
+    cutmix_train::bench::models()
+        .into_iter()
+        .filter_map(|m| Some((m.name, m.config, m.side, m.cpu_batch?)))
+        .collect()
 }
 
 #[derive(Parser)]
