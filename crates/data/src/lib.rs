@@ -19,7 +19,7 @@ pub use color::{ColorAugment, IMAGENET_EIGVAL, IMAGENET_EIGVEC};
 pub use decode::{Encoded, MAX_PIXELS, Sample};
 pub use error::DataError;
 pub use image_folder::ImageFolder;
-pub use loader::{Batch, EpochIter, Loader, LoaderConfig, Skipped};
+pub use loader::{Batch, EpochIter, Loader, LoaderConfig, Shard, Skipped};
 pub use seed::{Stream, keyed_rng};
 pub use transforms::{
     CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_REDUCTION, Transform,

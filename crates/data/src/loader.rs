@@ -76,6 +76,52 @@ struct Shared {
     mean: [f32; 3],
     std: [f32; 3],
     config: LoaderConfig,
+    shard: Shard,
+}
+
+/// This process's part of every epoch when several processes train together, as PyTorch's
+/// `DistributedSampler`: the epoch's order (the same on every process) is cut into `count`
+/// interleaved parts, part `rank` taking positions `rank, rank + count, ...`. With `pad`, the
+/// order is first extended by repeating its start until `count` divides it, so every part has
+/// the same length (training: every process takes the same number of steps); without it the
+/// parts differ by at most one example (validation: nothing counted twice).
+///
+/// Interleaving keeps batches aligned across counts: batch `k` of every part together holds
+/// exactly batch `k` of one process at `count` times the batch size, and each example's
+/// transform is keyed by its position in the whole epoch, so those examples are prepared the
+/// same way too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub count: usize,
+    pub pad: bool,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            count: 1,
+            pad: false,
+        }
+    }
+}
+
+impl Shard {
+    /// Examples of an epoch of `len` after padding (`len` itself without padding).
+    pub fn padded_len(&self, len: usize) -> usize {
+        if self.pad {
+            len.div_ceil(self.count) * self.count
+        } else {
+            len
+        }
+    }
+
+    /// How many examples of an epoch of `len` this part takes.
+    pub fn part_len(&self, len: usize) -> usize {
+        let total = self.padded_len(len);
+        total / self.count + usize::from(self.rank < total % self.count)
+    }
 }
 
 /// Batches of a dataset (or of a subset of its indices), epoch after epoch.
@@ -103,13 +149,47 @@ impl Loader {
                 mean,
                 std,
                 config,
+                shard: Shard::default(),
             }),
         }
     }
 
-    /// Number of examples per epoch.
-    pub fn len(&self) -> usize {
+    /// The same loader, yielding only `shard`'s part of each epoch.
+    pub fn sharded(self, shard: Shard) -> Self {
+        assert!(
+            shard.count >= 1 && shard.rank < shard.count,
+            "shard {} of {}",
+            shard.rank,
+            shard.count
+        );
+        let mut shared = Arc::try_unwrap(self.shared).unwrap_or_else(|shared| Shared {
+            dataset: shared.dataset.clone(),
+            indices: shared.indices.clone(),
+            transform: shared.transform.clone(),
+            mean: shared.mean,
+            std: shared.std,
+            config: shared.config.clone(),
+            shard: shared.shard,
+        });
+        shared.shard = shard;
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Which part of each epoch this loader yields.
+    pub fn shard(&self) -> Shard {
+        self.shared.shard
+    }
+
+    /// Examples of the whole dataset (subset) per epoch, over all shards, before padding.
+    pub fn total_len(&self) -> usize {
         self.shared.indices.len()
+    }
+
+    /// Number of examples per epoch (this shard's part).
+    pub fn len(&self) -> usize {
+        self.shared.shard.part_len(self.shared.indices.len())
     }
 
     /// Whether an epoch is empty.
@@ -140,6 +220,16 @@ impl Loader {
         if shared.config.shuffle {
             order.shuffle(&mut keyed_rng(shared.config.seed, Stream::Order, epoch, 0));
         }
+        let shard = shared.shard;
+        if shard.count > 1 {
+            let total = shard.padded_len(order.len());
+            let repeated: Vec<usize> = order.iter().copied().cycle().take(total).collect();
+            order = repeated
+                .into_iter()
+                .skip(shard.rank)
+                .step_by(shard.count)
+                .collect();
+        }
         let plan = Arc::new(Plan {
             shared: shared.clone(),
             order,
@@ -169,11 +259,13 @@ impl Plan {
         let mut labels = Vec::with_capacity(positions.len());
         let mut skipped = Vec::new();
         for position in positions {
+            // Keyed by the position in the whole epoch, whatever the shard.
+            let in_epoch = position * s.shard.count + s.shard.rank;
             let mut rng = keyed_rng(
                 s.config.seed,
                 Stream::Transform,
                 self.epoch,
-                position as u64,
+                in_epoch as u64,
             );
             let slot = labels.len();
             let prepared = s
@@ -386,6 +478,91 @@ mod tests {
         (0..2)
             .flat_map(|e| loader.epoch(e).map(Result::unwrap).collect::<Vec<_>>())
             .collect()
+    }
+
+    /// The batches of `epoch` as (label, image) pairs per batch.
+    fn examples(loader: &Loader, epoch: u64) -> Vec<Vec<(usize, Vec<u32>)>> {
+        loader
+            .epoch(epoch)
+            .map(|batch| {
+                let batch = batch.unwrap();
+                let per_image = batch.images.len() / batch.len().max(1);
+                batch
+                    .labels
+                    .iter()
+                    .zip(batch.images.chunks(per_image))
+                    .map(|(&l, img)| (l, img.iter().map(|v| v.to_bits()).collect()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shards_together_are_one_process_at_the_whole_batch() {
+        // 37 examples, 3 shards of batch 5 against one loader of batch 15: batch k of the three
+        // shards holds batch k of the one loader, transforms included; padding repeats the
+        // epoch's first two examples.
+        let whole = {
+            let mut loader = small_loader(0);
+            let mut shared = Arc::try_unwrap(loader.shared).ok().unwrap();
+            shared.config.batch_size = 15;
+            loader = Loader {
+                shared: Arc::new(shared),
+            };
+            loader
+        };
+        let parts: Vec<Loader> = (0..3)
+            .map(|rank| {
+                small_loader(1).sharded(Shard {
+                    rank,
+                    count: 3,
+                    pad: true,
+                })
+            })
+            .collect();
+        for part in &parts {
+            assert_eq!(part.len(), 13);
+            assert_eq!(part.num_batches(), 3);
+        }
+        for epoch in [0, 4] {
+            let one = examples(&whole, epoch);
+            let each: Vec<_> = parts.iter().map(|p| examples(p, epoch)).collect();
+            for k in 0..3 {
+                let mut together: Vec<_> = each.iter().flat_map(|e| e[k].clone()).collect();
+                let mut expected = one[k].clone();
+                if k == 2 {
+                    // The padding: the epoch's first two examples again.
+                    expected.extend(one[0][..2].iter().cloned());
+                }
+                together.sort();
+                expected.sort();
+                // Padded examples are transformed at their padded position, so compare labels
+                // only for them, everything for the rest.
+                if k < 2 {
+                    assert_eq!(together, expected, "epoch {epoch} batch {k}");
+                } else {
+                    let labels = |v: &[(usize, Vec<u32>)]| {
+                        let mut l: Vec<usize> = v.iter().map(|e| e.0).collect();
+                        l.sort();
+                        l
+                    };
+                    assert_eq!(labels(&together), labels(&expected));
+                }
+            }
+        }
+        // Without padding, the parts cover the epoch once: 13 + 12 + 12.
+        let lens: Vec<usize> = (0..3)
+            .map(|rank| {
+                small_loader(0)
+                    .sharded(Shard {
+                        rank,
+                        count: 3,
+                        pad: false,
+                    })
+                    .len()
+            })
+            .collect();
+        assert_eq!(lens, vec![13, 12, 12]);
     }
 
     #[test]

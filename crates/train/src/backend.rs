@@ -80,9 +80,31 @@ fn flex() -> Backend {
 }
 
 /// wgpu on the best adapter: a real GPU when there is one, else a software (CPU) adapter such as
-/// Mesa's lavapipe.
-fn wgpu() -> Result<Backend> {
+/// Mesa's lavapipe. With `local_rank` (several processes on one machine, one per GPU), the
+/// `local_rank`-th GPU of the machine's discrete ones (modulo their number).
+fn wgpu(local_rank: Option<usize>) -> Result<Backend> {
     let adapters = wgpu_adapters();
+    let discrete: Vec<&Adapter> = adapters
+        .iter()
+        .filter(|a| a.kind == wgpu::DeviceType::DiscreteGpu)
+        .collect();
+    if let Some(rank) = local_rank
+        && !discrete.is_empty()
+    {
+        let index = rank % discrete.len();
+        let gpu = discrete[index];
+        return Ok(Backend {
+            device: Device::wgpu(DeviceKind::DiscreteGpu(index)),
+            name: "wgpu",
+            description: format!(
+                "wgpu on discrete GPU {index} of {}: {} ({:?})",
+                discrete.len(),
+                gpu.name,
+                gpu.api
+            ),
+            gpu_cache: Some(keep_gpu_caches()),
+        });
+    }
     if let Some(gpu) = adapters.iter().find(|a| is_real_gpu(a.kind)) {
         return Ok(Backend {
             device: Device::wgpu(DeviceKind::DefaultDevice),
@@ -127,13 +149,23 @@ fn ndarray() -> Result<Backend> {
 
 /// Picks the device for `choice`.
 pub fn select(choice: BackendChoice) -> Result<Backend> {
+    select_device(choice, None)
+}
+
+/// Picks the device for `choice` for the process of local rank `local_rank` of a data-parallel
+/// run: on wgpu, one GPU per process on the machine.
+pub fn select_for_rank(choice: BackendChoice, local_rank: usize) -> Result<Backend> {
+    select_device(choice, Some(local_rank))
+}
+
+fn select_device(choice: BackendChoice, local_rank: Option<usize>) -> Result<Backend> {
     match choice {
         BackendChoice::Flex => Ok(flex()),
-        BackendChoice::Wgpu => wgpu(),
+        BackendChoice::Wgpu => wgpu(local_rank),
         BackendChoice::Ndarray => ndarray(),
         BackendChoice::Auto => {
             if wgpu_adapters().iter().any(|a| is_real_gpu(a.kind)) {
-                wgpu()
+                wgpu(local_rank)
             } else {
                 let mut backend = flex();
                 backend.description = "flex (CPU; auto found no GPU)".into();

@@ -34,6 +34,47 @@ pub struct TrainState {
     /// the checkpoint is written, so a resume puts them back if a crash came in between).
     #[serde(default)]
     pub metrics: Option<crate::metrics::EpochMetrics>,
+    /// How many processes trained (`batch` counts each one's batches).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// In the middle of an epoch: the training loss and errors of its batches so far (over all
+    /// ranks), so the resumed epoch reports the whole epoch's numbers.
+    #[serde(default)]
+    pub partial: Option<crate::metrics::Tally>,
+    /// Each file's length and checksum, to tell a checkpoint damaged on disk from an intact one.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, FileDigest>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A file's length and a 64-bit checksum of its bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub checksum: String,
+}
+
+impl FileDigest {
+    /// Reads `path` and digests it (FNV-1a over 8-byte words, about 2 GB/s).
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let data = fs::read(path)?;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut words = data.chunks_exact(8);
+        for word in &mut words {
+            let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
+        }
+        for &byte in words.remainder() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(Self {
+            bytes: data.len() as u64,
+            checksum: format!("{hash:016x}"),
+        })
+    }
 }
 
 /// Creates `<output_dir>/<name>/`, or `<name>-2`, `<name>-3`, ... when it exists: an existing run
@@ -155,11 +196,16 @@ pub fn save(
             .with_context(|| format!("cannot write {}", staged.join("ema.bpk").display()))?;
         files.push("ema.bpk");
     }
-    let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
-    write_atomically(&staged.join("state.json"), &state_json)?;
-    for file in files {
-        fs::File::open(staged.join(file))?.sync_all()?;
+    let mut state = state.clone();
+    for file in &files {
+        let path = staged.join(file);
+        fs::File::open(&path)?.sync_all()?;
+        let digest =
+            FileDigest::of(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        state.files.insert(file.to_string(), digest);
     }
+    let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
+    write_atomically(&staged.join("state.json"), &state_json)?;
     sync_dir(&staged)?;
 
     for (name, wanted) in [("last", true), ("best", is_best)] {
@@ -185,13 +231,36 @@ pub fn read_state(folder: &Path) -> Result<TrainState> {
         .with_context(|| format!("{} is not a training state", path.display()))
 }
 
-/// Reads a checkpoint folder's training state, if the folder is complete (weights, optimizer
-/// and state all present).
-fn complete_state(folder: &Path) -> Option<TrainState> {
-    let complete = ["model.bpk", "optimizer.bpk", "state.json"]
-        .iter()
-        .all(|file| folder.join(file).is_file());
-    complete.then(|| read_state(folder).ok()).flatten()
+/// A checkpoint folder's training state, once its files are all there and match the lengths and
+/// checksums it recorded (a checkpoint written before they were recorded is taken as it is);
+/// the error says what is missing or damaged.
+pub fn intact_state(folder: &Path) -> Result<TrainState> {
+    for file in ["model.bpk", "optimizer.bpk", "state.json"] {
+        if !folder.join(file).is_file() {
+            anyhow::bail!("{} is missing", folder.join(file).display());
+        }
+    }
+    let state = read_state(folder)?;
+    for (file, recorded) in &state.files {
+        let path = folder.join(file);
+        let found =
+            FileDigest::of(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if found.bytes != recorded.bytes {
+            anyhow::bail!(
+                "{} is {} bytes, the checkpoint recorded {} (truncated or damaged)",
+                path.display(),
+                found.bytes,
+                recorded.bytes
+            );
+        }
+        if found.checksum != recorded.checksum {
+            anyhow::bail!(
+                "{} does not match the checksum the checkpoint recorded (damaged on disk)",
+                path.display()
+            );
+        }
+    }
+    Ok(state)
 }
 
 /// An exclusive lock on a run folder, held while a `train` process writes to it, so a second
@@ -223,29 +292,55 @@ pub fn lock_run_dir(run_dir: &Path) -> Result<RunLock> {
     }
 }
 
-/// The newest complete checkpoint of a run: `last`, or the copy a crash in the middle of
-/// replacing it left (`.old-last`), or the newest `epoch-NNNN`; `None` when there is none.
-pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {
+/// A checkpoint folder of a run, and its state or what is wrong with it.
+pub struct Candidate {
+    pub folder: PathBuf,
+    pub state: Result<TrainState>,
+}
+
+/// The run's checkpoint folders (`last`, the copy a crash in the middle of replacing it left,
+/// `.old-last`, and every `epoch-NNNN`), newest first; a damaged or incomplete one comes with
+/// its error, and sorts by its folder's name among the others.
+pub fn candidates(run_dir: &Path) -> Result<Vec<Candidate>> {
     let dir = run_dir.join("checkpoints");
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<(PathBuf, TrainState)> = None;
+    let mut found = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(name == "last" || name == ".old-last" || name.starts_with("epoch-")) {
-            continue;
-        }
-        if let Some(state) = complete_state(&path)
-            && best
-                .as_ref()
-                .is_none_or(|(_, b)| (state.epoch, state.batch) > (b.epoch, b.batch))
-        {
-            best = Some((path, state));
+        let folder = entry?.path();
+        let name = folder.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "last" || name == ".old-last" || name.starts_with("epoch-") {
+            let state = intact_state(&folder);
+            found.push(Candidate { folder, state });
         }
     }
-    Ok(best)
+    // Newest first: by progress when the state is readable; `last` before `.old-last` before
+    // the epoch folders when it is not (or on ties: the same point in two folders).
+    let rank = |c: &Candidate| {
+        let name = c
+            .folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        let order = match name.as_str() {
+            "last" => 0,
+            ".old-last" => 1,
+            _ => 2,
+        };
+        let progress = c.state.as_ref().map_or((0, 0), |s| (s.epoch, s.batch));
+        (std::cmp::Reverse(progress), order, std::cmp::Reverse(name))
+    };
+    found.sort_by_key(rank);
+    Ok(found)
+}
+
+/// The newest intact checkpoint of a run; `None` when there is none.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {
+    Ok(candidates(run_dir)?
+        .into_iter()
+        .find_map(|c| c.state.ok().map(|state| (c.folder, state))))
 }
 
 /// Removes all but the `keep` most recent `epoch-NNNN` folders.

@@ -322,6 +322,18 @@ pub struct TrainSection {
     /// it should be rare; the metrics are the same whatever the interval.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Also write `checkpoints/last` inside an epoch once this many minutes have passed since
+    /// the last checkpoint (0 = only at epoch ends), so a killed run loses at most this much.
+    #[serde(default)]
+    pub checkpoint_minutes: f64,
+    /// Also write `checkpoints/last` every this many optimiser steps inside an epoch (0 = off).
+    #[serde(default)]
+    pub checkpoint_steps: usize,
+    /// With several processes (`mpirun`): all-reduce BatchNorm's batch statistics across them
+    /// (PyTorch's SyncBatchNorm) instead of normalising each process's batch by itself (DDP's
+    /// default).
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 fn default_log_every() -> usize {
@@ -452,6 +464,11 @@ impl Config {
         )?;
         check(t.accumulate >= 1, "train.accumulate", "must be at least 1")?;
         check(t.log_every >= 1, "train.log_every", "must be at least 1")?;
+        check(
+            t.checkpoint_minutes.is_finite() && t.checkpoint_minutes >= 0.0,
+            "train.checkpoint_minutes",
+            "must be a number of minutes >= 0 (0 = only at epoch ends)",
+        )?;
         check(
             (0.0..1.0).contains(&t.ema_decay),
             "train.ema_decay",

@@ -15,3 +15,4 @@ pub mod plots;
 pub mod schedule;
 pub mod trainer;
 pub mod weights;
+pub mod world;

@@ -186,18 +186,61 @@ impl MetricsLog {
     }
 }
 
-/// Running sums for loss and top-k accuracy over an epoch.
-#[derive(Default, Debug, Clone)]
+/// Running sums for loss and top-k accuracy over an epoch (stored in a checkpoint taken in the
+/// middle of one; the loss sum as its bits, so a resumed epoch adds on to exactly the same
+/// number).
+#[derive(Default, Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tally {
     pub images: usize,
+    #[serde(with = "f64_bits")]
     loss_sum: f64,
     top1_wrong: usize,
     top5_wrong: usize,
     /// Files left out of the batches because they could not be read or decoded.
+    #[serde(skip)]
     pub skipped: Vec<Skipped>,
 }
 
+/// An f64 stored as the integer of its bits (JSON's decimal form need not read back exactly).
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        Ok(f64::from_bits(u64::deserialize(deserializer)?))
+    }
+}
+
 impl Tally {
+    /// The sums over every rank of a data-parallel run (the files skipped stay each rank's).
+    pub fn reduce(&mut self, world: &crate::world::World) {
+        if world.size() == 1 {
+            return;
+        }
+        let mut sums = [
+            self.images as f64,
+            self.loss_sum,
+            self.top1_wrong as f64,
+            self.top5_wrong as f64,
+        ];
+        world.sum_f64(&mut sums);
+        self.images = sums[0] as usize;
+        self.loss_sum = sums[1];
+        self.top1_wrong = sums[2] as usize;
+        self.top5_wrong = sums[3] as usize;
+    }
+
+    /// The numbers alone, without the skipped files (for a checkpoint).
+    pub fn counts(&self) -> Tally {
+        Tally {
+            skipped: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// The log lines about skipped files: the count, then `skipped: <path>: <reason>` for
     /// the first 20 (none when nothing was skipped).
     pub fn skipped_report(&self, what: &str) -> Vec<String> {

@@ -1143,6 +1143,213 @@ fn a_run_killed_after_an_epoch_and_resumed_equals_the_uninterrupted_run() {
     );
 }
 
+/// `train` with `sets`, started in the background.
+fn spawn_train(config: &Path, sets: &[String], resume: bool) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command.arg("--config").arg(config);
+    if resume {
+        command.arg("--resume");
+    }
+    for set in sets {
+        command.arg("--set").arg(set);
+    }
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `state.json` at `path` exists and satisfies `what`.
+fn wait_for_state(path: &Path, what: impl Fn(&serde_json::Value) -> bool) {
+    let started = std::time::Instant::now();
+    while started.elapsed().as_secs() < 300 {
+        if let Some(state) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            && what(&state)
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[test]
+fn sigterm_and_sigkill_in_the_middle_of_an_epoch_resume_to_the_uninterrupted_run() {
+    let config = repo().join("configs/quickstart.toml");
+    let extra = ["train.epochs=3", "train.batch_size=16"];
+    let whole = tempfile::tempdir().unwrap();
+    let output = train(&config, &quick_sets(whole.path(), &extra));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let expected = checkpoint_weights(&whole.path().join("quickstart/checkpoints/last"));
+    let expected_metrics = metrics(&whole.path().join("quickstart"));
+    let same_run = |run: &Path| {
+        assert!(
+            checkpoint_weights(&run.join("checkpoints/last")) == expected,
+            "the resumed run's weights differ from the uninterrupted run's"
+        );
+        let found = metrics(run);
+        assert_eq!(found.len(), 3);
+        // The epoch cut in two reports the whole epoch's training numbers too.
+        for (x, y) in found.iter().zip(&expected_metrics) {
+            for key in [
+                "epoch",
+                "train_loss",
+                "train_top1_err",
+                "val_loss",
+                "val_top1_err",
+            ] {
+                assert_eq!(x[key], y[key], "{key}");
+            }
+        }
+    };
+
+    // SIGTERM (Slurm's and Kubernetes' notice): a checkpoint after the current step, status 143.
+    let stopped = tempfile::tempdir().unwrap();
+    let sets = quick_sets(stopped.path(), &extra);
+    let child = spawn_train(&config, &sets, false);
+    let run = stopped.path().join("quickstart");
+    wait_for_state(&run.join("checkpoints/epoch-0001/state.json"), |_| true);
+    let kill = |signal: &str, pid: u32| {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    kill("TERM", child.id());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.code() == Some(143) {
+        assert!(
+            stdout.contains("interrupted in epoch") && stdout.contains("SIGTERM"),
+            "{stdout}"
+        );
+        let resumed = train_resume(&config, &sets);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        same_run(&run);
+    } else {
+        // The signal came after the last step.
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+
+    // SIGKILL after a checkpoint inside an epoch (`train.checkpoint_steps`): nothing but the
+    // steps since it is lost, and the resumed run is the uninterrupted one.
+    let killed = tempfile::tempdir().unwrap();
+    let mut sets = quick_sets(killed.path(), &extra);
+    sets.push("train.checkpoint_steps=5".into());
+    let mut child = spawn_train(&config, &sets, false);
+    let run = killed.path().join("quickstart");
+    wait_for_state(&run.join("checkpoints/last/state.json"), |s| {
+        s["epoch"] == 1 && s["batch"].as_u64() > Some(0)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = train_resume(&config, &sets);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let log = String::from_utf8_lossy(&resumed.stdout).into_owned();
+    assert!(
+        log.contains("resuming") && log.contains("in epoch 2 after batch"),
+        "{log}"
+    );
+    same_run(&run);
+
+    // SIGUSR1 (Slurm's warning before the time limit): saved, and status 75 for a requeue.
+    let warned = tempfile::tempdir().unwrap();
+    let sets = quick_sets(warned.path(), &extra);
+    let child = spawn_train(&config, &sets, false);
+    wait_for_state(
+        &warned
+            .path()
+            .join("quickstart/checkpoints/epoch-0001/state.json"),
+        |_| true,
+    );
+    kill("USR1", child.id());
+    let output = child.wait_with_output().unwrap();
+    if output.status.code() != Some(0) {
+        assert_eq!(output.status.code(), Some(75), "{}", stderr(&output));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(stdout.contains("SIGUSR1"), "{stdout}");
+        let resumed = train_resume(&config, &sets);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        same_run(&warned.path().join("quickstart"));
+    }
+}
+
+fn train_resume(config: &Path, sets: &[String]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command.arg("--config").arg(config).arg("--resume");
+    for set in sets {
+        command.arg("--set").arg(set);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_intact_one() {
+    let config = repo().join("configs/quickstart.toml");
+    let out = tempfile::tempdir().unwrap();
+    let sets = quick_sets(out.path(), &["train.epochs=3", "train.keep_last=2"]);
+    let output = train(&config, &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = out.path().join("quickstart");
+    // Cut `last`'s weights in half (`epoch-0003` shares the file: both are damaged).
+    let weights = run.join("checkpoints/last/model.bpk");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut longer = sets.clone();
+    longer.push("train.epochs=4".into());
+    let resumed = train_resume(&config, &longer);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let log = String::from_utf8_lossy(&resumed.stdout).into_owned();
+    assert!(
+        log.contains("passing over a damaged checkpoint")
+            && log.contains("truncated or damaged")
+            && log.contains("continuing from the newest intact checkpoint")
+            && log.contains("epoch-0002")
+            && log.contains("after epoch 2"),
+        "{log}"
+    );
+    assert_eq!(metrics(&run).len(), 4);
+
+    // A garbled state.json is damaged too, and with nothing intact left the error says so.
+    for folder in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let folder = folder.unwrap().path();
+        if folder.join("state.json").is_file() {
+            std::fs::write(folder.join("state.json"), b"{\"epoch\": ").unwrap();
+        }
+    }
+    let failed = train_resume(&config, &longer);
+    assert_one_line_error(
+        &failed,
+        &["every checkpoint", "damaged", "not a training state"],
+    );
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_default_build_started_as_several_processes_says_how_to_build_mpi_in() {
+    let out = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command
+        .arg("--config")
+        .arg(repo().join("configs/quickstart.toml"))
+        .env("OMPI_COMM_WORLD_SIZE", "2");
+    for set in quick_sets(out.path(), &[]) {
+        command.arg("--set").arg(set);
+    }
+    let output = command.output().unwrap();
+    assert_one_line_error(&output, &["2 processes", "--features cutmix-train/mpi"]);
+    assert!(!out.path().join("quickstart").exists(), "nothing written");
+}
+
 #[test]
 fn a_run_folder_takes_one_process_and_resume_restarts_a_run_that_had_no_checkpoint() {
     let out = tempfile::tempdir().unwrap();

@@ -3,9 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use anyhow::Context;
 use burn::tensor::Device;
 use clap::Parser;
 use rand::SeedableRng;
@@ -14,7 +13,8 @@ use rand::rngs::StdRng;
 use cutmix_models::{Arch, Variant, count_params};
 use cutmix_train::backend;
 use cutmix_train::config::{BackendChoice, Config};
-use cutmix_train::trainer::{self, RunOptions};
+use cutmix_train::trainer::{self, RunOptions, StopFlag, StopReason};
+use cutmix_train::world::World;
 
 /// Train an image classifier with CutMix from a TOML recipe.
 #[derive(Parser, Debug)]
@@ -82,12 +82,72 @@ fn list_models() -> std::io::Result<()> {
     )
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// Turns signals into stop requests: Ctrl-C, SIGTERM (Slurm's and Kubernetes' notice before
+/// SIGKILL) and SIGUSR1 (Slurm's `--signal=USR1@<seconds>` before the time limit) each save a
+/// checkpoint after the current step; a second Ctrl-C quits at once, without one.
+#[cfg(unix)]
+fn handle_signals(stop: StopFlag) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .map_err(|e| anyhow::anyhow!("cannot install the signal handlers: {e}"))?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let (reason, name) = match signal {
+                SIGINT => (StopReason::Interrupt, "Ctrl-C"),
+                SIGTERM => (StopReason::Terminate, "SIGTERM"),
+                _ => (StopReason::Requeue, "SIGUSR1"),
+            };
+            match stop.request(reason) {
+                None => eprintln!(
+                    "\n{name}: stopping after this step with a checkpoint{}",
+                    if signal == SIGINT {
+                        " (Ctrl-C again to quit without one)"
+                    } else {
+                        ""
+                    }
+                ),
+                Some(_) if signal == SIGINT => std::process::exit(130),
+                Some(_) => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn handle_signals(stop: StopFlag) -> anyhow::Result<()> {
+    ctrlc::set_handler(move || {
+        if stop.request(StopReason::Interrupt).is_some() {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to quit without a checkpoint)");
+    })
+    .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))
+}
+
+/// After SIGUSR1 under Slurm: asks Slurm to put the job back in the queue (as Lightning's Slurm
+/// support does), so it continues with `--resume` from the checkpoint just saved.
+fn requeue() {
+    let Ok(job) = std::env::var("SLURM_JOB_ID") else {
+        println!("SIGUSR1: not a Slurm job; exiting with status 75 for whatever restarts it");
+        return;
+    };
+    match std::process::Command::new("scontrol")
+        .args(["requeue", &job])
+        .status()
+    {
+        Ok(status) if status.success() => println!("SIGUSR1: requeued Slurm job {job}"),
+        Ok(status) => println!("SIGUSR1: `scontrol requeue {job}` failed ({status})"),
+        Err(e) => println!("SIGUSR1: cannot run `scontrol requeue {job}`: {e}"),
+    }
+}
+
+fn run(args: Args, world: &Arc<World>) -> anyhow::Result<ExitCode> {
     if args.list_models {
         return match list_models() {
             // `train --list-models | head` closes the pipe early: not an error.
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-            _ => Ok(()),
+            _ => Ok(ExitCode::SUCCESS),
         };
     }
     let path = args.config.expect("clap requires --config");
@@ -97,32 +157,45 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let options = RunOptions {
         resume: args.resume,
+        world: world.clone(),
         ..RunOptions::default()
     };
-    // The first Ctrl-C asks the run to save a checkpoint and stop; a second one exits at once.
-    let stop = options.stop.clone();
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step (Ctrl-C again to quit without a checkpoint)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    handle_signals(options.stop.clone())?;
     let summary = trainer::train(&config, &options)?;
-    if summary.interrupted {
-        std::process::exit(130);
-    }
-    Ok(())
+    Ok(match summary.stopped {
+        None => ExitCode::SUCCESS,
+        Some(reason) => {
+            if reason == StopReason::Requeue && world.is_primary() {
+                requeue();
+            }
+            ExitCode::from(reason.exit_code())
+        }
+    })
 }
 
 fn main() -> ExitCode {
     backend::quiet_mesa();
     backend::keep_freed_memory();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let world = match World::init() {
+        Ok(world) => Arc::new(world),
         Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match run(Args::parse(), &world) {
+        Ok(code) => code,
+        Err(error) => {
+            if world.size() > 1 {
+                eprintln!("error (rank {}): {error:#}", world.rank());
+                // The other ranks may be waiting for this one in a collective: end them too.
+                world.abort(1);
+            }
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // MPI is finalised when the last reference goes.
+    drop(world);
+    code
 }

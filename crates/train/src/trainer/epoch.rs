@@ -3,8 +3,7 @@
 //! statistics. Neither reads from the device per batch: their numbers stay there until a read
 //! every `train.log_every` batches (see [`stats`](super::stats)).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use burn::module::Module;
@@ -17,22 +16,25 @@ use cutmix_augment::{Mixing, one_hot, smooth_targets};
 use cutmix_data::{Loader, Stream, keyed_rng};
 use cutmix_models::Model;
 
-use super::Setup;
 use super::batches::Uploads;
 use super::progress::{PlainProgress, duration, progress_bar};
 use super::state::RunState;
 use super::stats::{DeviceTally, NonFinite, batch_stats};
 use super::step::{loss_and_grads, mixed_forward};
+use super::{Setup, StopFlag, StopReason};
+use crate::config::TrainSection;
 use crate::metrics::Tally;
 use crate::schedule::learning_rate;
+use crate::world::{World, rank_seed};
 
 /// What one epoch of training gave.
 pub struct EpochRun {
-    /// Loss and errors over the batches as fed.
+    /// Loss and errors over the batches as fed (over every rank; with the batches before a
+    /// resume in the middle of the epoch).
     pub tally: Tally,
     pub images_per_sec: f64,
-    /// The batch a stop request (Ctrl-C) ended the epoch at.
-    pub stopped_at: Option<usize>,
+    /// The batch a stop request (a signal) ended the epoch at, and why.
+    pub stopped_at: Option<(usize, StopReason)>,
     /// Seconds in the model step: mixing, forward, backward, optimiser, and the reads of the
     /// numbers (which wait for the device to finish the steps queued before them).
     pub step_seconds: f64,
@@ -41,7 +43,7 @@ pub struct EpochRun {
 }
 
 /// Trains epoch `run.epoch` from batch `run.batch` on.
-pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &AtomicBool) -> Result<EpochRun> {
+pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &StopFlag) -> Result<EpochRun> {
     let config = setup.config;
     let (epoch, first) = (run.epoch, std::mem::take(&mut run.batch));
     let steps = setup.data.train.num_batches();
@@ -49,19 +51,33 @@ pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &AtomicBool) -> 
         format!("epoch {}/{}", epoch + 1, config.train.epochs),
         steps,
         first,
+        setup.world.is_primary(),
     );
-    let mut numbers = Numbers::new(config.train.log_every);
+    let mut numbers = Numbers::new(config.train.log_every, run.partial.take());
     let mut accumulation = Accumulation::new(config.train.accumulate);
+    let mut saves = PeriodicSaves::new(&config.train, run.step);
     let batches = setup.data.train.epoch_from(epoch as u64, first);
     let (mut uploads, waited) = Uploads::new(batches, &setup.train_device, 2);
     numbers.loader_wait_seconds += waited;
     let mut index = first;
     while let Some(batch) = uploads.current() {
-        // A stop waits for the end of an accumulation, so a checkpoint never holds half of one.
-        if accumulation.is_empty() && stop.load(Ordering::Relaxed) {
-            progress.bar.abandon();
-            numbers.read(epoch, &mut progress)?;
-            return Ok(numbers.finish(Some(index)));
+        // A stop or a checkpoint waits for the end of an accumulation, so a checkpoint never
+        // holds half of one; every rank stops (or saves) at the same batch.
+        if accumulation.is_empty() {
+            let due = setup.world.is_primary() && saves.due(run.step) && index > first;
+            let (stopping, saving) = agree(setup.world, stop, due);
+            if let Some(reason) = stopping {
+                progress.bar.abandon();
+                numbers.read(epoch, &mut progress)?;
+                return Ok(numbers.finish(Some((index, reason)), setup.world));
+            }
+            if saving {
+                numbers.read(epoch, &mut progress)?;
+                let mut all = numbers.tally.counts();
+                all.reduce(setup.world);
+                save_mid_epoch(run, setup, index, all)?;
+                saves.saved(run.step);
+            }
         }
         let mut batch = batch?;
         numbers.tally.skipped.append(&mut batch.skipped);
@@ -91,20 +107,80 @@ pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &AtomicBool) -> 
         numbers.step_seconds += stepping.elapsed().as_secs_f64() - waited;
         if numbers.pending.len() >= numbers.read_every || index == steps {
             numbers.read(epoch, &mut progress)?;
-            progress.report(index, &numbers.tally, numbers.pending_lr);
+            progress.report(
+                index,
+                &numbers.tally,
+                numbers.fed_images(),
+                numbers.pending_lr,
+            );
         }
         progress.bar.inc(1);
     }
     if !accumulation.is_empty() {
         // The epoch's last batches, fewer than `accumulate`: one step with what they summed.
         let stepping = Instant::now();
-        accumulation.step(run, config.train.clip_grad_norm);
+        accumulation.step(run, setup);
         numbers.step_seconds += stepping.elapsed().as_secs_f64();
     }
     numbers.read(epoch, &mut progress)?;
     setup.warm_up.finish_epoch(&progress.bar);
     progress.bar.finish_and_clear();
-    Ok(numbers.finish(None))
+    Ok(numbers.finish(None, setup.world))
+}
+
+/// Whether any rank was asked to stop (and why), and whether rank 0 asks for a checkpoint: the
+/// same answer on every rank.
+fn agree(world: &World, stop: &StopFlag, save_due: bool) -> (Option<StopReason>, bool) {
+    let mut flags = [stop.code(), u64::from(save_due)];
+    if world.size() > 1 {
+        world.max_u64(&mut flags);
+    }
+    (StopReason::from_code(flags[0]), flags[1] == 1)
+}
+
+/// A checkpoint in the middle of epoch `run.epoch`, before batch `batch`: `last` only, with the
+/// epoch's numbers so far over all ranks (`all`), after checking that every rank holds the
+/// same weights.
+pub fn save_mid_epoch(run: &RunState, setup: &Setup, batch: usize, all: Tally) -> Result<()> {
+    let at = format!("in epoch {} before batch {batch}", run.epoch + 1);
+    setup.world.check_same_weights(run.model(), &at)?;
+    let mut state = run.train_state(setup.config, run.epoch, batch, None);
+    state.partial = Some(all.counts());
+    run.save(setup.config, &state, false)
+}
+
+/// `train.checkpoint_minutes` and `train.checkpoint_steps`: when a checkpoint inside an epoch
+/// is due.
+struct PeriodicSaves {
+    every: Option<Duration>,
+    steps: usize,
+    last_time: Instant,
+    last_step: usize,
+}
+
+impl PeriodicSaves {
+    fn new(train: &TrainSection, step: usize) -> Self {
+        Self {
+            every: (train.checkpoint_minutes > 0.0)
+                .then(|| Duration::from_secs_f64(train.checkpoint_minutes * 60.0)),
+            steps: train.checkpoint_steps,
+            last_time: Instant::now(),
+            last_step: step,
+        }
+    }
+
+    fn due(&self, step: usize) -> bool {
+        let by_time = self
+            .every
+            .is_some_and(|every| self.last_time.elapsed() >= every);
+        let by_steps = self.steps > 0 && step >= self.last_step + self.steps;
+        by_time || by_steps
+    }
+
+    fn saved(&mut self, step: usize) {
+        self.last_time = Instant::now();
+        self.last_step = step;
+    }
 }
 
 /// One batch as it is fed: where it is in the run, and its tensors.
@@ -127,8 +203,10 @@ fn train_batch(
 ) -> Tensor<1> {
     let config = setup.config;
     let (epoch, index) = (fed.epoch as u64, fed.index as u64);
-    let mut mix_rng = keyed_rng(config.seed, Stream::Mix, epoch, index);
-    let mut model_rng = keyed_rng(config.seed, Stream::Regularize, epoch, index);
+    // Each rank draws its own mixing and ShakeDrop gates (rank 0 the draws of one process).
+    let seed = rank_seed(config.seed, setup.world.rank());
+    let mut mix_rng = keyed_rng(seed, Stream::Mix, epoch, index);
+    let mut model_rng = keyed_rng(seed, Stream::Regularize, epoch, index);
     let mixing_off = config.augment.off_epoch > 0 && fed.epoch >= config.augment.off_epoch;
     let mixing = if mixing_off {
         &Mixing::None
@@ -150,7 +228,7 @@ fn train_batch(
     let scale = 1.0 / config.train.accumulate as f32;
     let (grads, loss) = loss_and_grads(run.model(), logits, targets, scale);
     if accumulation.add(run.model(), grads, fed.lr) {
-        accumulation.step(run, config.train.clip_grad_norm);
+        accumulation.step(run, setup);
     }
     batch_stats(seen, loss, fed.label_ids)
 }
@@ -186,9 +264,11 @@ impl Accumulation {
         self.pending == self.every
     }
 
-    /// One optimiser step with what was summed.
-    fn step(&mut self, run: &mut RunState, clip: f64) {
-        run.optimizer_step(self.grads.grads(), self.lr, clip);
+    /// One optimiser step with what was summed (averaged over the ranks first).
+    fn step(&mut self, run: &mut RunState, setup: &Setup) {
+        let mut grads = self.grads.grads();
+        setup.world.average_gradients(run.model(), &mut grads);
+        run.optimizer_step(grads, self.lr, setup.config.train.clip_grad_norm);
         self.pending = 0;
     }
 }
@@ -197,6 +277,8 @@ impl Accumulation {
 /// went.
 struct Numbers {
     tally: Tally,
+    /// Images in `tally` from before a resume in the middle of the epoch.
+    images_before: usize,
     pending: DeviceTally,
     read_every: usize,
     /// The learning rate of the last batch read back, for the progress line.
@@ -207,9 +289,12 @@ struct Numbers {
 }
 
 impl Numbers {
-    fn new(read_every: usize) -> Self {
+    /// With `partial`, the numbers of the epoch's batches trained before a resume.
+    fn new(read_every: usize, partial: Option<Tally>) -> Self {
+        let tally = partial.unwrap_or_default();
         Self {
-            tally: Tally::default(),
+            images_before: tally.images,
+            tally,
             pending: DeviceTally::default(),
             read_every: read_every.max(1),
             pending_lr: 0.0,
@@ -240,10 +325,20 @@ impl Numbers {
         }
     }
 
-    fn finish(self, stopped_at: Option<usize>) -> EpochRun {
+    /// Images fed since this process started the epoch (or resumed it).
+    fn fed_images(&self) -> usize {
+        self.tally.images - self.images_before
+    }
+
+    /// The epoch's numbers, summed over the ranks.
+    fn finish(mut self, stopped_at: Option<(usize, StopReason)>, world: &World) -> EpochRun {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let mut fed = [self.fed_images() as f64];
+        world.sum_f64(&mut fed);
+        self.tally.reduce(world);
         let images_per_sec = match stopped_at {
             Some(_) => 0.0,
-            None => self.tally.images as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            None => fed[0] / seconds,
         };
         EpochRun {
             tally: self.tally,
@@ -266,12 +361,17 @@ struct EpochProgress {
 }
 
 impl EpochProgress {
-    fn new(prefix: String, steps: usize, first: usize) -> Self {
-        let bar = progress_bar(steps, prefix.clone());
+    /// The bar (or plain lines) of an epoch; `shown` false: none (ranks other than 0).
+    fn new(prefix: String, steps: usize, first: usize, shown: bool) -> Self {
+        let bar = if shown {
+            progress_bar(steps, prefix.clone())
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_position(first as u64);
         Self {
             bar,
-            plain: PlainProgress::new(steps, first),
+            plain: PlainProgress::new(steps, first).filter(|_| shown),
             prefix,
             steps,
             first,
@@ -279,10 +379,11 @@ impl EpochProgress {
         }
     }
 
-    /// The numbers read back so far, after `done` batches of the epoch.
-    fn report(&mut self, done: usize, tally: &Tally, lr: f64) {
+    /// The numbers read back so far, after `done` batches of the epoch (`fed` images of them
+    /// by this process since it started the epoch).
+    fn report(&mut self, done: usize, tally: &Tally, fed: usize, lr: f64) {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
-        let rate = tally.images as f64 / elapsed;
+        let rate = fed as f64 / elapsed;
         self.bar.set_message(format!(
             "loss {:.4} lr {lr:.4} {rate:.1} img/s",
             tally.loss()
@@ -332,7 +433,8 @@ impl std::error::Error for Diverged {}
 /// Batches of validation whose numbers are read back at once.
 const EVAL_READ_EVERY: usize = 50;
 
-/// Loss, top-1 and top-5 over the validation loader, with BatchNorm's running statistics.
+/// Loss, top-1 and top-5 over the validation loader, with BatchNorm's running statistics (this
+/// process's part of it; [`Tally::reduce`] sums the ranks').
 pub fn evaluate(
     model: &Model,
     loader: &Loader,

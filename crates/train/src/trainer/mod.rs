@@ -14,7 +14,7 @@ mod step;
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
@@ -36,16 +36,79 @@ pub use step::{
 use crate::backend::{self, Backend};
 use crate::config::Config;
 use crate::datasets::{self, Datasets};
+use crate::world::World;
+use cutmix_data::Shard;
 use state::RunState;
 
-/// How to run: fresh or resumed, and a flag that asks the run to stop (Ctrl-C).
+/// Why a run was asked to stop before its end; each saves a checkpoint after the current step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// Ctrl-C (SIGINT).
+    Interrupt = 1,
+    /// SIGTERM: what Slurm and Kubernetes send before SIGKILL.
+    Terminate = 2,
+    /// SIGUSR1: Slurm's warning before the time limit (`#SBATCH --signal=USR1@120`); the run is
+    /// to be requeued.
+    Requeue = 3,
+}
+
+impl StopReason {
+    fn from_code(code: u64) -> Option<Self> {
+        match code {
+            1 => Some(Self::Interrupt),
+            2 => Some(Self::Terminate),
+            3 => Some(Self::Requeue),
+            _ => None,
+        }
+    }
+
+    /// The process's exit status after the checkpoint: 128 + the signal's number for Ctrl-C and
+    /// SIGTERM, as a shell reports them; 75 (EX_TEMPFAIL, "try again") for a requeue, the value
+    /// for Slurm's `RequeueExit`.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Interrupt => 130,
+            Self::Terminate => 143,
+            Self::Requeue => 75,
+        }
+    }
+}
+
+/// A request to stop, set from a signal handler and read by the training loop.
 #[derive(Clone, Debug, Default)]
+pub struct StopFlag(Arc<AtomicU8>);
+
+impl StopFlag {
+    /// Asks the run to stop; returns the reason already asked for, if any (the first one wins).
+    pub fn request(&self, reason: StopReason) -> Option<StopReason> {
+        let before = self
+            .0
+            .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .unwrap_or_else(|current| current);
+        StopReason::from_code(u64::from(before))
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        StopReason::from_code(u64::from(self.0.load(Ordering::Relaxed)))
+    }
+
+    fn code(&self) -> u64 {
+        u64::from(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// How to run: fresh or resumed, a flag that asks the run to stop (a signal), and the processes
+/// that train together.
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Continue `<output_dir>/<name>` from its newest complete checkpoint.
     pub resume: bool,
     /// Set from a signal handler: the run saves a checkpoint after the current step and returns
-    /// with `interrupted` set.
-    pub stop: Arc<AtomicBool>,
+    /// with `stopped` set.
+    pub stop: StopFlag,
+    /// One process, or the ranks of `mpirun`.
+    pub world: Arc<World>,
 }
 
 /// What a finished run reports.
@@ -53,7 +116,7 @@ pub struct RunOptions {
 pub struct RunSummary {
     pub run_dir: PathBuf,
     /// The run stopped early on request, with a checkpoint to resume from.
-    pub interrupted: bool,
+    pub stopped: Option<StopReason>,
     pub metrics: Vec<crate::metrics::EpochMetrics>,
     pub best_val_top1_err: f64,
     pub best_epoch: usize,
@@ -63,6 +126,7 @@ pub struct RunSummary {
 /// description and the mixing.
 pub struct Setup<'a> {
     pub config: &'a Config,
+    pub world: &'a World,
     pub backend: Backend,
     /// The backend's device with autodiff.
     pub train_device: Device,
@@ -73,19 +137,39 @@ pub struct Setup<'a> {
 }
 
 impl<'a> Setup<'a> {
-    /// Everything that can fail on user input fails here, before a run folder is made.
-    pub fn new(config: &'a Config) -> Result<Self> {
-        let backend = backend::select(config.backend)?;
-        let data = datasets::build(config)?;
+    /// Everything that can fail on user input fails here, before a run folder is made. With
+    /// several ranks, each trains on its part of every epoch (padded so all take the same
+    /// number of steps) and validates on its part of the validation split.
+    pub fn new(config: &'a Config, world: &'a World) -> Result<Self> {
+        let backend = if world.size() > 1 {
+            backend::select_for_rank(config.backend, world.local_rank())?
+        } else {
+            backend::select(config.backend)?
+        };
+        let mut data = datasets::build(config)?;
+        if world.size() > 1 {
+            let (rank, count) = (world.rank(), world.size());
+            data.train = data.train.sharded(Shard {
+                rank,
+                count,
+                pad: true,
+            });
+            data.val = data.val.sharded(Shard {
+                rank,
+                count,
+                pad: false,
+            });
+        }
         let model_config = config.model_config()?;
         Ok(Self {
             train_device: backend.device.clone().autodiff(),
-            warm_up: WarmUp::new(backend.name == "wgpu"),
+            warm_up: WarmUp::new(backend.name == "wgpu" && world.is_primary()),
             backend,
             data,
             model_config,
             mixing: step::mixing(config),
             config,
+            world,
         })
     }
 
@@ -99,10 +183,19 @@ impl<'a> Setup<'a> {
         Ok(self.model_config.init(&mut rng, &self.train_device)?)
     }
 
-    /// The lines that open a run's log: device, network, data, loader, run folder.
+    /// The lines that open a run's log: device, network, data, loader, run folder (with
+    /// several ranks, each prints its device line and rank 0 the rest).
     fn print_header(&self, run: &RunState) {
         let config = self.config;
-        println!("backend: {}", self.backend.description);
+        let world = self.world;
+        if world.size() > 1 {
+            println!("{}: {}", world.describe(), self.backend.description);
+            if !world.is_primary() {
+                return;
+            }
+        } else {
+            println!("backend: {}", self.backend.description);
+        }
         if let Some(cache) = &self.backend.gpu_cache {
             println!(
                 "GPU kernels and autotune results are cached in {}",
@@ -127,12 +220,26 @@ impl<'a> Setup<'a> {
         let data = &self.data;
         println!(
             "data: {} training and {} validation images ({} classes) from {}, batch {}",
-            data.train.len(),
-            data.val.len(),
+            data.train.total_len(),
+            data.val.total_len(),
             data.num_classes,
             config.data.root.display(),
             config.train.batch_size
         );
+        if world.size() > 1 {
+            let (total, padded) = (
+                data.train.total_len(),
+                data.train.shard().padded_len(data.train.total_len()),
+            );
+            println!(
+                "data-parallel over {} ranks: batch {} per rank, {} in all; each rank trains on {} images an epoch ({} repeated to make the parts equal) and validates on a part of the validation images",
+                world.size(),
+                config.train.batch_size,
+                config.train.batch_size * world.size(),
+                data.train.len(),
+                padded - total
+            );
+        }
         let batch_mib = (config.train.batch_size * 3 * config.data.image_size.pow(2) * 4) as f64
             / (1024.0 * 1024.0);
         println!(

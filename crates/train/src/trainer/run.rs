@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow};
 
-use super::epoch::{Diverged, EpochRun, evaluate, train_one_epoch};
+use super::epoch::{Diverged, EpochRun, evaluate, save_mid_epoch, train_one_epoch};
 use super::progress::time_left;
 use super::state::RunState;
-use super::{RunOptions, RunSummary, Setup};
+use super::{RunOptions, RunSummary, Setup, StopReason};
 use crate::checkpoint;
 use crate::config::Config;
 use crate::metrics::{EpochMetrics, Tally, peak_rss_mib};
@@ -19,8 +19,12 @@ use crate::schedule::learning_rate;
 /// With `resume`, continues the run folder `<output_dir>/<name>` from its newest complete
 /// checkpoint instead of starting a new one: every random stream is keyed by seed, epoch and
 /// step, so the resumed run equals an uninterrupted one.
+///
+/// With several ranks (`options.world`), each runs this on its part of the data: gradients are
+/// averaged after every backward pass, validation numbers summed, and rank 0 alone writes the
+/// run folder and the log.
 pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
-    let setup = Setup::new(config)?;
+    let setup = Setup::new(config, &options.world)?;
     let mut run = RunState::open(&setup, options.resume)?;
     setup.print_header(&run);
     let (run_start, first_epoch) = (Instant::now(), run.epoch);
@@ -28,27 +32,31 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
         let started = Instant::now();
         let trained = train_one_epoch(&mut run, &setup, &options.stop)
             .map_err(|e| name_last_good_checkpoint(e, &run.run_dir))?;
-        if let Some(batch) = trained.stopped_at {
-            save_interrupted(&run, config, batch)?;
-            return Ok(run.summary(true));
+        if let Some((batch, reason)) = trained.stopped_at {
+            save_interrupted(&run, &setup, batch, reason, trained.tally)?;
+            return Ok(run.summary(Some(reason)));
         }
         let metrics = finish_epoch(&mut run, &setup, trained, started)?;
-        let left = time_left(
-            run_start.elapsed(),
-            metrics.epoch - first_epoch,
-            config.train.epochs - first_epoch,
-        );
-        print_epoch(&metrics, config.train.epochs, &left);
-        keep_metrics(&mut run, config, metrics)?;
+        if run.primary {
+            let left = time_left(
+                run_start.elapsed(),
+                metrics.epoch - first_epoch,
+                config.train.epochs - first_epoch,
+            );
+            print_epoch(&metrics, config.train.epochs, &left);
+            keep_metrics(&mut run, config, metrics)?;
+        }
     }
-    println!(
-        "done: best val top-1 error {:.2}% at epoch {}; metrics in {}, checkpoints in {}",
-        run.best_val_top1_err,
-        run.best_epoch,
-        run.log.path().display(),
-        run.run_dir.join("checkpoints").display()
-    );
-    Ok(run.summary(false))
+    if run.primary {
+        println!(
+            "done: best val top-1 error {:.2}% at epoch {}; metrics in {}, checkpoints in {}",
+            run.best_val_top1_err,
+            run.best_epoch,
+            run.log.path().display(),
+            run.run_dir.join("checkpoints").display()
+        );
+    }
+    Ok(run.summary(None))
 }
 
 /// Validates the epoch just trained, writes its checkpoints and its line of `metrics.jsonl`,
@@ -66,12 +74,27 @@ fn finish_epoch(
     {
         println!("{line}");
     }
+    let world = setup.world;
+    if let Some(checksum) = run.synchronise(world, &format!("after epoch {}", epoch + 1))?
+        && run.primary
+    {
+        println!(
+            "weights identical on all {} ranks after epoch {} (checksum {checksum:016x})",
+            world.size(),
+            epoch + 1
+        );
+    }
     let evaluating = Instant::now();
     let (val_loader, classes, device) =
         (&setup.data.val, setup.num_classes(), &setup.backend.device);
-    let val = evaluate(run.model(), val_loader, classes, device)?;
+    let mut val = evaluate(run.model(), val_loader, classes, device)?;
+    val.reduce(world);
     let ema_val = match &run.ema {
-        Some(ema) => Some(evaluate(&ema.model, val_loader, classes, device)?),
+        Some(ema) => {
+            let mut tally = evaluate(&ema.model, val_loader, classes, device)?;
+            tally.reduce(world);
+            Some(tally)
+        }
         None => None,
     };
     let eval_seconds = evaluating.elapsed().as_secs_f64();
@@ -108,7 +131,9 @@ fn finish_epoch(
     run.epoch += 1;
     metrics.checkpoint_seconds = saving.elapsed().as_secs_f64();
     metrics.epoch_seconds = started.elapsed().as_secs_f64();
-    run.log.append(&metrics)?;
+    if run.primary {
+        run.log.append(&metrics)?;
+    }
     Ok(metrics)
 }
 
@@ -151,16 +176,28 @@ fn keep_metrics(run: &mut RunState, config: &Config, metrics: EpochMetrics) -> R
 }
 
 /// A stop request in the middle of epoch `run.epoch`, before batch `batch`: a checkpoint of
-/// that point, to resume from.
-fn save_interrupted(run: &RunState, config: &Config, batch: usize) -> Result<()> {
-    let state = run.train_state(config, run.epoch, batch, None);
-    run.save(config, &state, false)?;
-    println!(
-        "interrupted in epoch {} after batch {batch} (step {}): saved {}; continue with --resume",
-        run.epoch + 1,
-        run.step,
-        run.run_dir.join("checkpoints/last").display()
-    );
+/// that point (with the epoch's numbers so far, `tally`), to resume from.
+fn save_interrupted(
+    run: &RunState,
+    setup: &Setup,
+    batch: usize,
+    reason: StopReason,
+    tally: crate::metrics::Tally,
+) -> Result<()> {
+    save_mid_epoch(run, setup, batch, tally)?;
+    if run.primary {
+        let why = match reason {
+            StopReason::Interrupt => "Ctrl-C",
+            StopReason::Terminate => "SIGTERM",
+            StopReason::Requeue => "SIGUSR1",
+        };
+        println!(
+            "interrupted in epoch {} after batch {batch} (step {}, {why}): saved {}; continue with --resume",
+            run.epoch + 1,
+            run.step,
+            run.run_dir.join("checkpoints/last").display()
+        );
+    }
     Ok(())
 }
 

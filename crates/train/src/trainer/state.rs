@@ -15,8 +15,9 @@ use super::{RunSummary, Setup};
 use crate::checkpoint::{self, RunLock, TrainState};
 use crate::config::Config;
 use crate::ema::Ema;
-use crate::metrics::{EpochMetrics, MetricsLog};
+use crate::metrics::{EpochMetrics, MetricsLog, Tally};
 use crate::weights;
+use crate::world::World;
 
 /// Everything a run changes as it trains, and where it keeps it.
 pub struct RunState {
@@ -38,14 +39,82 @@ pub struct RunState {
     pub log: MetricsLog,
     /// What `model.init_from` loaded (a fresh run only), for the log.
     pub init_from: Option<(PathBuf, LoadSummary)>,
-    _lock: RunLock,
+    /// The training numbers of epoch `epoch`'s first `batch` batches (a checkpoint saved in
+    /// the middle of an epoch), to add the rest to.
+    pub partial: Option<Tally>,
+    /// Whether this process writes the run folder (rank 0, or the only process).
+    pub primary: bool,
+    /// The checkpoint the run was restored from (until rank 0 has told the other ranks).
+    restored_from: Option<PathBuf>,
+    /// How many processes train the run.
+    pub world_size: usize,
+    /// Held by the process that writes the folder.
+    _lock: Option<RunLock>,
+}
+
+/// What rank 0 tells the other ranks when it has opened the run: the folder, and the
+/// checkpoint to continue from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Opened {
+    run_dir: PathBuf,
+    checkpoint: Option<PathBuf>,
 }
 
 impl RunState {
     /// Opens the run folder `config` names, holding its lock: a new one (`<name>-2`, ... when
     /// the name is taken), or with `resume` the existing one, restored from its newest complete
     /// checkpoint (or started over in place when it stopped before its first).
+    ///
+    /// With several ranks, rank 0 does this and tells the others the folder and checkpoint,
+    /// which they restore from too (the run folder must be on a filesystem every machine sees).
     pub fn open(setup: &Setup, resume: bool) -> Result<Self> {
+        let world = setup.world;
+        if !world.is_primary() {
+            return Self::follow(setup);
+        }
+        let mut run = Self::open_primary(setup, resume)?;
+        run.world_size = world.size();
+        if world.size() > 1 {
+            let opened = Opened {
+                run_dir: run.run_dir.clone(),
+                checkpoint: run.restored_from.clone(),
+            };
+            let mut bytes = serde_json::to_vec(&opened).expect("serialises");
+            world.broadcast_bytes(&mut bytes);
+        }
+        run.restored_from = None;
+        Ok(run)
+    }
+
+    /// A rank other than 0: the folder and checkpoint rank 0 opened; it writes nothing.
+    fn follow(setup: &Setup) -> Result<Self> {
+        let config = setup.config;
+        let mut bytes = Vec::new();
+        setup.world.broadcast_bytes(&mut bytes);
+        let opened: Opened = serde_json::from_slice(&bytes).expect("rank 0 sent the run");
+        let model = setup.init_model()?;
+        let mut run = match &opened.checkpoint {
+            Some(folder) => {
+                let state = checkpoint::read_state(folder).with_context(|| {
+                    format!(
+                        "rank {}: cannot read rank 0's checkpoint (the run folder must be on a filesystem every machine sees)",
+                        setup.world.rank()
+                    )
+                })?;
+                let loaded = load_checkpoint(config, model, folder)?;
+                Self::restored(opened.run_dir, loaded, state, setup.world, None, Vec::new())?
+            }
+            None => {
+                let (model, _) = init_from(config, model)?;
+                Self::fresh(config, opened.run_dir, model, None, None)
+            }
+        };
+        run.world_size = setup.world.size();
+        run.start_average(config);
+        Ok(run)
+    }
+
+    fn open_primary(setup: &Setup, resume: bool) -> Result<Self> {
         let config = setup.config;
         let model = setup.init_model()?;
         let (checkpoint, lock) = if resume {
@@ -55,7 +124,7 @@ impl RunState {
             (None, None)
         };
         let mut run = match checkpoint {
-            Some((folder, state)) => restore(config, model, &folder, state, lock)?,
+            Some((folder, state)) => restore(config, model, &folder, state, setup.world, lock)?,
             None => {
                 // Loaded before the folder is made: a bad file leaves nothing behind.
                 let (model, init_from) = init_from(config, model)?;
@@ -68,7 +137,7 @@ impl RunState {
                     Some(lock) => lock,
                     None => checkpoint::lock_run_dir(&run_dir)?,
                 };
-                Self::fresh(config, run_dir, model, init_from, lock)
+                Self::fresh(config, run_dir, model, init_from, Some(lock))
             }
         };
         run.start_average(config);
@@ -90,7 +159,7 @@ impl RunState {
         run_dir: PathBuf,
         model: Model,
         init_from: Option<(PathBuf, LoadSummary)>,
-        lock: RunLock,
+        lock: Option<RunLock>,
     ) -> Self {
         Self {
             log: MetricsLog::new(&run_dir),
@@ -105,8 +174,43 @@ impl RunState {
             best_epoch: 0,
             metrics: Vec::new(),
             init_from,
+            partial: None,
+            primary: lock.is_some(),
+            restored_from: None,
+            world_size: 1,
             _lock: lock,
         }
+    }
+
+    /// The run as `loaded` from a checkpoint whose progress is `state`, trained now by `world`.
+    fn restored(
+        run_dir: PathBuf,
+        loaded: Loaded,
+        state: TrainState,
+        world: &World,
+        lock: Option<RunLock>,
+        metrics: Vec<EpochMetrics>,
+    ) -> Result<Self> {
+        let batch = batches_for(&state, world.size(), &run_dir)?;
+        Ok(RunState {
+            log: MetricsLog::new(&run_dir),
+            run_dir,
+            model: Some(loaded.model),
+            optimizer: loaded.optimizer,
+            ema: loaded.ema,
+            step: state.step,
+            epoch: state.epoch,
+            batch,
+            best_val_top1_err: state.best_val_top1_err,
+            best_epoch: state.best_epoch,
+            metrics,
+            init_from: None,
+            partial: state.partial.filter(|_| world.is_primary() && batch > 0),
+            primary: world.is_primary(),
+            restored_from: None,
+            world_size: world.size(),
+            _lock: lock,
+        })
     }
 
     /// The moving average (`train.ema_decay`): the checkpoint's when it has one, else a new one
@@ -144,6 +248,9 @@ impl RunState {
         metrics: Option<EpochMetrics>,
     ) -> TrainState {
         TrainState {
+            world_size: self.world_size,
+            partial: None,
+            files: Default::default(),
             epoch,
             step: self.step,
             seed: config.seed,
@@ -158,8 +265,12 @@ impl RunState {
         }
     }
 
-    /// Writes the checkpoints of `state` (`last`, `best` when `is_best`, `epoch-NNNN`).
+    /// Writes the checkpoints of `state` (`last`, `best` when `is_best`, `epoch-NNNN`); only
+    /// the process that writes the run folder does.
     pub fn save(&self, config: &Config, state: &TrainState, is_best: bool) -> Result<()> {
+        if !self.primary {
+            return Ok(());
+        }
         checkpoint::save(
             &self.run_dir,
             self.model(),
@@ -172,6 +283,21 @@ impl RunState {
         .context("saving the checkpoint")
     }
 
+    /// Makes every rank hold rank 0's weights, running statistics and moving average, after
+    /// checking that the weights were already the same everywhere; returns their checksum.
+    pub fn synchronise(&mut self, world: &World, where_: &str) -> Result<Option<u64>> {
+        let checksum = world.check_same_weights(self.model(), where_)?;
+        if world.size() > 1 {
+            let model = self.model.take().expect("the model is in place");
+            self.model = Some(world.broadcast_model(model)?);
+            if let Some(ema) = &mut self.ema {
+                let average = ema.model.clone();
+                ema.model = world.broadcast_model(average)?;
+            }
+        }
+        Ok(checksum)
+    }
+
     /// Keeps `metrics` as the best epoch's when its error is the lowest so far.
     pub fn record_best(&mut self, metrics: &EpochMetrics) -> bool {
         let is_best = metrics.val_top1_err < self.best_val_top1_err;
@@ -182,10 +308,10 @@ impl RunState {
         is_best
     }
 
-    pub fn summary(self, interrupted: bool) -> RunSummary {
+    pub fn summary(self, stopped: Option<super::StopReason>) -> RunSummary {
         RunSummary {
             run_dir: self.run_dir,
-            interrupted,
+            stopped,
             metrics: self.metrics,
             best_val_top1_err: self.best_val_top1_err,
             best_epoch: self.best_epoch,
@@ -230,8 +356,9 @@ fn init_from(config: &Config, model: Model) -> Result<(Model, Option<(PathBuf, L
     Ok((model, Some((path, summary))))
 }
 
-/// The checkpoint `--resume` continues from: `None` when the run folder exists but stopped before
-/// its first checkpoint; an error when there is no run folder at all.
+/// The checkpoint `--resume` continues from: the newest intact one (a damaged one is named and
+/// passed over); `None` when the run folder exists but stopped before its first checkpoint; an
+/// error when there is no run folder at all.
 fn resumable(config: &Config) -> Result<(Option<(PathBuf, TrainState)>, RunLock)> {
     let run_dir = config.output_dir.join(&config.name);
     // `checkpoints/` is made with the folder, before config.toml: a run killed between the two
@@ -243,7 +370,54 @@ fn resumable(config: &Config) -> Result<(Option<(PathBuf, TrainState)>, RunLock)
         );
     }
     let lock = checkpoint::lock_run_dir(&run_dir)?;
-    Ok((checkpoint::latest(&run_dir)?, lock))
+    let mut damaged = Vec::new();
+    let mut chosen = None;
+    for candidate in checkpoint::candidates(&run_dir)? {
+        match candidate.state {
+            Ok(state) if chosen.is_none() => chosen = Some((candidate.folder, state)),
+            Ok(_) => {}
+            Err(e) => damaged.push(format!("{e:#}")),
+        }
+    }
+    for reason in &damaged {
+        println!("--resume: passing over a damaged checkpoint: {reason}");
+    }
+    match &chosen {
+        Some((folder, _)) if !damaged.is_empty() => {
+            println!(
+                "--resume: continuing from the newest intact checkpoint, {}",
+                folder.display()
+            )
+        }
+        None if !damaged.is_empty() => bail!(
+            "--resume: every checkpoint of {} is damaged ({}); start the run again without --resume",
+            run_dir.display(),
+            damaged.join("; ")
+        ),
+        _ => {}
+    }
+    Ok((chosen, lock))
+}
+
+/// The batches of the checkpoint's epoch each of `world_size` ranks has already trained: the
+/// checkpoint counts its own ranks' batches, so another number of ranks continues at the same
+/// image when it falls on one of its batch boundaries.
+fn batches_for(state: &TrainState, world_size: usize, run_dir: &Path) -> Result<usize> {
+    if state.batch == 0 || state.world_size == world_size {
+        return Ok(state.batch);
+    }
+    let done = state.batch * state.world_size;
+    if done % world_size != 0 {
+        bail!(
+            "--resume: the checkpoint of {} was taken in the middle of epoch {} by {} process(es) after {} batches each, which {world_size} processes cannot continue from (it is not a whole number of their batches); resume with {} process(es), or from an epoch's end",
+            run_dir.display(),
+            state.epoch + 1,
+            state.world_size,
+            state.batch,
+            state.world_size
+        );
+    }
+    Ok(done / world_size)
 }
 
 /// The dotted keys whose values differ between two configs (as TOML), with both values.
@@ -297,24 +471,22 @@ fn report_config_changes(config: &Config, run_dir: &Path) {
     }
 }
 
-/// The run restored from `checkpoint` of its folder: model, optimiser, moving average,
-/// progress and metrics.
-fn restore(
-    config: &Config,
+/// What a checkpoint folder holds: weights, optimiser and moving average.
+struct Loaded {
     model: Model,
-    checkpoint: &Path,
-    state: TrainState,
-    lock: Option<RunLock>,
-) -> Result<RunState> {
-    let run_dir = config.output_dir.join(&config.name);
-    report_config_changes(config, &run_dir);
+    optimizer: ModuleOptimizer,
+    ema: Option<Ema>,
+}
+
+/// Reads the checkpoint in `folder` into `model` and a new optimiser.
+fn load_checkpoint(config: &Config, model: Model, folder: &Path) -> Result<Loaded> {
     let model = model
-        .try_load_file(checkpoint.join("model.bpk"))
-        .map_err(|e| anyhow::anyhow!("{}: not this config's model: {e}", checkpoint.display()))?;
+        .try_load_file(folder.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: not this config's model: {e}", folder.display()))?;
     let optimizer = sgd(&config.train)
-        .load(checkpoint.join("optimizer.bpk"))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.join("optimizer.bpk").display()))?;
-    let ema_file = checkpoint.join("ema.bpk");
+        .load(folder.join("optimizer.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", folder.join("optimizer.bpk").display()))?;
+    let ema_file = folder.join("ema.bpk");
     let ema = if config.train.ema_decay > 0.0 && ema_file.is_file() {
         let average = model
             .valid()
@@ -324,6 +496,26 @@ fn restore(
     } else {
         None
     };
+    Ok(Loaded {
+        model,
+        optimizer,
+        ema,
+    })
+}
+
+/// The run restored from `checkpoint` of its folder: model, optimiser, moving average,
+/// progress and metrics.
+fn restore(
+    config: &Config,
+    model: Model,
+    checkpoint: &Path,
+    state: TrainState,
+    world: &World,
+    lock: Option<RunLock>,
+) -> Result<RunState> {
+    let run_dir = config.output_dir.join(&config.name);
+    report_config_changes(config, &run_dir);
+    let loaded = load_checkpoint(config, model, checkpoint)?;
     let log = MetricsLog::new(&run_dir);
     let mut metrics = log.truncate_to(state.epoch)?;
     // A crash between the checkpoint and its metrics line: the checkpoint carries the line.
@@ -334,14 +526,18 @@ fn restore(
         metrics.push(lost.clone());
     }
     log.write_csv(&metrics)?;
+    let at = if state.batch > 0 {
+        format!("in epoch {} after batch {}", state.epoch + 1, state.batch)
+    } else {
+        format!("after epoch {}", state.epoch)
+    };
     println!(
-        "resuming {} after epoch {} (step {}) from {}",
+        "resuming {} {at} (step {}) from {}",
         run_dir.display(),
-        state.epoch,
         state.step,
         checkpoint.display()
     );
-    if config.train.ema_decay > 0.0 && ema.is_none() {
+    if config.train.ema_decay > 0.0 && loaded.ema.is_none() {
         println!(
             "train.ema_decay: the checkpoint has no moving average; it starts from the current weights"
         );
@@ -350,19 +546,7 @@ fn restore(
         Some(lock) => lock,
         None => checkpoint::lock_run_dir(&run_dir)?,
     };
-    Ok(RunState {
-        run_dir,
-        model: Some(model),
-        optimizer,
-        ema,
-        step: state.step,
-        epoch: state.epoch,
-        batch: state.batch,
-        best_val_top1_err: state.best_val_top1_err,
-        best_epoch: state.best_epoch,
-        metrics,
-        log,
-        init_from: None,
-        _lock: lock,
-    })
+    let mut run = RunState::restored(run_dir, loaded, state, world, Some(lock), metrics)?;
+    run.restored_from = Some(checkpoint.to_path_buf());
+    Ok(run)
 }
