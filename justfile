@@ -11,6 +11,17 @@ build:
 test:
     cargo test --release
 
+# The data-parallel (MPI) build's tests: two ranks under mpirun. Needs Open MPI and libclang
+# (`apt-get install libopenmpi-dev openmpi-bin libclang-dev`). The feature changes what some of
+# Burn's dependencies are built with, so its first build compiles Burn again (about 25 minutes).
+test-mpi:
+    cargo test --release --features cutmix-train/mpi --test distributed
+
+# The gradient all-reduce next to a CPU training step, on 2 ranks (as test-mpi needs).
+bench-allreduce RANKS="2":
+    cargo build --release --features cutmix-train/mpi --bin bench_allreduce --bin train
+    mpirun --oversubscribe --bind-to none -np {{RANKS}} target/release/bench_allreduce
+
 # Train the embedded quickstart (ResNet-20 + CutMix on 2,000 shipped CIFAR-10 images).
 quickstart *ARGS:
     cargo run --release --bin train -- --config configs/quickstart.toml {{ARGS}}

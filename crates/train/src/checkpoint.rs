@@ -58,20 +58,37 @@ pub struct FileDigest {
 }
 
 impl FileDigest {
-    /// Reads `path` and digests it (FNV-1a over 8-byte words, about 2 GB/s).
+    /// Reads `path` and digests it (FNV-1a over 8-byte words, in 1 MiB pieces).
     pub fn of(path: &Path) -> std::io::Result<Self> {
-        let data = fs::read(path)?;
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut words = data.chunks_exact(8);
-        for word in &mut words {
-            let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
-        }
-        for &byte in words.remainder() {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        use std::io::Read;
+        let mut file = fs::File::open(path)?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let (mut hash, mut bytes) = (0xcbf2_9ce4_8422_2325u64, 0u64);
+        loop {
+            // Fill the whole buffer (or up to the end), so only the last piece has a remainder.
+            let mut filled = 0;
+            while filled < buffer.len() {
+                match file.read(&mut buffer[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            let piece = &buffer[..filled];
+            let mut words = piece.chunks_exact(8);
+            for word in &mut words {
+                let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
+            }
+            for &byte in words.remainder() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+            bytes += filled as u64;
+            if filled < buffer.len() {
+                break;
+            }
         }
         Ok(Self {
-            bytes: data.len() as u64,
+            bytes,
             checksum: format!("{hash:016x}"),
         })
     }

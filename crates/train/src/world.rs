@@ -8,8 +8,8 @@
 //! Collectives come from MPI (the `mpi` feature, rsmpi); a build without it runs one process and
 //! refuses to start under a launcher that started several.
 
-use anyhow::{Result, bail};
-use burn::module::{Module, ModuleVisitor, Param};
+use anyhow::Result;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
@@ -115,7 +115,7 @@ impl World {
 
     #[cfg(not(feature = "mpi"))]
     fn init_mpi(launched: usize) -> Result<Self> {
-        bail!(
+        anyhow::bail!(
             "this train binary was started as one of {launched} processes (mpirun / srun), but it is built without MPI: build it with `cargo build --release --features cutmix-train/mpi` (needs libopenmpi-dev and libclang-dev), or run one process"
         )
     }
@@ -247,12 +247,16 @@ impl World {
         });
     }
 
-    /// A checksum of `model`'s parameters (their f32 bits), the same on every rank that holds
-    /// the same weights.
+    /// A checksum of `model`'s trained parameters (their f32 bits; BatchNorm's running
+    /// statistics, which are each rank's own, left out), the same on every rank that holds the
+    /// same weights. `model` is on a device with autodiff (the one it trains on).
     pub fn checksum(model: &Model) -> u64 {
         struct Hash(u64);
         impl ModuleVisitor for Hash {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if !param.val().is_require_grad() {
+                    return;
+                }
                 let values = param
                     .val()
                     .into_data()
@@ -281,34 +285,96 @@ impl World {
                 .enumerate()
                 .map(|(rank, sum)| format!("rank {rank} {sum:016x}"))
                 .collect();
-            bail!(
+            return Err(EveryRank(format!(
                 "the ranks hold different weights {where_} ({}): data-parallel training went out of step; continue from the last checkpoint with --resume",
                 each.join(", ")
-            );
+            ))
+            .into());
         }
         Ok(Some(sums[0]))
     }
 
-    /// Gives every rank rank 0's `model`, BatchNorm's running statistics included (as DDP
-    /// broadcasts its buffers): with statistics per rank, the ranks' running averages differ.
-    pub fn broadcast_model(&self, model: Model) -> Result<Model> {
+    /// Gives every rank rank 0's BatchNorm running statistics (as DDP broadcasts its buffers):
+    /// each rank's running averages saw only its own batches. With `everything`, every float
+    /// tensor of `model` (a moving average of the weights, which has no optimiser). Parameters
+    /// keep their identities, so the optimiser's momentum stays with them.
+    pub fn broadcast_buffers(&self, model: Model, everything: bool) -> Model {
         if self.size == 1 {
-            return Ok(model);
+            return model;
         }
-        let mut bytes = if self.is_primary() {
-            model.clone().into_record().into_bytes()?.to_vec()
-        } else {
-            Vec::new()
+        // Running statistics hold their last update aside until synchronised.
+        let _synchronised = model.valid();
+        let chosen = |param_requires_grad: bool| everything || !param_requires_grad;
+        struct Collect<F: Fn(bool) -> bool> {
+            chosen: F,
+            values: Vec<f32>,
+        }
+        impl<F: Fn(bool) -> bool> ModuleVisitor for Collect<F> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if (self.chosen)(param.val().is_require_grad()) {
+                    let values = param.val().into_data().try_into_vec_as::<f32>();
+                    self.values.extend(values.expect("f32 tensors"));
+                }
+            }
+        }
+        let mut collect = Collect {
+            chosen,
+            values: Vec::new(),
         };
+        model.visit(&mut collect);
+        let mut bytes: Vec<u8> = collect
+            .values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         self.broadcast_bytes(&mut bytes);
         if self.is_primary() {
-            return Ok(model);
+            return model;
         }
-        let record =
-            burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))?;
-        Ok(model.try_load_record(record)?)
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        struct Replace<'a, F: Fn(bool) -> bool> {
+            chosen: F,
+            values: &'a [f32],
+            at: usize,
+        }
+        impl<F: Fn(bool) -> bool> ModuleMapper for Replace<'_, F> {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                if !(self.chosen)(param.val().is_require_grad()) {
+                    return param;
+                }
+                let (at, values) = (&mut self.at, self.values);
+                param.map(|tensor| {
+                    let shape = tensor.dims();
+                    let len: usize = shape.iter().product();
+                    let data = TensorData::new(values[*at..*at + len].to_vec(), shape);
+                    *at += len;
+                    Tensor::from_data(data, &tensor.device())
+                })
+            }
+        }
+        model.map(&mut Replace {
+            chosen,
+            values: &values,
+            at: 0,
+        })
     }
 }
+
+/// An error every rank meets at once (they compared the same numbers), so none needs to end
+/// the others: rank 0 reports it and all exit.
+#[derive(Debug)]
+pub struct EveryRank(pub String);
+
+impl std::fmt::Display for EveryRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EveryRank {}
 
 /// Gradients into one host vector, in the model's parameter order.
 struct Flatten<'a> {

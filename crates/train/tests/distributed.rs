@@ -261,7 +261,7 @@ fn two_ranks_step_as_one_process_on_the_mean_of_their_gradients_and_stay_identic
     assert!(worst < 1e-5, "relative difference {worst}");
 
     // The checksum the ranks agreed on is the checksum of the weights rank 0 saved.
-    let model = fresh_model(&config, &Device::flex())
+    let model = fresh_model(&config, &Device::flex().autodiff())
         .try_load_file(checkpoint.join("model.bpk"))
         .unwrap();
     let checksum = format!("{:016x}", cutmix_train::world::World::checksum(&model));

@@ -14,7 +14,7 @@ use cutmix_models::{Arch, Variant, count_params};
 use cutmix_train::backend;
 use cutmix_train::config::{BackendChoice, Config};
 use cutmix_train::trainer::{self, RunOptions, StopFlag, StopReason};
-use cutmix_train::world::World;
+use cutmix_train::world::{EveryRank, World};
 
 /// Train an image classifier with CutMix from a TOML recipe.
 #[derive(Parser, Debug)]
@@ -185,12 +185,20 @@ fn main() -> ExitCode {
     };
     let code = match run(Args::parse(), &world) {
         Ok(code) => code,
-        Err(error) => {
-            if world.size() > 1 {
+        Err(error) if world.size() > 1 => {
+            if error.downcast_ref::<EveryRank>().is_some() {
+                // Every rank met it: rank 0 says it, and all exit.
+                if world.is_primary() {
+                    eprintln!("error: {error:#}");
+                }
+            } else {
                 eprintln!("error (rank {}): {error:#}", world.rank());
                 // The other ranks may be waiting for this one in a collective: end them too.
                 world.abort(1);
             }
+            ExitCode::FAILURE
+        }
+        Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }

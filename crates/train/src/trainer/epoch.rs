@@ -99,6 +99,14 @@ pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &StopFlag) -> Re
             setup
                 .warm_up
                 .after_step(&setup.backend.device, stepping, &progress.bar)?;
+        } else if setup.world.size() > 1 {
+            // The other ranks step on this batch and wait for this rank's gradients.
+            anyhow::bail!(
+                "rank {}: batch {index} of epoch {} has {} readable image(s), too few to train on, while the other ranks train on theirs; remove the unreadable files",
+                setup.world.rank(),
+                epoch + 1,
+                batch.labels.len()
+            );
         }
         // Read and upload the next batch while the device runs this one.
         let waited = uploads.advance();

@@ -283,16 +283,16 @@ impl RunState {
         .context("saving the checkpoint")
     }
 
-    /// Makes every rank hold rank 0's weights, running statistics and moving average, after
-    /// checking that the weights were already the same everywhere; returns their checksum.
+    /// Makes every rank hold rank 0's BatchNorm running statistics and moving average, after
+    /// checking that the trained weights are the same everywhere; returns their checksum.
     pub fn synchronise(&mut self, world: &World, where_: &str) -> Result<Option<u64>> {
         let checksum = world.check_same_weights(self.model(), where_)?;
         if world.size() > 1 {
             let model = self.model.take().expect("the model is in place");
-            self.model = Some(world.broadcast_model(model)?);
+            self.model = Some(world.broadcast_buffers(model, false));
             if let Some(ema) = &mut self.ema {
                 let average = ema.model.clone();
-                ema.model = world.broadcast_model(average)?;
+                ema.model = world.broadcast_buffers(average, true);
             }
         }
         Ok(checksum)
