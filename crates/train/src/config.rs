@@ -329,11 +329,6 @@ pub struct TrainSection {
     /// Also write `checkpoints/last` every this many optimiser steps inside an epoch (0 = off).
     #[serde(default)]
     pub checkpoint_steps: usize,
-    /// With several processes (`mpirun`): all-reduce BatchNorm's batch statistics across them
-    /// (PyTorch's SyncBatchNorm) instead of normalising each process's batch by itself (DDP's
-    /// default).
-    #[serde(default)]
-    pub sync_bn: bool,
 }
 
 fn default_log_every() -> usize {

@@ -47,6 +47,8 @@ mod tests {
             accumulate: 1,
             ema_decay: 0.0,
             log_every: 20,
+            checkpoint_minutes: 0.0,
+            checkpoint_steps: 0,
         }
     }
 
