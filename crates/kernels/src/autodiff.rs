@@ -80,7 +80,29 @@ impl<B: CpuKernels> Backward<B, 2> for Conv2dNoBiasStep {
     }
 }
 
+#[derive(Debug)]
+struct AllReduceSumStep;
+
+impl<B: CpuKernels> Backward<B, 1> for AllReduceSumStep {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            grads.register::<B>(node.id, B::all_reduce_sum(output_grad));
+        }
+    }
+}
+
 impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
+    fn all_reduce_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        AllReduceSumStep
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateless(B::all_reduce_sum(x.into_primitive()))
+    }
+
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,

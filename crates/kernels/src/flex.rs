@@ -91,6 +91,16 @@ impl CpuKernels for Flex {
         )
     }
 
+    fn all_reduce_sum(x: FlexTensor) -> FlexTensor {
+        let Some(reducer) = crate::batch_norm_reducer() else {
+            return x;
+        };
+        let dims = x.shape().to_vec();
+        let mut summed = values(&contiguous(x)).to_vec();
+        reducer(&mut summed);
+        tensor(summed, dims)
+    }
+
     fn conv2d_no_bias(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
         if options.groups != 1 || !all_f32(&[&x, &weight]) {
             return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options);

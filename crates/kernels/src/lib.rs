@@ -67,6 +67,63 @@ pub trait CpuKernels: Backend {
         output_grad: FloatTensor<Self>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Self>;
+
+    /// `x` summed element by element over the processes of a data-parallel run, with the
+    /// [`sync_batch_norm`] reducer (`x` itself when none is set); differentiated by summing the
+    /// incoming gradient the same way (every process's loss depends on every `x`).
+    fn all_reduce_sum(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Sums a buffer in place over the processes of a data-parallel run (an MPI all-reduce).
+pub type Reducer = Box<dyn Fn(&mut [f32]) + Send + Sync>;
+
+static SYNC_BATCH_NORM: std::sync::RwLock<Option<std::sync::Arc<Reducer>>> =
+    std::sync::RwLock::new(None);
+
+/// Makes [`batch_norm`] in training normalise by the statistics of the batches of all the
+/// processes together (PyTorch's `SyncBatchNorm`), summed with `reducer`; `None` turns it off.
+/// Every process must then run the same BatchNorm layers in the same order. On flex only.
+pub fn sync_batch_norm(reducer: Option<Reducer>) {
+    *SYNC_BATCH_NORM.write().expect("sync lock") = reducer.map(std::sync::Arc::new);
+}
+
+/// The reducer [`sync_batch_norm`] set, if any.
+pub fn batch_norm_reducer() -> Option<std::sync::Arc<Reducer>> {
+    SYNC_BATCH_NORM.read().expect("sync lock").clone()
+}
+
+/// Per-channel sums of `x` (channels on dimension 1) over all processes, differentiably.
+fn channel_sums<const D: usize>(x: Tensor<D>, channels: usize) -> Tensor<1> {
+    let sums = x
+        .swap_dims(0, 1)
+        .reshape([channels as i32, -1])
+        .sum_dim(1)
+        .reshape([channels]);
+    Tensor::from_dispatch(Dispatch::all_reduce_sum(sums.into_dispatch()))
+}
+
+/// SyncBatchNorm's training forward: the mean and biased variance of the batches of every
+/// process (two all-reduces: the mean first, then the squares about it), the output
+/// normalised by them, and the number of values per channel over all processes. Autodiff
+/// differentiates through the all-reduces, which is PyTorch's SyncBatchNorm backward.
+fn synced_batch_norm<const D: usize>(
+    bn: &BatchNorm,
+    x: Tensor<D>,
+    reducer: &Reducer,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>, usize) {
+    let channels = x.dims()[1];
+    let mut count = [(x.shape().num_elements() / channels) as f32];
+    reducer(&mut count);
+    let count = count[0].round() as usize;
+    let mut shape = [1usize; D];
+    shape[1] = channels;
+    let mean = channel_sums(x.clone(), channels) / count as f32;
+    let centred = x - mean.clone().reshape(shape);
+    let variance = channel_sums(centred.clone().powi_scalar(2), channels) / count as f32;
+    let inv_std = (variance.clone() + bn.epsilon as f32).sqrt().recip();
+    let output = centred * inv_std.reshape(shape) * bn.gamma.val().reshape(shape)
+        + bn.beta.val().reshape(shape);
+    (output, mean, variance, count)
 }
 
 /// Whether a tensor on `device` runs on flex (with or without autodiff).
@@ -92,7 +149,10 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         x.dims()
     );
     let per_channel = x.shape().num_elements() / channels;
-    let (output, mean, variance) = if on_flex(&device) {
+    let synced = batch_norm_reducer().filter(|_| on_flex(&device));
+    let (output, mean, variance, per_channel) = if let Some(reducer) = synced {
+        synced_batch_norm(bn, x, &reducer)
+    } else if on_flex(&device) {
         let (output, mean, variance) = Dispatch::fused_batch_norm_train(
             x.into_dispatch(),
             bn.gamma.val().into_dispatch(),
@@ -103,11 +163,12 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
             Tensor::from_dispatch(output),
             Tensor::<1>::from_dispatch(mean),
             Tensor::<1>::from_dispatch(variance),
+            per_channel,
         )
     } else {
         let result =
             burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
-        (result.output, result.mean, result.variance)
+        (result.output, result.mean, result.variance, per_channel)
     };
     let unbiased = per_channel as f64 / per_channel.saturating_sub(1).max(1) as f64;
     let variance = variance.detach().mul_scalar(unbiased);

@@ -329,6 +329,11 @@ pub struct TrainSection {
     /// Also write `checkpoints/last` every this many optimiser steps inside an epoch (0 = off).
     #[serde(default)]
     pub checkpoint_steps: usize,
+    /// With several processes (`mpirun`): normalise by the batch statistics of all of them
+    /// together (PyTorch's SyncBatchNorm) instead of each process's batch by itself (DDP's
+    /// default). On flex.
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 fn default_log_every() -> usize {

@@ -49,6 +49,7 @@ mod tests {
             log_every: 20,
             checkpoint_minutes: 0.0,
             checkpoint_steps: 0,
+            sync_bn: false,
         }
     }
 

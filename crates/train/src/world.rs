@@ -209,6 +209,15 @@ impl World {
         let _ = bytes;
     }
 
+    /// A sum over all ranks that the kernels can call (SyncBatchNorm); `None` for one process.
+    pub fn reducer(&self) -> Option<cutmix_kernels::Reducer> {
+        #[cfg(feature = "mpi")]
+        if self.mpi.is_some() {
+            return Some(Box::new(mpi_world::sum_f32_world));
+        }
+        None
+    }
+
     /// Ends every process of the run at once (after an error on this one only, so the others
     /// do not wait for it forever).
     pub fn abort(&self, code: i32) {
@@ -426,6 +435,13 @@ mod mpi_world {
     use mpi::environment::Universe;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
+
+    /// Sums `values` over MPI's world communicator (for callers without a [`Mpi`]: the
+    /// kernels; only the training thread calls it).
+    pub fn sum_f32_world(values: &mut [f32]) {
+        let send = values.to_vec();
+        SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
+    }
 
     /// MPI's world communicator, and the universe that finalises MPI when dropped.
     pub struct Mpi {

@@ -269,6 +269,45 @@ fn two_ranks_step_as_one_process_on_the_mean_of_their_gradients_and_stay_identic
 }
 
 #[test]
+fn sync_bn_normalises_two_ranks_by_their_whole_batch_as_one_process_at_twice_the_batch() {
+    // One step of 2 x 16 with SyncBatchNorm against one process at 32: the same images, the same
+    // statistics (running ones included) and the same gradients, so the same weights.
+    let (two, one) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = [
+        "train.epochs=1",
+        "augment.method=\"none\"",
+        "train.sync_bn=true",
+    ];
+    let output = run(2, &sets(two.path(), 32, 16, &extra), false);
+    assert!(stdout(&output).contains("statistics over the batches of all 2 ranks"));
+    run(0, &sets(one.path(), 32, 32, &extra), false);
+    let config = config(&sets(one.path(), 32, 32, &extra));
+    let (a, b) = (
+        checkpoint_model(&config, &two.path().join("quickstart/checkpoints/last")),
+        checkpoint_model(&config, &one.path().join("quickstart/checkpoints/last")),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-2))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "relative difference {worst}");
+    // Without it, each rank's statistics are its own half's: the weights differ.
+    let per_rank = tempfile::tempdir().unwrap();
+    run(2, &sets(per_rank.path(), 32, 16, &extra[..2]), false);
+    let c = checkpoint_model(
+        &config,
+        &per_rank.path().join("quickstart/checkpoints/last"),
+    );
+    let apart = c
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-2))
+        .fold(0.0f32, f32::max);
+    assert!(apart > 1e-3, "per-rank statistics should differ ({apart})");
+}
+
+#[test]
 fn two_ranks_track_one_process_at_twice_the_batch_and_validate_as_it() {
     let (two, one) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let extra = ["train.epochs=3"];

@@ -161,6 +161,15 @@ impl<'a> Setup<'a> {
             });
         }
         let model_config = config.model_config()?;
+        if config.train.sync_bn && world.size() > 1 {
+            if backend.name != "flex" {
+                anyhow::bail!(
+                    "config key train.sync_bn: SyncBatchNorm runs on the flex backend only (its all-reduce is a flex kernel); this run is on {}",
+                    backend.name
+                );
+            }
+            cutmix_kernels::sync_batch_norm(world.reducer());
+        }
         Ok(Self {
             train_device: backend.device.clone().autodiff(),
             warm_up: WarmUp::new(backend.name == "wgpu" && world.is_primary()),
@@ -226,6 +235,12 @@ impl<'a> Setup<'a> {
             config.data.root.display(),
             config.train.batch_size
         );
+        if world.size() > 1 && config.train.sync_bn {
+            println!(
+                "BatchNorm: statistics over the batches of all {} ranks (train.sync_bn)",
+                world.size()
+            );
+        }
         if world.size() > 1 {
             let (total, padded) = (
                 data.train.total_len(),

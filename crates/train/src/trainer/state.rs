@@ -407,7 +407,7 @@ fn batches_for(state: &TrainState, world_size: usize, run_dir: &Path) -> Result<
         return Ok(state.batch);
     }
     let done = state.batch * state.world_size;
-    if done % world_size != 0 {
+    if !done.is_multiple_of(world_size) {
         bail!(
             "--resume: the checkpoint of {} was taken in the middle of epoch {} by {} process(es) after {} batches each, which {world_size} processes cannot continue from (it is not a whole number of their batches); resume with {} process(es), or from an epoch's end",
             run_dir.display(),
