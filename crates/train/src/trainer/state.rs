@@ -550,3 +550,44 @@ fn restore(
     run.restored_from = Some(checkpoint.to_path_buf());
     Ok(run)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mid_epoch(batch: usize, world_size: usize) -> TrainState {
+        TrainState {
+            epoch: 3,
+            step: 40,
+            seed: 0,
+            batch,
+            val_top1_err: 50.0,
+            best_val_top1_err: 50.0,
+            best_epoch: 3,
+            metrics: None,
+            world_size,
+            partial: None,
+            files: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_inside_an_epoch_continues_at_the_same_image_on_another_number_of_ranks() {
+        let dir = Path::new("runs/x");
+        // 6 batches on each of 2 ranks = 12 batches of one process = 3 on each of 4 ranks.
+        assert_eq!(batches_for(&mid_epoch(6, 2), 1, dir).unwrap(), 12);
+        assert_eq!(batches_for(&mid_epoch(6, 2), 4, dir).unwrap(), 3);
+        assert_eq!(batches_for(&mid_epoch(6, 2), 3, dir).unwrap(), 4);
+        assert_eq!(batches_for(&mid_epoch(6, 2), 2, dir).unwrap(), 6);
+        // At an epoch's end any number of ranks goes on.
+        assert_eq!(batches_for(&mid_epoch(0, 2), 3, dir).unwrap(), 0);
+        // 5 batches on 2 ranks = 10, not a whole number of 4 ranks' batches.
+        let error = batches_for(&mid_epoch(5, 2), 4, dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("in the middle of epoch 4") && error.contains("resume with 2"),
+            "{error}"
+        );
+    }
+}
