@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use burn::tensor::Device;
 use clap::Parser;
@@ -142,7 +142,7 @@ fn requeue() {
     }
 }
 
-fn run(args: Args, world: &Arc<World>) -> anyhow::Result<ExitCode> {
+fn run(args: Args, world: &Rc<World>) -> anyhow::Result<ExitCode> {
     if args.list_models {
         return match list_models() {
             // `train --list-models | head` closes the pipe early: not an error.
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     backend::quiet_mesa();
     backend::keep_freed_memory();
     let world = match World::init() {
-        Ok(world) => Arc::new(world),
+        Ok(world) => Rc::new(world),
         Err(error) => {
             eprintln!("error: {error:#}");
             return ExitCode::FAILURE;

@@ -13,6 +13,7 @@ mod step;
 
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
@@ -108,7 +109,7 @@ pub struct RunOptions {
     /// with `stopped` set.
     pub stop: StopFlag,
     /// One process, or the ranks of `mpirun`.
-    pub world: Arc<World>,
+    pub world: Rc<World>,
 }
 
 /// What a finished run reports.
