@@ -16,7 +16,7 @@ use cutmix_augment::{Mixing, one_hot, smooth_targets};
 use cutmix_data::{Loader, Stream, keyed_rng};
 use cutmix_models::Model;
 
-use super::batches::Uploads;
+use super::batches::{DeviceBatch, Uploads};
 use super::progress::{PlainProgress, duration, progress_bar};
 use super::state::RunState;
 use super::stats::{DeviceTally, NonFinite, batch_stats};
@@ -44,96 +44,163 @@ pub struct EpochRun {
 
 /// Trains epoch `run.epoch` from batch `run.batch` on.
 pub fn train_one_epoch(run: &mut RunState, setup: &Setup, stop: &StopFlag) -> Result<EpochRun> {
-    let config = setup.config;
-    let (epoch, first) = (run.epoch, std::mem::take(&mut run.batch));
-    let steps = setup.data.train.num_batches();
-    let mut progress = EpochProgress::new(
-        format!("epoch {}/{}", epoch + 1, config.train.epochs),
-        steps,
-        first,
-        setup.world.is_primary(),
-    );
-    let mut numbers = Numbers::new(config.train.log_every, run.partial.take());
-    let mut accumulation = Accumulation::new(config.train.accumulate);
-    let mut saves = PeriodicSaves::new(&config.train, run.step);
-    let batches = setup.data.train.epoch_from(epoch as u64, first);
+    let mut epoch = EpochLoop::start(run, setup);
+    let batches = setup.data.train.epoch_from(epoch.epoch as u64, epoch.first);
     let (mut uploads, waited) = Uploads::new(batches, &setup.train_device, 2);
-    numbers.loader_wait_seconds += waited;
-    let mut index = first;
+    epoch.numbers.loader_wait_seconds += waited;
+    let mut index = epoch.first;
     while let Some(batch) = uploads.current() {
         // A stop or a checkpoint waits for the end of an accumulation, so a checkpoint never
         // holds half of one; every rank stops (or saves) at the same batch.
-        if accumulation.is_empty() {
-            let due = setup.world.is_primary() && saves.due(run.step) && index > first;
-            let (stopping, saving) = agree(setup.world, stop, due);
-            if let Some(reason) = stopping {
-                progress.bar.abandon();
-                numbers.read(epoch, &mut progress)?;
-                return Ok(numbers.finish(Some((index, reason)), setup.world));
-            }
-            if saving {
-                numbers.read(epoch, &mut progress)?;
-                let mut all = numbers.tally.counts();
-                all.reduce(setup.world);
-                save_mid_epoch(run, setup, index, all)?;
-                saves.saved(run.step);
-            }
+        if epoch.accumulation.is_empty()
+            && let Some(reason) = epoch.stop_or_save(run, stop, index)?
+        {
+            return Ok(epoch.numbers.finish(Some((index, reason)), setup.world));
         }
-        let mut batch = batch?;
-        numbers.tally.skipped.append(&mut batch.skipped);
         let stepping = Instant::now();
-        if let Some((images, label_ids)) = batch.tensors.take() {
-            let lr = learning_rate(&config.train, epoch, index, steps);
-            // The optimiser step (1-based) this batch's gradients go into.
-            let feeds = run.step + 1;
-            let fed = Fed {
-                epoch,
-                index,
-                lr,
-                images,
-                labels: &batch.labels,
-                label_ids,
-            };
-            let stats = train_batch(run, setup, fed, &mut accumulation);
-            numbers.pending.push(stats, batch.labels.len(), feeds, lr);
-            setup
-                .warm_up
-                .after_step(&setup.backend.device, stepping, &progress.bar)?;
-        } else if setup.world.size() > 1 {
-            // The other ranks step on this batch and wait for this rank's gradients.
-            anyhow::bail!(
-                "rank {}: batch {index} of epoch {} has {} readable image(s), too few to train on, while the other ranks train on theirs; remove the unreadable files",
-                setup.world.rank(),
-                epoch + 1,
-                batch.labels.len()
-            );
-        }
+        epoch.feed(run, batch?, index, stepping)?;
         // Read and upload the next batch while the device runs this one.
         let waited = uploads.advance();
         index += 1;
+        epoch.after_batch(index, stepping, waited)?;
+    }
+    epoch.finish(run)
+}
+
+/// What one epoch's loop carries from batch to batch.
+struct EpochLoop<'a> {
+    setup: &'a Setup<'a>,
+    /// The epoch (0-based), the batch it starts at (after a resume inside it), its batches.
+    epoch: usize,
+    first: usize,
+    steps: usize,
+    progress: EpochProgress,
+    numbers: Numbers,
+    accumulation: Accumulation,
+    saves: PeriodicSaves,
+}
+
+impl<'a> EpochLoop<'a> {
+    fn start(run: &mut RunState, setup: &'a Setup<'a>) -> Self {
+        let config = setup.config;
+        let (epoch, first) = (run.epoch, std::mem::take(&mut run.batch));
+        let steps = setup.data.train.num_batches();
+        Self {
+            progress: EpochProgress::new(
+                format!("epoch {}/{}", epoch + 1, config.train.epochs),
+                steps,
+                first,
+                setup.world.is_primary(),
+            ),
+            numbers: Numbers::new(config.train.log_every, run.partial.take()),
+            accumulation: Accumulation::new(config.train.accumulate),
+            saves: PeriodicSaves::new(&config.train, run.step),
+            setup,
+            epoch,
+            first,
+            steps,
+        }
+    }
+
+    /// Between two accumulations: the reason to stop when a rank was asked to (the numbers
+    /// read back first), or a checkpoint when one is due.
+    fn stop_or_save(
+        &mut self,
+        run: &RunState,
+        stop: &StopFlag,
+        index: usize,
+    ) -> Result<Option<StopReason>> {
+        let world = self.setup.world;
+        let due = world.is_primary() && self.saves.due(run.step) && index > self.first;
+        let (stopping, saving) = agree(world, stop, due);
+        if stopping.is_some() {
+            self.progress.bar.abandon();
+            self.numbers.read(self.epoch, &mut self.progress)?;
+        } else if saving {
+            self.numbers.read(self.epoch, &mut self.progress)?;
+            let mut all = self.numbers.tally.counts();
+            all.reduce(world);
+            save_mid_epoch(run, self.setup, index, all)?;
+            self.saves.saved(run.step);
+        }
+        Ok(stopping)
+    }
+
+    /// Batch `index` through the model (started at `stepping`).
+    fn feed(
+        &mut self,
+        run: &mut RunState,
+        mut batch: DeviceBatch,
+        index: usize,
+        stepping: Instant,
+    ) -> Result<()> {
+        let (setup, epoch) = (self.setup, self.epoch);
+        self.numbers.tally.skipped.append(&mut batch.skipped);
+        let Some((images, label_ids)) = batch.tensors.take() else {
+            if setup.world.size() > 1 {
+                // The other ranks step on this batch and wait for this rank's gradients.
+                anyhow::bail!(
+                    "rank {}: batch {index} of epoch {} has {} readable image(s), too few to train on, while the other ranks train on theirs; remove the unreadable files",
+                    setup.world.rank(),
+                    epoch + 1,
+                    batch.labels.len()
+                );
+            }
+            return Ok(());
+        };
+        let lr = learning_rate(&setup.config.train, epoch, index, self.steps);
+        // The optimiser step (1-based) this batch's gradients go into.
+        let feeds = run.step + 1;
+        let fed = Fed {
+            epoch,
+            index,
+            lr,
+            images,
+            labels: &batch.labels,
+            label_ids,
+        };
+        let stats = train_batch(run, setup, fed, &mut self.accumulation);
+        self.numbers
+            .pending
+            .push(stats, batch.labels.len(), feeds, lr);
+        setup
+            .warm_up
+            .after_step(&setup.backend.device, stepping, &self.progress.bar)
+    }
+
+    /// After `done` batches: where the time went, and the numbers read back at the progress
+    /// interval.
+    fn after_batch(&mut self, done: usize, stepping: Instant, waited: f64) -> Result<()> {
+        let numbers = &mut self.numbers;
         numbers.loader_wait_seconds += waited;
         numbers.step_seconds += stepping.elapsed().as_secs_f64() - waited;
-        if numbers.pending.len() >= numbers.read_every || index == steps {
-            numbers.read(epoch, &mut progress)?;
-            progress.report(
-                index,
+        if numbers.pending.len() >= numbers.read_every || done == self.steps {
+            numbers.read(self.epoch, &mut self.progress)?;
+            self.progress.report(
+                done,
                 &numbers.tally,
                 numbers.fed_images(),
                 numbers.pending_lr,
             );
         }
-        progress.bar.inc(1);
+        self.progress.bar.inc(1);
+        Ok(())
     }
-    if !accumulation.is_empty() {
-        // The epoch's last batches, fewer than `accumulate`: one step with what they summed.
-        let stepping = Instant::now();
-        accumulation.step(run, setup);
-        numbers.step_seconds += stepping.elapsed().as_secs_f64();
+
+    /// The end of the epoch: a step with the last batches of an incomplete accumulation, and
+    /// the numbers.
+    fn finish(mut self, run: &mut RunState) -> Result<EpochRun> {
+        if !self.accumulation.is_empty() {
+            // The epoch's last batches, fewer than `accumulate`: one step with what they summed.
+            let stepping = Instant::now();
+            self.accumulation.step(run, self.setup);
+            self.numbers.step_seconds += stepping.elapsed().as_secs_f64();
+        }
+        self.numbers.read(self.epoch, &mut self.progress)?;
+        self.setup.warm_up.finish_epoch(&self.progress.bar);
+        self.progress.bar.finish_and_clear();
+        Ok(self.numbers.finish(None, self.setup.world))
     }
-    numbers.read(epoch, &mut progress)?;
-    setup.warm_up.finish_epoch(&progress.bar);
-    progress.bar.finish_and_clear();
-    Ok(numbers.finish(None, setup.world))
 }
 
 /// Whether any rank was asked to stop (and why), and whether rank 0 asks for a checkpoint: the
