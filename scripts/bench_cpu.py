@@ -3,11 +3,15 @@
 
     python scripts/bench_cpu.py --model NAME [--batch B] [--steps N] [--warmup W] [--threads T]
     python scripts/bench_cpu.py --ops [--threads T]
+    python scripts/bench_cpu.py --model NAME --eval [--batch B] [--steps N] [--warmup W]
 
 The same networks as `bench_cpu` (parameter counts printed to check), fp32, `T` threads
 (default 2), random images and labels; a step is zero_grad, forward, cross-entropy, backward,
 SGD (momentum 0.9, Nesterov, weight decay 5e-4) and `loss.item()`. Prints one JSON line:
 {"model", "batch", "steps_ms", "median_ms", "peak_rss_mib", "params"}.
+
+--eval times evaluation instead: model.eval(), forward under torch.no_grad(), the logits read
+back (.numpy()); the line has "mode": "eval".
 
 --ops times the ops `bench_cpu --ops` times, on the same shapes (CONV_SHAPES and BN_SHAPES are
 copies of the Rust side's): conv forward, conv input gradient (torch.nn.grad.conv2d_input),
@@ -87,10 +91,32 @@ def ops():
         report("batchnorm train fwd+bwd", f"{n}x{c}x{side}x{side}", time_ms(step))
 
 
+def evaluate(args, build, side, batch):
+    model = build().eval()
+    images = torch.empty(batch, 3, side, side).uniform_(-2, 2)
+    times = []
+    with torch.no_grad():
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            model(images).numpy()
+            if step >= args.warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({
+        "model": args.model,
+        "mode": "eval",
+        "batch": batch,
+        "steps_ms": [round(t, 1) for t in times],
+        "median_ms": round(statistics.median(times), 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+    }))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--ops", action="store_true")
+    parser.add_argument("--eval", action="store_true")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -104,6 +130,8 @@ def main():
         parser.error("--model or --ops is needed")
     build, side, batch = MODELS[args.model]
     batch = args.batch or batch
+    if args.eval:
+        return evaluate(args, build, side, batch)
     model = build().train()
     classes = model.fc.out_features
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -7,7 +7,9 @@
 # Models: cifar_resnet20, resnet18_cifar_stem, pyramidnet110_a48_bottleneck (batch 64 at 32x32),
 # resnet50 (batch 8 at 224). ROUNDS (default 2) alternations; STEPS (default 3) timed steps after
 # WARMUP (default 1). Needs .venv with torch and torchvision (`just interop` creates it).
-# Prints one table (median step time, spread, peak resident memory) and a last line
+# Prints the training-step table (median step time, spread, peak resident memory), an evaluation
+# table (forward only, running statistics; PyTorch under eval() + no_grad()), the ops, and a last
+# line
 #   train step vs PyTorch (median over models): <ratio>x
 # where a ratio is PyTorch's step time over ours (1.0 = parity, above = faster).
 set -euo pipefail
@@ -28,6 +30,8 @@ for model in "${MODELS[@]}"; do
     echo "$model, round $round/$ROUNDS" >&2
     target/release/bench_cpu --model "$model" --steps "$STEPS" --warmup "$WARMUP" >> "$OUT/rust.jsonl"
     "$PY" scripts/bench_cpu.py --model "$model" --steps "$STEPS" --warmup "$WARMUP" >> "$OUT/torch.jsonl"
+    target/release/bench_cpu --model "$model" --eval --steps "$STEPS" --warmup "$WARMUP" >> "$OUT/rust-eval.jsonl"
+    "$PY" scripts/bench_cpu.py --model "$model" --eval --steps "$STEPS" --warmup "$WARMUP" >> "$OUT/torch-eval.jsonl"
   done
 done
 echo "ops" >&2
@@ -59,6 +63,18 @@ for model, rows in ours.items():
     fa = f"{ma:.0f} ({min(a):.0f}-{max(a):.0f})"
     fb = f"{mb:.0f} ({min(b):.0f}-{max(b):.0f})"
     print(f"{model:<30} {rows[0]['batch']:>5} {fa:>24} {fb:>22} {mb / ma:>6.2f}x {rss_a:>8.0f}M {rss_b:>8.0f}M")
+ours_eval, torch_eval = load("rust-eval"), load("torch-eval")
+print(f"\nevaluation on the CPU: forward only, running statistics (PyTorch: eval() + no_grad()), median ms (min-max)")
+print(f"{'model':<30} {'batch':>5} {'this project (flex)':>24} {'PyTorch':>22} {'ratio':>7}")
+eval_ratios = []
+for model, rows in ours_eval.items():
+    a = [t for r in rows for t in r["steps_ms"]]
+    b = [t for r in torch_eval[model] for t in r["steps_ms"]]
+    ma, mb = statistics.median(a), statistics.median(b)
+    eval_ratios.append(mb / ma)
+    fa = f"{ma:.0f} ({min(a):.0f}-{max(a):.0f})"
+    fb = f"{mb:.0f} ({min(b):.0f}-{max(b):.0f})"
+    print(f"{model:<30} {rows[0]['batch']:>5} {fa:>24} {fb:>22} {mb / ma:>6.2f}x")
 def load_ops(side):
     rows = {}
     for line in open(os.path.join(out, f"{side}-ops.jsonl")):
@@ -72,5 +88,6 @@ for (op, shape), times in ops_ours.items():
     # `<op>, flex's` rows time flex's own op: compared with the same PyTorch op.
     a, b = statistics.median(times), statistics.median(ops_torch[(op.split(",")[0], shape)])
     print(f"{op:<33} {shape:<28} {a:>9.2f} {b:>9.2f} {b / a:>6.2f}x")
+print(f"\nevaluation vs PyTorch (median over models): {statistics.median(eval_ratios):.2f}x")
 print(f"\ntrain step vs PyTorch (median over models): {statistics.median(ratios):.2f}x")
 PYEOF

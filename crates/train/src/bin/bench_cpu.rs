@@ -5,11 +5,13 @@
 //! cargo run --release --bin bench_cpu -- --model cifar_resnet20 [--batch 64] [--steps 5] [--warmup 2]
 //! cargo run --release --bin bench_cpu -- --list
 //! cargo run --release --bin bench_cpu -- --ops
+//! cargo run --release --bin bench_cpu -- --model resnet50 --eval
 //! ```
 //!
 //! Times whole training steps on flex (forward, backward, SGD with Nesterov momentum and
 //! weight decay; the loss read back, so the step is finished) on random images and labels, and
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
+//! With `--eval`: forward passes in evaluation mode instead (the line's `"mode": "eval"`).
 //! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
 //! (`{"op", "shape", "median_ms"}`): conv forward, conv input gradient, conv weight gradient
 //! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
@@ -58,6 +60,10 @@ struct Args {
     /// Time single ops instead of a model's step.
     #[arg(long)]
     ops: bool,
+    /// Time evaluation instead (forward only, BatchNorm's running statistics, no autodiff; the
+    /// logits read back), as PyTorch's `model.eval()` under `torch.no_grad()`.
+    #[arg(long)]
+    eval: bool,
 }
 
 /// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
@@ -192,6 +198,9 @@ fn run(args: &Args) -> Result<()> {
     if args.steps == 0 || batch < 2 {
         bail!("--steps must be at least 1 and --batch at least 2 (BatchNorm)");
     }
+    if args.eval {
+        return evaluate(name, &config, side, batch, args);
+    }
     let device = Device::flex().autodiff();
     let mut rng = StdRng::seed_from_u64(0);
     let mut model = config.init(&mut rng, &device)?;
@@ -229,6 +238,44 @@ fn run(args: &Args) -> Result<()> {
     let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
     println!(
         "{{\"model\": \"{name}\", \"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
+        steps.join(", "),
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+/// Evaluation passes of `config` at `batch`: forward in evaluation mode on flex without
+/// autodiff, the logits read back.
+fn evaluate(
+    name: &str,
+    config: &ModelConfig,
+    side: usize,
+    batch: usize,
+    args: &Args,
+) -> Result<()> {
+    let device = Device::flex();
+    let mut rng = StdRng::seed_from_u64(0);
+    let model = config.init(&mut rng, &device)?;
+    let values: Vec<f32> = (0..batch * 3 * side * side)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let mut times = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let images = Tensor::<4>::from_data(
+            TensorData::new(values.clone(), [batch, 3, side, side]),
+            &device,
+        );
+        let logits = model.forward(images).into_data();
+        if step >= args.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(logits);
+    }
+    let median = cutmix_train::bench::median(&times);
+    let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
+    println!(
+        "{{\"model\": \"{name}\", \"mode\": \"eval\", \"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
         steps.join(", "),
         peak_rss_mib().unwrap_or(0.0)
     );
