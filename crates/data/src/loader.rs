@@ -69,6 +69,7 @@ impl Batch {
     }
 }
 
+#[derive(Clone)]
 struct Shared {
     dataset: Arc<dyn Dataset>,
     indices: Vec<usize>,
@@ -162,15 +163,7 @@ impl Loader {
             shard.rank,
             shard.count
         );
-        let mut shared = Arc::try_unwrap(self.shared).unwrap_or_else(|shared| Shared {
-            dataset: shared.dataset.clone(),
-            indices: shared.indices.clone(),
-            transform: shared.transform.clone(),
-            mean: shared.mean,
-            std: shared.std,
-            config: shared.config.clone(),
-            shard: shared.shard,
-        });
+        let mut shared = Arc::unwrap_or_clone(self.shared);
         shared.shard = shard;
         Self {
             shared: Arc::new(shared),
@@ -503,13 +496,11 @@ mod tests {
         // shards holds batch k of the one loader, transforms included; padding repeats the
         // epoch's first two examples.
         let whole = {
-            let mut loader = small_loader(0);
-            let mut shared = Arc::try_unwrap(loader.shared).ok().unwrap();
+            let mut shared = Arc::unwrap_or_clone(small_loader(0).shared);
             shared.config.batch_size = 15;
-            loader = Loader {
+            Loader {
                 shared: Arc::new(shared),
-            };
-            loader
+            }
         };
         let parts: Vec<Loader> = (0..3)
             .map(|rank| {

@@ -104,9 +104,17 @@ impl PathTracker {
 
 /// Lists the model's tensors in visiting order.
 fn entries(model: &Model) -> Vec<Entry> {
+    entries_with_ids(model)
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// The model's tensors with their parameter ids, in visiting order.
+fn entries_with_ids(model: &Model) -> Vec<(ParamId, Entry)> {
     struct Lister {
         path: PathTracker,
-        entries: Vec<Entry>,
+        entries: Vec<(ParamId, Entry)>,
     }
     impl ModuleVisitor for Lister {
         fn enter_module(&mut self, name: &str, container_type: &str) {
@@ -117,7 +125,7 @@ fn entries(model: &Model) -> Vec<Entry> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let dims = param.lazy_shape().to_vec();
-            self.entries.push(self.path.entry(&dims));
+            self.entries.push((param.id, self.path.entry(&dims)));
         }
     }
     let mut lister = Lister {
@@ -200,29 +208,10 @@ pub fn state_dict(model: &Model, batches_tracked: i64) -> Vec<(String, HostTenso
 /// weight), in visiting order: names for what is kept per parameter id, as an optimiser's
 /// momentum buffers.
 pub fn param_names(model: &Model) -> Vec<(ParamId, String, bool)> {
-    struct Lister {
-        path: PathTracker,
-        out: Vec<(ParamId, String, bool)>,
-    }
-    impl ModuleVisitor for Lister {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let entry = self.path.entry(&param.lazy_shape().to_vec());
-            self.out
-                .push((param.id, entry.torch_name, entry.transposed));
-        }
-    }
-    let mut lister = Lister {
-        path: PathTracker::default(),
-        out: Vec::new(),
-    };
-    model.visit(&mut lister);
-    lister.out
+    entries_with_ids(model)
+        .into_iter()
+        .map(|(id, entry)| (id, entry.torch_name, entry.transposed))
+        .collect()
 }
 
 /// Renames tensors saved under Burn's module paths (a `.bpk` checkpoint) to PyTorch's names

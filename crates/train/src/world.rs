@@ -432,15 +432,25 @@ impl ModuleVisitor for Unflatten<'_, '_> {
 mod mpi_world {
     use anyhow::{Result, anyhow};
     use mpi::collective::SystemOperation;
+    use mpi::datatype::Equivalence;
     use mpi::environment::Universe;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
 
+    /// `values` combined by `op` over every rank of `world`, in place.
+    fn all_reduce<T: Equivalence + Copy>(
+        world: &SimpleCommunicator,
+        values: &mut [T],
+        op: SystemOperation,
+    ) {
+        let send = values.to_vec();
+        world.all_reduce_into(&send[..], values, op);
+    }
+
     /// Sums `values` over MPI's world communicator (for callers without a [`Mpi`]: the
     /// kernels; only the training thread calls it).
     pub fn sum_f32_world(values: &mut [f32]) {
-        let send = values.to_vec();
-        SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
+        all_reduce(&SimpleCommunicator::world(), values, SystemOperation::sum());
     }
 
     /// MPI's world communicator, and the universe that finalises MPI when dropped.
@@ -475,21 +485,15 @@ mod mpi_world {
         }
 
         pub fn sum_f32(&self, values: &mut [f32]) {
-            let send = values.to_vec();
-            self.world
-                .all_reduce_into(&send[..], values, SystemOperation::sum());
+            all_reduce(&self.world, values, SystemOperation::sum());
         }
 
         pub fn sum_f64(&self, values: &mut [f64]) {
-            let send = values.to_vec();
-            self.world
-                .all_reduce_into(&send[..], values, SystemOperation::sum());
+            all_reduce(&self.world, values, SystemOperation::sum());
         }
 
         pub fn max_u64(&self, values: &mut [u64]) {
-            let send = values.to_vec();
-            self.world
-                .all_reduce_into(&send[..], values, SystemOperation::max());
+            all_reduce(&self.world, values, SystemOperation::max());
         }
 
         pub fn gather_u64(&self, value: u64) -> Vec<u64> {

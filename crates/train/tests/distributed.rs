@@ -15,9 +15,8 @@ use cutmix_data::{Shard, Stream, keyed_rng};
 use cutmix_train::config::Config;
 use cutmix_train::trainer::{apply_step, loss_and_grads, sgd};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{floats, metrics, repo, wait_for_state};
 
 fn quickstart() -> PathBuf {
     repo().join("configs/quickstart.toml")
@@ -97,43 +96,6 @@ fn spawn(ranks: usize, sets: &[String]) -> Child {
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_for(path: &Path, what: impl Fn(&serde_json::Value) -> bool) {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(300) {
-        if let Some(state) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            && what(&state)
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("{} never appeared", path.display());
-}
-
-/// Every float tensor of `model`, in order.
-fn floats(model: &cutmix_models::Model) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
-            self.0.extend(values);
-        }
-    }
-    let mut collect = Collect(Vec::new());
-    model.visit(&mut collect);
-    collect.0
 }
 
 fn config(sets: &[String]) -> Config {
@@ -382,7 +344,7 @@ fn runs_resume_on_another_number_of_ranks_and_a_stop_on_one_rank_stops_all() {
     let state = stopped
         .path()
         .join("quickstart/checkpoints/last/state.json");
-    wait_for(&state, |s| {
+    wait_for_state(&state, |s| {
         s["epoch"] == 1 && s["batch"].as_u64() >= Some(2)
     });
     let ranks = child_pids(child.id());
@@ -421,7 +383,7 @@ fn a_rank_killed_ends_the_run_with_a_clear_error_and_resume_continues() {
     let sets = sets(out.path(), 192, 16, &["train.epochs=4"]);
     let child = spawn(2, &sets);
     let state = out.path().join("quickstart/checkpoints/last/state.json");
-    wait_for(&state, |s| s["epoch"].as_u64() >= Some(1));
+    wait_for_state(&state, |s| s["epoch"].as_u64() >= Some(1));
     let ranks = child_pids(child.id());
     signal("KILL", *ranks.iter().max().unwrap());
     let started = Instant::now();

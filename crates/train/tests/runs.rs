@@ -14,9 +14,8 @@ use cutmix_models::{Arch, ModelConfig};
 use cutmix_train::config::TrainSection;
 use cutmix_train::trainer::{images_tensor, sgd, train_step};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{floats, metrics, repo, wait_for_state};
 
 fn mini() -> PathBuf {
     repo().join("assets/cifar10-mini")
@@ -63,14 +62,6 @@ fn quick_sets(out: &Path, extra: &[&str]) -> Vec<String> {
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     sets
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -179,15 +170,6 @@ fn same_seed_gives_the_same_run_whatever_the_worker_count() {
 /// Every tensor of a run's last model (BatchNorm statistics included), flattened in order;
 /// with no run, of a freshly initialised one.
 fn weights(run: Option<&Path>) -> Vec<f32> {
-    use burn::module::{ModuleVisitor, Param};
-    use burn::tensor::Tensor;
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
-            self.0.extend(values);
-        }
-    }
     let model = resnet8(123, &Device::flex());
     let model = match run {
         Some(run) => model
@@ -195,9 +177,7 @@ fn weights(run: Option<&Path>) -> Vec<f32> {
             .unwrap(),
         None => model,
     };
-    let mut collect = Collect(Vec::new());
-    model.visit(&mut collect);
-    collect.0
+    floats(&model)
 }
 
 /// Writes the first `count` shipped images as a CIFAR-100 binary file (fine label = class).
@@ -987,21 +967,10 @@ fn checkpoint_weights(folder: &Path) -> Vec<f32> {
 
 /// Every float tensor of one of a checkpoint's weights files (`model.bpk`, `ema.bpk`).
 fn weights_file(folder: &Path, file: &str) -> Vec<f32> {
-    use burn::module::{ModuleVisitor, Param};
-    use burn::tensor::Tensor;
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
-            self.0.extend(values);
-        }
-    }
     let model = resnet8(123, &Device::flex())
         .try_load_file(folder.join(file))
         .unwrap();
-    let mut collect = Collect(Vec::new());
-    model.visit(&mut collect);
-    collect.0
+    floats(&model)
 }
 
 #[test]
@@ -1158,22 +1127,6 @@ fn spawn_train(config: &Path, sets: &[String], resume: bool) -> std::process::Ch
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Waits until `state.json` at `path` exists and satisfies `what`.
-fn wait_for_state(path: &Path, what: impl Fn(&serde_json::Value) -> bool) {
-    let started = std::time::Instant::now();
-    while started.elapsed().as_secs() < 300 {
-        if let Some(state) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            && what(&state)
-        {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("{} never appeared", path.display());
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             return Ok(run.summary(Some(reason)));
         }
         let metrics = finish_epoch(&mut run, &setup, trained, started)?;
-        if run.primary {
+        if run.primary() {
             let left = time_left(
                 run_start.elapsed(),
                 metrics.epoch - first_epoch,
@@ -47,7 +47,7 @@ pub fn train(config: &Config, options: &RunOptions) -> Result<RunSummary> {
             keep_metrics(&mut run, config, metrics)?;
         }
     }
-    if run.primary {
+    if run.primary() {
         println!(
             "done: best val top-1 error {:.2}% at epoch {}; metrics in {}, checkpoints in {}",
             run.best_val_top1_err,
@@ -76,7 +76,7 @@ fn finish_epoch(
     }
     let world = setup.world;
     if let Some(checksum) = run.synchronise(world, &format!("after epoch {}", epoch + 1))?
-        && run.primary
+        && run.primary()
     {
         println!(
             "weights identical on all {} ranks after epoch {} (checksum {checksum:016x})",
@@ -131,7 +131,7 @@ fn finish_epoch(
     run.epoch += 1;
     metrics.checkpoint_seconds = saving.elapsed().as_secs_f64();
     metrics.epoch_seconds = started.elapsed().as_secs_f64();
-    if run.primary {
+    if run.primary() {
         run.log.append(&metrics)?;
     }
     Ok(metrics)
@@ -185,7 +185,7 @@ fn save_interrupted(
     tally: crate::metrics::Tally,
 ) -> Result<()> {
     save_mid_epoch(run, setup, batch, tally)?;
-    if run.primary {
+    if run.primary() {
         let why = match reason {
             StopReason::Interrupt => "Ctrl-C",
             StopReason::Terminate => "SIGTERM",

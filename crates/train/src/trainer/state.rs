@@ -42,14 +42,11 @@ pub struct RunState {
     /// The training numbers of epoch `epoch`'s first `batch` batches (a checkpoint saved in
     /// the middle of an epoch), to add the rest to.
     pub partial: Option<Tally>,
-    /// Whether this process writes the run folder (rank 0, or the only process).
-    pub primary: bool,
-    /// The checkpoint the run was restored from (until rank 0 has told the other ranks).
-    restored_from: Option<PathBuf>,
     /// How many processes train the run.
     pub world_size: usize,
-    /// Held by the process that writes the folder.
-    _lock: Option<RunLock>,
+    /// Held by the process that writes the folder (rank 0, or the only process); `None` on the
+    /// other ranks.
+    lock: Option<RunLock>,
 }
 
 /// What rank 0 tells the other ranks when it has opened the run: the folder, and the
@@ -72,17 +69,16 @@ impl RunState {
         if !world.is_primary() {
             return Self::follow(setup);
         }
-        let mut run = Self::open_primary(setup, resume)?;
+        let (mut run, checkpoint) = Self::open_primary(setup, resume)?;
         run.world_size = world.size();
         if world.size() > 1 {
             let opened = Opened {
                 run_dir: run.run_dir.clone(),
-                checkpoint: run.restored_from.clone(),
+                checkpoint,
             };
             let mut bytes = serde_json::to_vec(&opened).expect("serialises");
             world.broadcast_bytes(&mut bytes);
         }
-        run.restored_from = None;
         Ok(run)
     }
 
@@ -114,7 +110,9 @@ impl RunState {
         Ok(run)
     }
 
-    fn open_primary(setup: &Setup, resume: bool) -> Result<Self> {
+    /// The run folder opened by the process that writes it, and the checkpoint it was restored
+    /// from.
+    fn open_primary(setup: &Setup, resume: bool) -> Result<(Self, Option<PathBuf>)> {
         let config = setup.config;
         let model = setup.init_model()?;
         let (checkpoint, lock) = if resume {
@@ -123,6 +121,7 @@ impl RunState {
         } else {
             (None, None)
         };
+        let restored_from = checkpoint.as_ref().map(|(folder, _)| folder.clone());
         let mut run = match checkpoint {
             Some((folder, state)) => restore(config, model, &folder, state, setup.world, lock)?,
             None => {
@@ -151,7 +150,7 @@ impl RunState {
                 classes.join("\n").as_bytes(),
             )?;
         }
-        Ok(run)
+        Ok((run, restored_from))
     }
 
     fn fresh(
@@ -175,10 +174,8 @@ impl RunState {
             metrics: Vec::new(),
             init_from,
             partial: None,
-            primary: lock.is_some(),
-            restored_from: None,
             world_size: 1,
-            _lock: lock,
+            lock,
         }
     }
 
@@ -206,10 +203,8 @@ impl RunState {
             metrics,
             init_from: None,
             partial: state.partial.filter(|_| world.is_primary() && batch > 0),
-            primary: world.is_primary(),
-            restored_from: None,
             world_size: world.size(),
-            _lock: lock,
+            lock,
         })
     }
 
@@ -220,6 +215,11 @@ impl RunState {
         if decay > 0.0 && self.ema.is_none() {
             self.ema = Some(Ema::new(self.model(), decay));
         }
+    }
+
+    /// Whether this process writes the run folder and the log (rank 0, or the only process).
+    pub fn primary(&self) -> bool {
+        self.lock.is_some()
     }
 
     pub fn model(&self) -> &Model {
@@ -268,7 +268,7 @@ impl RunState {
     /// Writes the checkpoints of `state` (`last`, `best` when `is_best`, `epoch-NNNN`); only
     /// the process that writes the run folder does.
     pub fn save(&self, config: &Config, state: &TrainState, is_best: bool) -> Result<()> {
-        if !self.primary {
+        if !self.primary() {
             return Ok(());
         }
         checkpoint::save(
@@ -546,9 +546,7 @@ fn restore(
         Some(lock) => lock,
         None => checkpoint::lock_run_dir(&run_dir)?,
     };
-    let mut run = RunState::restored(run_dir, loaded, state, world, Some(lock), metrics)?;
-    run.restored_from = Some(checkpoint.to_path_buf());
-    Ok(run)
+    RunState::restored(run_dir, loaded, state, world, Some(lock), metrics)
 }
 
 #[cfg(test)]
