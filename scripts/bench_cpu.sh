@@ -48,33 +48,32 @@ def load(side):
         row = json.loads(line)
         rows.setdefault(row["model"], []).append(row)
     return rows
-ours, torch = load("rust"), load("torch")
+def table(ours, torch, rss):
+    """One row per model: median ms (min-max) of ours and PyTorch's, the ratio, and with `rss`
+    both peak RSS; returns the ratios."""
+    ratios = []
+    for model, rows in ours.items():
+        a = [t for r in rows for t in r["steps_ms"]]
+        b = [t for r in torch[model] for t in r["steps_ms"]]
+        ma, mb = statistics.median(a), statistics.median(b)
+        ratios.append(mb / ma)
+        fa = f"{ma:.0f} ({min(a):.0f}-{max(a):.0f})"
+        fb = f"{mb:.0f} ({min(b):.0f}-{max(b):.0f})"
+        line = f"{model:<30} {rows[0]['batch']:>5} {fa:>24} {fb:>22} {mb / ma:>6.2f}x"
+        if rss:
+            rss_a = max(r["peak_rss_mib"] for r in rows)
+            rss_b = max(r["peak_rss_mib"] for r in torch[model])
+            line += f" {rss_a:>8.0f}M {rss_b:>8.0f}M"
+        print(line)
+    return ratios
+header = f"{'model':<30} {'batch':>5} {'this project (flex)':>24} {'PyTorch':>22} {'ratio':>7}"
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print(f"\ntraining step on the CPU ({cpu}, {os.cpu_count()} cores): median ms over all timed steps (min-max), peak RSS")
-print(f"{'model':<30} {'batch':>5} {'this project (flex)':>24} {'PyTorch':>22} {'ratio':>7} {'RSS ours':>9} {'RSS torch':>9}")
-ratios = []
-for model, rows in ours.items():
-    a = [t for r in rows for t in r["steps_ms"]]
-    b = [t for r in torch[model] for t in r["steps_ms"]]
-    ma, mb = statistics.median(a), statistics.median(b)
-    ratios.append(mb / ma)
-    rss_a = max(r["peak_rss_mib"] for r in rows)
-    rss_b = max(r["peak_rss_mib"] for r in torch[model])
-    fa = f"{ma:.0f} ({min(a):.0f}-{max(a):.0f})"
-    fb = f"{mb:.0f} ({min(b):.0f}-{max(b):.0f})"
-    print(f"{model:<30} {rows[0]['batch']:>5} {fa:>24} {fb:>22} {mb / ma:>6.2f}x {rss_a:>8.0f}M {rss_b:>8.0f}M")
-ours_eval, torch_eval = load("rust-eval"), load("torch-eval")
+print(f"{header} {'RSS ours':>9} {'RSS torch':>9}")
+ratios = table(load("rust"), load("torch"), rss=True)
 print(f"\nevaluation on the CPU: forward only, running statistics (PyTorch: eval() + no_grad()), median ms (min-max)")
-print(f"{'model':<30} {'batch':>5} {'this project (flex)':>24} {'PyTorch':>22} {'ratio':>7}")
-eval_ratios = []
-for model, rows in ours_eval.items():
-    a = [t for r in rows for t in r["steps_ms"]]
-    b = [t for r in torch_eval[model] for t in r["steps_ms"]]
-    ma, mb = statistics.median(a), statistics.median(b)
-    eval_ratios.append(mb / ma)
-    fa = f"{ma:.0f} ({min(a):.0f}-{max(a):.0f})"
-    fb = f"{mb:.0f} ({min(b):.0f}-{max(b):.0f})"
-    print(f"{model:<30} {rows[0]['batch']:>5} {fa:>24} {fb:>22} {mb / ma:>6.2f}x")
+print(header)
+eval_ratios = table(load("rust-eval"), load("torch-eval"), rss=False)
 def load_ops(side):
     rows = {}
     for line in open(os.path.join(out, f"{side}-ops.jsonl")):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_torch_interop import CifarResNet, PyramidNet  # noqa: E402
+from check_torch_interop import CifarResNet, PyramidNet, rand_bbox  # noqa: E402
 
 # name: (network, side, batch), as `bench_gpu --list`.
 MODELS = {
@@ -35,15 +35,6 @@ MODELS = {
     "pyramidnet200_a240": (lambda: PyramidNet(200, 240, 100, True), 32, 64, 100),
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=1000), 224, 64, 1000),
 }
-
-
-def rand_bbox(height, width, lam, rng):
-    ratio = np.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * ratio), int(width * ratio)
-    cy, cx = rng.randint(height), rng.randint(width)
-    y1, y2 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
-    x1, x2 = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
-    return y1, y2, x1, x2
 
 
 def main():

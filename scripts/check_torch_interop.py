@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,6 +41,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(REPO, "assets", "cifar10-mini")
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.toml")
 TOLERANCE = 1e-4
+
+
+def rand_bbox(height, width, lam, rng):
+    """The CutMix reference's rand_bbox (train.py), with height and width named as they are:
+    a box of sqrt(1 - lam) of each side around a uniform centre, clipped to the image."""
+    ratio = np.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = rng.randint(height), rng.randint(width)
+    y1, y2 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
+    x1, x2 = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
+    return int(y1), int(y2), int(x1), int(x2)
 
 
 # ---------------------------------------------------------------------------------------------

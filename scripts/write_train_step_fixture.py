@@ -39,7 +39,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_torch_interop import REPO, CifarResNet, PyramidNet, randomise  # noqa: E402
+from check_torch_interop import REPO, CifarResNet, PyramidNet, rand_bbox, randomise  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 MEAN = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
@@ -57,16 +57,6 @@ def real_batch():
     pixels = [np.asarray(Image.open(os.path.join(train, c, "0000.jpg")).convert("RGB")) for c in classes]
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
     return ((x - MEAN) / STD).contiguous(), torch.arange(len(classes), dtype=torch.int64)
-
-
-def rand_bbox(height, width, lam, rng):
-    """The reference's rand_bbox with height and width named as they are."""
-    ratio = np.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * ratio), int(width * ratio)
-    cy, cx = rng.randint(height), rng.randint(width)
-    y1, y2 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
-    x1, x2 = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
-    return int(y1), int(y2), int(x1), int(x2)
 
 
 class ReluMargin:

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use cutmix_augment::{CutMix, Mixing, Mode, Partner};
-use cutmix_models::{Arch, Model, ModelConfig};
+use cutmix_models::{Model, ModelConfig, Variant};
 
 use crate::config::TrainSection;
 use crate::trainer::{apply_step, loss_and_grads, sgd};
@@ -24,78 +24,45 @@ pub struct BenchModel {
     pub gpu_batch: Option<usize>,
 }
 
-/// The networks of both benchmarks.
+/// The networks of both benchmarks: the zoo's (`train --list-models`), and PyramidNet-110
+/// alpha 48 with bottleneck blocks.
 pub fn models() -> Vec<BenchModel> {
-    let model = |name, arch, depth, alpha, bottleneck, num_classes, side, cpu, gpu| BenchModel {
+    let zoo = |name: &str| {
+        Variant::all()
+            .into_iter()
+            .find(|v| v.name == name)
+            .expect("a model of the zoo")
+    };
+    let model = |name, variant: Variant, cpu, gpu| BenchModel {
         name,
-        config: ModelConfig {
-            arch,
-            depth,
-            alpha,
-            bottleneck,
-            shakedrop: 0.0,
-            num_classes,
-        },
-        side,
+        config: variant.config,
+        side: variant.input_size,
         cpu_batch: cpu,
         gpu_batch: gpu,
     };
+    let mut pyramidnet110_bottleneck = zoo("pyramidnet110_a48");
+    pyramidnet110_bottleneck.config.bottleneck = true;
     vec![
-        model(
-            "cifar_resnet20",
-            Arch::CifarResNet,
-            20,
-            0.0,
-            false,
-            10,
-            32,
-            Some(64),
-            Some(128),
-        ),
+        model("cifar_resnet20", zoo("cifar_resnet20"), Some(64), Some(128)),
         model(
             "resnet18_cifar_stem",
-            Arch::ResNetCifarStem,
-            18,
-            0.0,
-            false,
-            10,
-            32,
+            zoo("resnet18_cifar_stem"),
             Some(64),
             None,
         ),
         model(
             "pyramidnet110_a48_bottleneck",
-            Arch::PyramidNet,
-            110,
-            48.0,
-            true,
-            100,
-            32,
+            pyramidnet110_bottleneck,
             Some(64),
             None,
         ),
         model(
             "pyramidnet200_a240",
-            Arch::PyramidNet,
-            200,
-            240.0,
-            true,
-            100,
-            32,
+            zoo("pyramidnet200_a240"),
             None,
             Some(64),
         ),
-        model(
-            "resnet50",
-            Arch::ResNet,
-            50,
-            0.0,
-            true,
-            1000,
-            224,
-            Some(8),
-            Some(64),
-        ),
+        model("resnet50", zoo("resnet50"), Some(8), Some(64)),
     ]
 }
 

@@ -203,44 +203,32 @@ fn run(args: &Args) -> Result<()> {
     }
     let device = Device::flex().autodiff();
     let mut rng = StdRng::seed_from_u64(0);
-    let mut model = config.init(&mut rng, &device)?;
+    // Taken out and put back by each step (the optimiser moves it).
+    let mut model = Some(config.init(&mut rng, &device)?);
     let section: TrainSection = toml::from_str(&format!(
         "epochs = 1\nbatch_size = {batch}\nlr = 0.1\nweight_decay = 5e-4"
     ))?;
     let mut optimizer = sgd(&section);
-    let values: Vec<f32> = (0..batch * 3 * side * side)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
+    let values = random_images(&mut rng, batch, side);
     let labels: Vec<usize> = (0..batch)
         .map(|_| rng.random_range(0..config.num_classes))
         .collect();
-    let mut times = Vec::new();
-    for step in 0..args.warmup + args.steps {
-        let start = Instant::now();
+    let times = time_steps(args, |step| {
         let images = Tensor::<4>::from_data(
             TensorData::new(values.clone(), [batch, 3, side, side]),
             &device,
         );
         let targets = one_hot(&labels, config.num_classes, &device);
-        let logits = model.forward_train(images, &mut rng);
-        let (next, out) = train_step(model, &mut optimizer, logits, targets, 0.1);
-        model = next;
+        let current = model.take().expect("the model is in place");
+        let logits = current.forward_train(images, &mut rng);
+        let (next, out) = train_step(current, &mut optimizer, logits, targets, 0.1);
+        model = Some(next);
         if !out.loss.is_finite() {
             bail!("{name}: loss {} at step {step}", out.loss);
         }
-        if step >= args.warmup {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-    let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
-    println!(
-        "{{\"model\": \"{name}\", \"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
-        steps.join(", "),
-        peak_rss_mib().unwrap_or(0.0)
-    );
+        Ok(())
+    })?;
+    print_times(name, "", batch, &times);
     Ok(())
 }
 
@@ -256,30 +244,49 @@ fn evaluate(
     let device = Device::flex();
     let mut rng = StdRng::seed_from_u64(0);
     let model = config.init(&mut rng, &device)?;
-    let values: Vec<f32> = (0..batch * 3 * side * side)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let mut times = Vec::new();
-    for step in 0..args.warmup + args.steps {
-        let start = Instant::now();
+    let values = random_images(&mut rng, batch, side);
+    let times = time_steps(args, |_| {
         let images = Tensor::<4>::from_data(
             TensorData::new(values.clone(), [batch, 3, side, side]),
             &device,
         );
-        let logits = model.forward(images).into_data();
-        if step >= args.warmup {
+        model.forward(images).into_data();
+        Ok(())
+    })?;
+    print_times(name, "\"mode\": \"eval\", ", batch, &times);
+    Ok(())
+}
+
+/// Pixel values for `batch` images of `side` x `side`, uniform in [-2, 2).
+fn random_images(rng: &mut StdRng, batch: usize, side: usize) -> Vec<f32> {
+    (0..batch * 3 * side * side)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect()
+}
+
+/// Runs `step` (given its number) `--warmup` times untimed, then `--steps` times timed;
+/// returns the timed ones in milliseconds.
+fn time_steps(args: &Args, mut step: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for number in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        step(number)?;
+        if number >= args.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        drop(logits);
     }
-    let median = cutmix_train::bench::median(&times);
+    Ok(times)
+}
+
+/// The JSON line of a model's timed steps (`fields`: extra `"key": value, ` pairs).
+fn print_times(name: &str, fields: &str, batch: usize, times: &[f64]) {
+    let median = cutmix_train::bench::median(times);
     let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
     println!(
-        "{{\"model\": \"{name}\", \"mode\": \"eval\", \"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
+        "{{\"model\": \"{name}\", {fields}\"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
         steps.join(", "),
         peak_rss_mib().unwrap_or(0.0)
     );
-    Ok(())
 }
 
 fn main() {
