@@ -15,7 +15,8 @@ back (.numpy()); the line has "mode": "eval".
 
 --ops times the ops `bench_cpu --ops` times, on the same shapes (CONV_SHAPES and BN_SHAPES are
 copies of the Rust side's): conv forward, conv input gradient (torch.nn.grad.conv2d_input),
-conv weight gradient (torch.nn.grad.conv2d_weight), BatchNorm training forward + backward.
+conv weight gradient (torch.nn.grad.conv2d_weight), BatchNorm training forward + backward (with
+and without a ReLU after it), BatchNorm + ReLU in evaluation.
 """
 import argparse
 import json
@@ -50,7 +51,7 @@ MODELS = {
 
 
 # batch, in channels, side, out channels, kernel, stride (as crates/train/src/bin/bench_cpu.rs).
-CONV_SHAPES = [(64, 16, 32, 16, 3, 1), (64, 64, 32, 64, 3, 1), (64, 128, 16, 128, 3, 1),
+CONV_SHAPES = [(64, 16, 32, 16, 3, 1), (64, 32, 16, 32, 3, 1), (64, 64, 8, 64, 3, 1), (64, 64, 32, 64, 3, 1), (64, 128, 16, 128, 3, 1),
                (8, 3, 224, 64, 7, 2), (8, 64, 56, 64, 3, 1), (8, 256, 56, 64, 1, 1)]
 BN_SHAPES = [(64, 16, 32), (64, 64, 32), (8, 256, 56)]
 
@@ -85,10 +86,19 @@ def ops():
         x = torch.empty(n, c, side, side).uniform_(-1, 1).requires_grad_()
         g = torch.empty(n, c, side, side).uniform_(-1, 1)
 
-        def step():
+        def step(relu):
             x.grad = None
-            (bn(x) * g).sum().backward()
-        report("batchnorm train fwd+bwd", f"{n}x{c}x{side}x{side}", time_ms(step))
+            y = bn(x)
+            ((F.relu(y) if relu else y) * g).sum().backward()
+        shape = f"{n}x{c}x{side}x{side}"
+        report("batchnorm train fwd+bwd", shape, time_ms(lambda: step(False)))
+        report("batchnorm+relu train fwd+bwd", shape, time_ms(lambda: step(True)))
+        frozen = nn.BatchNorm2d(c).eval()
+        frozen.running_mean.uniform_(-1, 1)
+        frozen.running_var.uniform_(0.5, 1.5)
+        x_eval = x.detach()
+        with torch.no_grad():
+            report("batchnorm+relu eval", shape, time_ms(lambda: F.relu(frozen(x_eval))))
 
 
 def evaluate(args, build, side, batch):

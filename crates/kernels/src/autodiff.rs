@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::ConvOptions;
+use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend};
 
@@ -19,8 +19,9 @@ type Inner<B> = FloatTensor<B>;
 struct BatchNormTrainStep;
 
 impl<B: CpuKernels> Backward<B, 3> for BatchNormTrainStep {
-    /// Input and gamma checkpointed; the batch statistics kept as the forward computed them.
-    type State = (NodeId, NodeId, Inner<B>, Inner<B>, f64);
+    /// Input and gamma checkpointed; the batch statistics kept as the forward computed them;
+    /// the output too when the forward had the ReLU.
+    type State = (NodeId, NodeId, Inner<B>, Inner<B>, f64, Option<Inner<B>>);
 
     fn backward(
         self,
@@ -30,11 +31,23 @@ impl<B: CpuKernels> Backward<B, 3> for BatchNormTrainStep {
     ) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let output_grad = grads.consume::<B>(&ops.node);
-        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+        let (x_state, gamma_state, mean, variance, epsilon, relu_output) = ops.state;
         let x = checkpointer.retrieve_node_output::<Inner<B>>(x_state);
         let gamma = checkpointer.retrieve_node_output::<Inner<B>>(gamma_state);
-        let (x_grad, gamma_grad, beta_grad) =
-            B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
+        let (x_grad, gamma_grad, beta_grad) = match relu_output {
+            Some(output) => B::fused_batch_norm_relu_train_backward(
+                x,
+                output,
+                gamma,
+                mean,
+                variance,
+                epsilon,
+                output_grad,
+            ),
+            None => {
+                B::fused_batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad)
+            }
+        };
         if let Some(node) = node_x {
             grads.register::<B>(node.id, x_grad);
         }
@@ -108,6 +121,7 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let statistics = |mean, variance| (Self::from_inner(mean), Self::from_inner(variance));
         match BatchNormTrainStep
@@ -123,6 +137,7 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
                     gamma.into_primitive(),
                     beta.into_primitive(),
                     epsilon,
+                    relu,
                 );
                 let state = (
                     x_state,
@@ -130,6 +145,7 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
                     mean.clone(),
                     variance.clone(),
                     epsilon,
+                    relu.then(|| output.clone()),
                 );
                 let output = prep.finish(state, output);
                 let (mean, variance) = statistics(mean, variance);
@@ -141,6 +157,7 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
                     gamma.into_primitive(),
                     beta.into_primitive(),
                     epsilon,
+                    relu,
                 );
                 let (mean, variance) = statistics(mean, variance);
                 (prep.finish(output), mean, variance)
@@ -157,6 +174,33 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
         _output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         panic!("the BatchNorm training backward is not differentiable (no double backward)");
+    }
+
+    fn fused_batch_norm_relu_train_backward(
+        _x: FloatTensor<Self>,
+        _output: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        panic!("the BatchNorm training backward is not differentiable (no double backward)");
+    }
+
+    /// Burn's own ops (differentiable in every argument): `batch_norm` only calls the kernel on
+    /// a device without autodiff.
+    fn batch_norm_inference(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let out = <Self as ModuleOps<Self>>::batch_norm(x, gamma, beta, mean, variance, epsilon);
+        if relu { Self::relu(out) } else { out }
     }
 
     fn conv2d_no_bias(

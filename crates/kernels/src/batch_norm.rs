@@ -95,8 +95,28 @@ pub struct Forward {
     pub variance: Vec<f32>,
 }
 
-/// Normalises `x` with its own batch statistics: `(x - mean) / sqrt(var + eps) * gamma + beta`.
-pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64, shape: Planes) -> Forward {
+/// ReLU as flex computes it: NaN passes through (as in PyTorch), everything else `max(x, 0)`.
+#[inline(always)]
+fn relu(v: f32) -> f32 {
+    if v.is_nan() || v > 0.0 { v } else { 0.0 }
+}
+
+/// The gradient through a ReLU whose output was `out`, as flex's `relu_backward`.
+#[inline(always)]
+fn relu_grad(out: f32, dy: f32) -> f32 {
+    if out.is_nan() || out > 0.0 { dy } else { 0.0 }
+}
+
+/// Normalises `x` with its own batch statistics: `(x - mean) / sqrt(var + eps) * gamma + beta`,
+/// followed by a ReLU in the same pass when `relu` is set.
+pub fn forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f64,
+    shape: Planes,
+    relu: bool,
+) -> Forward {
     assert_eq!(x.len(), shape.len(), "BatchNorm input length");
     assert_eq!(gamma.len(), shape.channels, "BatchNorm gamma length");
     assert_eq!(beta.len(), shape.channels, "BatchNorm beta length");
@@ -125,8 +145,14 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64, shape: Plan
     let mut output = vec![0f32; x.len()];
     for_each_plane(&mut output, x, None, shape, |c, out, x, _| {
         let (m, a, b) = (mean[c], scale[c], beta[c]);
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = (v - m) * a + b;
+        if relu {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = self::relu((v - m) * a + b);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - m) * a + b;
+            }
         }
     });
     Forward {
@@ -143,40 +169,65 @@ pub struct Backward {
     pub beta_grad: Vec<f32>,
 }
 
-/// Gradients of [`forward`] given the gradient of its output and the statistics it returned.
+/// What [`backward`] needs of the forward pass.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    pub x: &'a [f32],
+    pub gamma: &'a [f32],
+    /// The statistics [`forward`] returned.
+    pub mean: &'a [f32],
+    pub variance: &'a [f32],
+    pub epsilon: f64,
+    /// The output of a forward with `relu` set (the gradient is zero where it is), else `None`.
+    pub relu_output: Option<&'a [f32]>,
+}
+
+/// Gradients of [`forward`] given the gradient of its output and what it saved.
 ///
-/// With `xhat = (x - mean) * inv_std` and `M` values per channel:
+/// With `xhat = (x - mean) * inv_std`, `M` values per channel and `dy` the output gradient
+/// (through the ReLU first when there is one):
 /// `beta_grad = sum(dy)`, `gamma_grad = sum(dy * xhat)`,
 /// `x_grad = gamma * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`,
 /// written as `x_grad = k1 * dy + k2 * (x - mean) + k3` per channel (with `x - mean`, not `x`:
 /// `k2 * x` and `k2 * mean` would nearly cancel in f32 when the mean dwarfs the spread).
-pub fn backward(
-    x: &[f32],
-    gamma: &[f32],
-    mean: &[f32],
-    variance: &[f32],
-    epsilon: f64,
-    output_grad: &[f32],
-    shape: Planes,
-) -> Backward {
+pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backward {
+    let Saved {
+        x,
+        gamma,
+        mean,
+        variance,
+        epsilon,
+        relu_output,
+    } = saved;
     assert_eq!(x.len(), shape.len(), "BatchNorm input length");
     assert_eq!(
         output_grad.len(),
         shape.len(),
         "BatchNorm output gradient length"
     );
+    // Through the ReLU first: one pass that the sums and the write below then read.
+    let masked: Option<Vec<f32>> = relu_output.map(|out| {
+        assert_eq!(out.len(), shape.len(), "BatchNorm output length");
+        let mut dy = vec![0f32; out.len()];
+        dy.par_chunks_mut(16_384)
+            .zip(out.par_chunks(16_384).zip(output_grad.par_chunks(16_384)))
+            .for_each(|(dy, (out, g))| {
+                for ((d, &o), &g) in dy.iter_mut().zip(out).zip(g) {
+                    *d = relu_grad(o, g);
+                }
+            });
+        dy
+    });
+    let dy = masked.as_deref().unwrap_or(output_grad);
     let count = shape.count().max(1) as f64;
 
     let sums: Vec<(f64, f64)> = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
             let m = mean[c];
-            let sum_dy: f64 = shape
-                .planes(output_grad, c)
-                .map(|p| lane_sum(p, |v| v))
-                .sum();
+            let sum_dy: f64 = shape.planes(dy, c).map(|p| lane_sum(p, |v| v)).sum();
             let sum_dy_centred: f64 = shape
-                .planes(output_grad, c)
+                .planes(dy, c)
                 .zip(shape.planes(x, c))
                 .map(|(dy, x)| lane_sum2(dy, x, |dy, x| dy * (x - m)))
                 .sum();
@@ -198,19 +249,88 @@ pub fn backward(
         coefficients.push((k1 as f32, k2 as f32, k3 as f32));
     }
 
-    let mut x_grad = vec![0f32; x.len()];
-    for_each_plane(&mut x_grad, x, Some(output_grad), shape, |c, out, x, dy| {
+    let mut x_grad = masked.unwrap_or_else(|| vec![0f32; x.len()]);
+    let dy_source = relu_output.is_none().then_some(output_grad);
+    for_each_plane(&mut x_grad, x, dy_source, shape, |c, out, x, dy| {
         let (k1, k2, k3) = coefficients[c];
         let m = mean[c];
-        let dy = dy.expect("output gradient");
-        for ((o, &x), &dy) in out.iter_mut().zip(x).zip(dy) {
-            *o = k1 * dy + k2 * (x - m) + k3;
+        // With a ReLU the masked gradient is already in `out`, and is overwritten in place.
+        match dy {
+            Some(dy) => {
+                for ((o, &x), &dy) in out.iter_mut().zip(x).zip(dy) {
+                    *o = k1 * dy + k2 * (x - m) + k3;
+                }
+            }
+            None => {
+                for (o, &x) in out.iter_mut().zip(x) {
+                    *o = k1 * *o + k2 * (x - m) + k3;
+                }
+            }
         }
     });
     Backward {
         x_grad,
         gamma_grad,
         beta_grad,
+    }
+}
+
+/// The per-channel statistics and affine parameters of a BatchNorm in evaluation.
+#[derive(Clone, Copy)]
+pub struct Running<'a> {
+    pub mean: &'a [f32],
+    pub variance: &'a [f32],
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub epsilon: f64,
+}
+
+/// BatchNorm with fixed statistics: `out = (x - mean) * gamma / sqrt(var + eps) + beta` per
+/// channel, then a ReLU when `relu` is set, in one pass (Burn's default makes four broadcast
+/// passes, each with a fresh output). `x: None` reads `out` itself: in place.
+pub fn inference(
+    x: Option<&[f32]>,
+    out: &mut [f32],
+    running: Running<'_>,
+    shape: Planes,
+    relu: bool,
+) {
+    assert_eq!(out.len(), shape.len(), "BatchNorm output length");
+    assert!(
+        x.is_none_or(|x| x.len() == out.len()),
+        "BatchNorm input length"
+    );
+    for (what, len) in [
+        ("mean", running.mean.len()),
+        ("variance", running.variance.len()),
+        ("gamma", running.gamma.len()),
+        ("beta", running.beta.len()),
+    ] {
+        assert_eq!(len, shape.channels, "BatchNorm {what} length");
+    }
+    let scale: Vec<f32> = (0..shape.channels)
+        .map(|c| {
+            (running.gamma[c] as f64 / (running.variance[c] as f64 + running.epsilon).sqrt()) as f32
+        })
+        .collect();
+    let affine = |c: usize, dst: &mut [f32], src: Option<&[f32]>| {
+        let (m, a, b) = (running.mean[c], scale[c], running.beta[c]);
+        let y = move |v: f32| {
+            let y = (v - m) * a + b;
+            if relu { self::relu(y) } else { y }
+        };
+        match src {
+            Some(src) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = y(v)),
+            None => dst.iter_mut().for_each(|d| *d = y(*d)),
+        }
+    };
+    match x {
+        Some(x) => for_each_plane(out, x, None, shape, |c, dst, src, _| {
+            affine(c, dst, Some(src))
+        }),
+        None => for_each_plane_mut(out, shape, |plane, dst| {
+            affine(plane % shape.channels, dst, None)
+        }),
     }
 }
 
@@ -224,16 +344,23 @@ fn for_each_plane(
     f: impl Fn(usize, &mut [f32], &[f32], Option<&[f32]>) + Sync,
 ) {
     let spatial = shape.spatial.max(1);
-    // About 16 K values per task.
+    for_each_plane_mut(out, shape, |plane, out| {
+        let range = plane * spatial..(plane + 1) * spatial;
+        let other = other.map(|o| &o[range.clone()]);
+        f(plane % shape.channels, out, &x[range], other);
+    });
+}
+
+/// Calls `f(plane_index, plane)` for every `[batch, channel]` plane of `out`, in parallel over
+/// groups of planes of about 16 K values each.
+fn for_each_plane_mut(out: &mut [f32], shape: Planes, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let spatial = shape.spatial.max(1);
     let planes_per_task = (16_384 / spatial).max(1);
     out.par_chunks_mut(planes_per_task * spatial)
         .enumerate()
         .for_each(|(task, block)| {
-            for (i, out) in block.chunks_mut(spatial).enumerate() {
-                let plane = task * planes_per_task + i;
-                let range = plane * spatial..(plane + 1) * spatial;
-                let other = other.map(|o| &o[range.clone()]);
-                f(plane % shape.channels, out, &x[range], other);
+            for (i, plane) in block.chunks_mut(spatial).enumerate() {
+                f(task * planes_per_task + i, plane);
             }
         });
 }
@@ -297,6 +424,23 @@ mod tests {
         [y, means, vars, dx, dgamma, dbeta]
     }
 
+    fn saved<'a>(
+        x: &'a [f32],
+        gamma: &'a [f32],
+        f: &'a Forward,
+        epsilon: f64,
+        relu_output: Option<&'a [f32]>,
+    ) -> Saved<'a> {
+        Saved {
+            x,
+            gamma,
+            mean: &f.mean,
+            variance: &f.variance,
+            epsilon,
+            relu_output,
+        }
+    }
+
     fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -323,11 +467,11 @@ mod tests {
             let beta = values(s.channels, 4, 0.0);
             let eps = 1e-5;
             let [y, mean, var, dx, dgamma, dbeta] = naive(&x, &gamma, &beta, &dy, eps, s);
-            let f = forward(&x, &gamma, &beta, eps, s);
+            let f = forward(&x, &gamma, &beta, eps, s, false);
             close(&f.output, &y, 1e-4, "output");
             close(&f.mean, &mean, 1e-5, "mean");
             close(&f.variance, &var, 1e-5, "variance");
-            let b = backward(&x, &gamma, &f.mean, &f.variance, eps, &dy, s);
+            let b = backward(saved(&x, &gamma, &f, eps, None), &dy, s);
             close(&b.x_grad, &dx, 1e-3, "x_grad");
             close(&b.gamma_grad, &dgamma, 1e-4, "gamma_grad");
             close(&b.beta_grad, &dbeta, 1e-4, "beta_grad");
@@ -350,8 +494,8 @@ mod tests {
         let beta = values(s.channels, 8, 0.0);
         let eps = 1e-5;
         let [y, _, _, dx, _, _] = naive(&x, &gamma, &beta, &dy, eps, s);
-        let f = forward(&x, &gamma, &beta, eps, s);
-        let b = backward(&x, &gamma, &f.mean, &f.variance, eps, &dy, s);
+        let f = forward(&x, &gamma, &beta, eps, s, false);
+        let b = backward(saved(&x, &gamma, &f, eps, None), &dy, s);
         let worst = |got: &[f32], want: &[f64]| {
             let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let error = got
@@ -370,5 +514,72 @@ mod tests {
             "x_grad {}",
             worst(&b.x_grad, &dx)
         );
+    }
+
+    /// BatchNorm + ReLU in one pass: the output is the f64 formula's clipped at zero, and the
+    /// gradients are the f64 formulas' with the output gradient zeroed where the output is.
+    #[test]
+    fn fused_relu_matches_the_formulas() {
+        for dims in [vec![4, 16, 8, 8], vec![3, 5], vec![2, 7, 13]] {
+            let s = Planes::from_dims(&dims);
+            let x = values(s.len(), 11, 0.3);
+            let dy = values(s.len(), 12, 0.1);
+            let gamma = values(s.channels, 13, 1.0);
+            let beta = values(s.channels, 14, 0.2);
+            let eps = 1e-5;
+            let f = forward(&x, &gamma, &beta, eps, s, true);
+            let [y, ..] = naive(&x, &gamma, &beta, &dy, eps, s);
+            let clipped: Vec<f64> = y.iter().map(|&v| v.max(0.0)).collect();
+            close(&f.output, &clipped, 1e-4, "relu output");
+            assert!(f.output.contains(&0.0) && f.output.iter().any(|&v| v > 0.0));
+            let masked: Vec<f32> = f
+                .output
+                .iter()
+                .zip(&dy)
+                .map(|(&o, &g)| if o > 0.0 { g } else { 0.0 })
+                .collect();
+            let [_, _, _, dx, dgamma, dbeta] = naive(&x, &gamma, &beta, &masked, eps, s);
+            let b = backward(saved(&x, &gamma, &f, eps, Some(&f.output)), &dy, s);
+            close(&b.x_grad, &dx, 1e-3, "relu x_grad");
+            close(&b.gamma_grad, &dgamma, 1e-4, "relu gamma_grad");
+            close(&b.beta_grad, &dbeta, 1e-4, "relu beta_grad");
+        }
+    }
+
+    /// Evaluation with running statistics, in place, with and without the ReLU, against f64.
+    #[test]
+    fn inference_matches_the_formula() {
+        let s = Planes::from_dims(&[3, 6, 5, 7]);
+        let x = values(s.len(), 21, 0.5);
+        let mean = values(s.channels, 22, 0.0);
+        let variance: Vec<f32> = values(s.channels, 23, 1.5);
+        let gamma = values(s.channels, 24, 1.0);
+        let beta = values(s.channels, 25, 0.0);
+        let running = Running {
+            mean: &mean,
+            variance: &variance,
+            gamma: &gamma,
+            beta: &beta,
+            epsilon: 1e-5,
+        };
+        for relu in [false, true] {
+            let want: Vec<f64> = x
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let c = (i / s.spatial) % s.channels;
+                    let y = (v as f64 - mean[c] as f64) / (variance[c] as f64 + 1e-5).sqrt()
+                        * gamma[c] as f64
+                        + beta[c] as f64;
+                    if relu { y.max(0.0) } else { y }
+                })
+                .collect();
+            let mut got = x.clone();
+            inference(None, &mut got, running, s, relu);
+            close(&got, &want, 1e-5, "inference in place");
+            let mut got = vec![0f32; x.len()];
+            inference(Some(&x), &mut got, running, s, relu);
+            close(&got, &want, 1e-5, "inference");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! they are views); other dtypes and grouped convolutions run flex's own ops.
 
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
 use burn::backend::{DType, Flex, TensorData, TensorMetadata};
 
 use crate::CpuKernels;
@@ -22,6 +22,15 @@ fn values(tensor: &FlexTensor) -> &[f32] {
     tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
+/// Whether a tensor's values may be written in place: nothing else shares them and they are
+/// its whole storage, in order.
+fn in_place(tensor: &FlexTensor) -> bool {
+    let elements = tensor.shape().num_elements();
+    tensor.is_unique()
+        && tensor.layout().contiguous_offsets() == Some((0, elements))
+        && tensor.bytes().len() == elements * size_of::<f32>()
+}
+
 fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
@@ -36,15 +45,22 @@ impl CpuKernels for Flex {
         gamma: FlexTensor,
         beta: FlexTensor,
         epsilon: f64,
+        relu: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         if !all_f32(&[&x, &gamma, &beta]) {
             let out = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
-            return (out.output, out.mean, out.variance);
+            let output = if relu {
+                Flex::relu(out.output)
+            } else {
+                out.output
+            };
+            return (output, out.mean, out.variance);
         }
         let dims = x.shape().to_vec();
         let planes = Planes::from_dims(&dims);
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
-        let out = batch_norm::forward(values(&x), values(&gamma), values(&beta), epsilon, planes);
+        let (x, gamma, beta) = (values(&x), values(&gamma), values(&beta));
+        let out = batch_norm::forward(x, gamma, beta, epsilon, planes, relu);
         (
             tensor(out.output, dims),
             tensor(out.mean, vec![planes.channels]),
@@ -60,35 +76,61 @@ impl CpuKernels for Flex {
         epsilon: f64,
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if !all_f32(&[&x, &gamma, &mean, &variance, &output_grad]) {
-            let grads = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
-                x,
-                gamma,
-                mean,
-                variance,
-                epsilon,
-                output_grad,
-            );
-            return (grads.x_grad, grads.gamma_grad, grads.beta_grad);
+        batch_norm_backward(x, None, [gamma, mean, variance], epsilon, output_grad)
+    }
+
+    fn fused_batch_norm_relu_train_backward(
+        x: FlexTensor,
+        output: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        batch_norm_backward(
+            x,
+            Some(output),
+            [gamma, mean, variance],
+            epsilon,
+            output_grad,
+        )
+    }
+
+    fn batch_norm_inference(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        if !all_f32(&[&x, &gamma, &beta, &mean, &variance]) {
+            let out =
+                <Flex as ModuleOps<Flex>>::batch_norm(x, gamma, beta, mean, variance, epsilon);
+            return if relu { Flex::relu(out) } else { out };
+        }
+        let planes = Planes::from_dims(&x.shape().to_vec());
+        let [gamma, beta, mean, variance] = [gamma, beta, mean, variance].map(contiguous);
+        let running = batch_norm::Running {
+            mean: values(&mean),
+            variance: values(&variance),
+            gamma: values(&gamma),
+            beta: values(&beta),
+            epsilon,
+        };
+        if in_place(&x) {
+            let mut x = x;
+            let out = x.try_storage_mut::<f32>().expect("an unshared f32 tensor");
+            batch_norm::inference(None, out, running, planes, relu);
+            return x;
         }
         let dims = x.shape().to_vec();
-        let planes = Planes::from_dims(&dims);
-        let [x, gamma, mean, variance, output_grad] =
-            [x, gamma, mean, variance, output_grad].map(contiguous);
-        let grads = batch_norm::backward(
-            values(&x),
-            values(&gamma),
-            values(&mean),
-            values(&variance),
-            epsilon,
-            values(&output_grad),
-            planes,
-        );
-        (
-            tensor(grads.x_grad, dims),
-            tensor(grads.gamma_grad, vec![planes.channels]),
-            tensor(grads.beta_grad, vec![planes.channels]),
-        )
+        let x = contiguous(x);
+        let mut out = vec![0f32; planes.batch * planes.channels * planes.spatial];
+        batch_norm::inference(Some(values(&x)), &mut out, running, planes, relu);
+        tensor(out, dims)
     }
 
     fn all_reduce_sum(x: FlexTensor) -> FlexTensor {
@@ -148,6 +190,53 @@ impl CpuKernels for Flex {
         let [kh, kw] = shape.kernel;
         tensor(grad, vec![shape.out_channels, shape.in_channels, kh, kw])
     }
+}
+
+/// Both BatchNorm backwards: through the ReLU first when the forward's `relu_output` is given;
+/// `per_channel` is `[gamma, mean, variance]`.
+fn batch_norm_backward(
+    x: FlexTensor,
+    relu_output: Option<FlexTensor>,
+    per_channel: [FlexTensor; 3],
+    epsilon: f64,
+    output_grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [gamma, mean, variance] = per_channel;
+    let relu_f32 = relu_output.as_ref().is_none_or(|o| o.dtype() == DType::F32);
+    if !relu_f32 || !all_f32(&[&x, &gamma, &mean, &variance, &output_grad]) {
+        let output_grad = match relu_output {
+            Some(output) => Flex::relu_backward(output, output_grad),
+            None => output_grad,
+        };
+        let grads = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
+            x,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+            output_grad,
+        );
+        return (grads.x_grad, grads.gamma_grad, grads.beta_grad);
+    }
+    let dims = x.shape().to_vec();
+    let planes = Planes::from_dims(&dims);
+    let [x, gamma, mean, variance, output_grad] =
+        [x, gamma, mean, variance, output_grad].map(contiguous);
+    let relu_output = relu_output.map(contiguous);
+    let saved = batch_norm::Saved {
+        x: values(&x),
+        gamma: values(&gamma),
+        mean: values(&mean),
+        variance: values(&variance),
+        epsilon,
+        relu_output: relu_output.as_ref().map(values),
+    };
+    let grads = batch_norm::backward(saved, values(&output_grad), planes);
+    (
+        tensor(grads.x_grad, dims),
+        tensor(grads.gamma_grad, vec![planes.channels]),
+        tensor(grads.beta_grad, vec![planes.channels]),
+    )
 }
 
 /// The geometry of a convolution of `x` by `weight`; the output size from the output gradient

@@ -1,14 +1,16 @@
 //! Faster CPU kernels for Burn's flex backend, as a Burn backend extension (`#[backend_extension]`):
-//! a fused BatchNorm training forward and backward, and conv2d (forward, input gradient, weight
-//! gradient) as im2col + GEMMs that write in place, the weight gradient over whole chunks of the
-//! batch. [`batch_norm`] and [`conv2d`] take Burn's own `nn` modules and use the
-//! kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
+//! a fused BatchNorm training forward and backward (optionally with the ReLU after it), a
+//! one-pass BatchNorm (+ ReLU) for evaluation, and conv2d (forward, input gradient, weight
+//! gradient) as im2col + GEMMs that write in place, the weight gradient over chunks of the
+//! batch. [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
+//! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
-//! variance), not Burn's.
+//! variance), not Burn's. [`cpu`] says which CPU and which GEMM instruction set run.
 
 mod autodiff;
 pub mod batch_norm;
 pub mod conv;
+pub mod cpu;
 mod flex;
 
 use burn::backend::backend_extension;
@@ -24,16 +26,18 @@ use burn::tensor::{Device, Tensor};
 #[backend_extension(Flex, Autodiff)]
 pub trait CpuKernels: Backend {
     /// BatchNorm with the batch's own statistics: `(output, mean, biased variance)`, as Burn's
-    /// `ModuleOps::batch_norm_train`.
+    /// `ModuleOps::batch_norm_train`; with `relu`, the output goes through a ReLU in the same
+    /// pass.
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Gradients of [`fused_batch_norm_train`](CpuKernels::fused_batch_norm_train):
-    /// `(x_grad, gamma_grad, beta_grad)`, as Burn's `ModuleOps::batch_norm_train_backward`.
+    /// Gradients of [`fused_batch_norm_train`](CpuKernels::fused_batch_norm_train) without the
+    /// ReLU: `(x_grad, gamma_grad, beta_grad)`, as Burn's `ModuleOps::batch_norm_train_backward`.
     fn fused_batch_norm_train_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -42,6 +46,30 @@ pub trait CpuKernels: Backend {
         epsilon: f64,
         output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The same with the ReLU: `output` is the forward's (the gradient is zero where it is).
+    fn fused_batch_norm_relu_train_backward(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// BatchNorm with given statistics (evaluation), as Burn's `ModuleOps::batch_norm`, with a
+    /// ReLU in the same pass when `relu` is set; on flex one pass, in place when `x` is not
+    /// shared.
+    fn batch_norm_inference(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
 
     /// A conv2d without bias, differentiated through
     /// [`conv2d_input_grad`](CpuKernels::conv2d_input_grad) and
@@ -131,16 +159,37 @@ pub fn on_flex(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
 }
 
-/// `bn.forward(x)`, with the fused kernels in training on flex. The semantics of Burn's
-/// `BatchNorm::forward` (batch statistics and a running-statistics update when the device is an
-/// autodiff device and the layer is not frozen, the running statistics otherwise) except for
-/// one thing, on every backend: the running variance moves towards the batch's *unbiased*
-/// variance (`n / (n - 1)` times the biased one the normalisation divides by, `n` the values
-/// per channel), as PyTorch's `BatchNorm2d` does; Burn's moves towards the biased one.
+/// `bn.forward(x)`, through the fused kernels on flex (training and evaluation). The semantics
+/// of Burn's `BatchNorm::forward` (batch statistics and a running-statistics update when the
+/// device is an autodiff device and the layer is not frozen, the running statistics otherwise)
+/// except for one thing, on every backend: the running variance moves towards the batch's
+/// *unbiased* variance (`n / (n - 1)` times the biased one the normalisation divides by, `n` the
+/// values per channel), as PyTorch's `BatchNorm2d` does; Burn's moves towards the biased one.
 pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    normalise(bn, x, false)
+}
+
+/// `relu(batch_norm(bn, x))`, the ReLU fused into the BatchNorm's pass on flex (and into its
+/// backward in training).
+pub fn batch_norm_relu<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    normalise(bn, x, true)
+}
+
+fn normalise<const D: usize>(bn: &BatchNorm, x: Tensor<D>, relu: bool) -> Tensor<D> {
     let device = x.device();
+    let activation = |y: Tensor<D>| {
+        if relu {
+            burn::tensor::activation::relu(y)
+        } else {
+            y
+        }
+    };
     if !(device.is_autodiff() && bn.training.is_enabled()) {
-        return bn.forward(x);
+        return if device == Device::flex() {
+            batch_norm_inference(bn, x, relu)
+        } else {
+            activation(bn.forward(x))
+        };
     }
     let [channels] = bn.gamma.shape().dims();
     assert!(
@@ -151,13 +200,15 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     let per_channel = x.shape().num_elements() / channels;
     let synced = batch_norm_reducer().filter(|_| on_flex(&device));
     let (output, mean, variance, per_channel) = if let Some(reducer) = synced {
-        synced_batch_norm(bn, x, &reducer)
+        let (output, mean, variance, count) = synced_batch_norm(bn, x, &reducer);
+        (activation(output), mean, variance, count)
     } else if on_flex(&device) {
         let (output, mean, variance) = Dispatch::fused_batch_norm_train(
             x.into_dispatch(),
             bn.gamma.val().into_dispatch(),
             bn.beta.val().into_dispatch(),
             bn.epsilon,
+            relu,
         );
         (
             Tensor::from_dispatch(output),
@@ -168,7 +219,12 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     } else {
         let result =
             burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
-        (result.output, result.mean, result.variance, per_channel)
+        (
+            activation(result.output),
+            result.mean,
+            result.variance,
+            per_channel,
+        )
     };
     let unbiased = per_channel as f64 / per_channel.saturating_sub(1).max(1) as f64;
     let variance = variance.detach().mul_scalar(unbiased);
@@ -188,6 +244,24 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         );
     }
     output
+}
+
+/// BatchNorm (+ ReLU) with the running statistics, through the one-pass kernel (flex, no
+/// autodiff).
+fn batch_norm_inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>, relu: bool) -> Tensor<D> {
+    let device = x.device();
+    let running = |state: &burn::module::RunningState<Tensor<1>>| {
+        state.value().to_device(&device).into_dispatch()
+    };
+    Tensor::from_dispatch(Dispatch::batch_norm_inference(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        running(&bn.running_mean),
+        running(&bn.running_var),
+        bn.epsilon,
+        relu,
+    ))
 }
 
 /// `conv.forward(x)`, through this crate's conv kernels on flex. Convolutions with a bias,

@@ -5,8 +5,9 @@ use burn::backend::ops::ConvOptions;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
-use cutmix_kernels::{batch_norm, conv2d, conv2d_weight_grad, on_flex};
+use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex};
 
 fn random<const D: usize>(dims: [usize; D], offset: f32, device: &Device) -> Tensor<D> {
     Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device).add_scalar(offset)
@@ -60,6 +61,7 @@ fn batch_norm_forward_matches_flex() {
                 bn.gamma.val().into_dispatch(),
                 bn.beta.val().into_dispatch(),
                 bn.epsilon,
+                false,
             );
         assert_close(
             Tensor::<4>::from_dispatch(output),
@@ -145,12 +147,107 @@ fn batch_norm_training_matches_burn_with_gradients_and_running_statistics() {
     }
 }
 
+/// BatchNorm + ReLU fused in training: the output and every gradient equal Burn's BatchNorm
+/// followed by Burn's ReLU (the gradient masked where the output is zero).
+#[test]
+fn batch_norm_relu_training_matches_burn_with_gradients() {
+    let device = Device::flex().autodiff();
+    for dims in BN_SHAPES {
+        let x: Tensor<4> = random(pad4(dims), 0.5, &device);
+        let weights: Tensor<4> = random(pad4(dims), 0.0, &device);
+        let burn_bn = batch_norm_layer(dims[1], &device);
+        let mut ours_bn = BatchNormConfig::new(dims[1]).init(&device);
+        ours_bn.gamma = Param::from_tensor(burn_bn.gamma.val().detach());
+        ours_bn.beta = Param::from_tensor(burn_bn.beta.val().detach());
+        let x_burn = x.clone().detach().require_grad();
+        let x_ours = x.detach().require_grad();
+        let y_burn = relu(burn_bn.forward(x_burn.clone()));
+        let y_ours = batch_norm_relu(&ours_bn, x_ours.clone());
+        assert_close(y_ours.clone(), y_burn.clone(), 1e-5, "relu output");
+        let zeros = y_ours
+            .clone()
+            .equal_elem(0.0)
+            .int()
+            .sum()
+            .into_scalar::<i64>();
+        assert!(
+            zeros > 0,
+            "{dims:?}: the ReLU clipped nothing, the test would not see it"
+        );
+        let g_burn = (y_burn * weights.clone()).sum().backward();
+        let g_ours = (y_ours * weights).sum().backward();
+        assert_close(
+            x_ours.grad(&g_ours).unwrap(),
+            x_burn.grad(&g_burn).unwrap(),
+            1e-4,
+            "x grad",
+        );
+        assert_close(
+            ours_bn.gamma.grad(&g_ours).unwrap(),
+            burn_bn.gamma.grad(&g_burn).unwrap(),
+            1e-4,
+            "gamma grad",
+        );
+        assert_close(
+            ours_bn.beta.grad(&g_ours).unwrap(),
+            burn_bn.beta.grad(&g_burn).unwrap(),
+            1e-4,
+            "beta grad",
+        );
+    }
+}
+
+/// Evaluation: the one-pass kernel (in place when it may be) equals Burn's BatchNorm with the
+/// running statistics, with and without the ReLU, on a shared input (left untouched), a
+/// transposed view, and a rank-2 input; on an autodiff device it stays differentiable.
 #[test]
 fn batch_norm_outside_training_uses_the_running_statistics() {
     let device = Device::flex();
-    let bn = batch_norm_layer(3, &device);
-    let x: Tensor<4> = random([2, 3, 4, 4], 1.0, &device);
-    assert_close(batch_norm(&bn, x.clone()), bn.forward(x), 0.0, "inference");
+    let mut bn = batch_norm_layer(3, &device);
+    bn.running_mean = burn::module::RunningState::new(random([3], 0.5, &device));
+    bn.running_var = burn::module::RunningState::new(random([3], 1.5, &device));
+    let x: Tensor<4> = random([2, 3, 4, 5], 1.0, &device);
+    let kept = x.clone().into_data();
+    assert_close(
+        batch_norm(&bn, x.clone()),
+        bn.forward(x.clone()),
+        1e-6,
+        "inference",
+    );
+    assert_close(
+        batch_norm_relu(&bn, x.clone()),
+        relu(bn.forward(x.clone())),
+        1e-6,
+        "inference + relu",
+    );
+    assert_eq!(
+        x.clone().into_data(),
+        kept,
+        "a shared input was written over"
+    );
+    let view = x.swap_dims(2, 3);
+    assert_close(
+        batch_norm(&bn, view.clone()),
+        bn.forward(view),
+        1e-6,
+        "view",
+    );
+    let flat: Tensor<2> = random([5, 3], 0.0, &device);
+    assert_close(
+        batch_norm_relu(&bn, flat.clone()),
+        relu(bn.forward(flat)),
+        1e-6,
+        "rank 2",
+    );
+
+    let autodiff = Device::flex().autodiff();
+    let bn = burn::module::Module::freeze(batch_norm_layer(3, &autodiff));
+    let x = random::<4>([2, 3, 4, 4], 0.0, &autodiff).require_grad();
+    let grads = batch_norm_relu(&bn, x.clone()).sum().backward();
+    assert!(
+        x.grad(&grads).is_some(),
+        "no input gradient through an evaluation BatchNorm"
+    );
 }
 
 /// (batch, in, out, input h/w, kernel, stride, padding top/left/bottom/right, dilation)
@@ -281,6 +378,7 @@ fn non_contiguous_inputs_are_read_correctly() {
             bn.gamma.val().into_dispatch(),
             bn.beta.val().into_dispatch(),
             1e-5,
+            false,
         );
     assert_close(
         Tensor::<4>::from_dispatch(output),

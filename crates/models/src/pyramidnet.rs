@@ -10,11 +10,10 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear};
-use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
-use cutmix_kernels::{batch_norm, conv2d};
+use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -98,13 +97,14 @@ impl PyramidBlock {
 
     /// The residual branch, up to its last BatchNorm.
     fn branch(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut out = conv2d(&self.conv1, batch_norm(&self.bn1, x));
-        out = conv2d(&self.conv2, relu(batch_norm(&self.bn2, out)));
-        out = batch_norm(&self.bn3, out);
-        if let (Some(conv3), Some(bn4)) = (&self.conv3, &self.bn4) {
-            out = batch_norm(bn4, conv2d(conv3, relu(out)));
+        let out = conv2d(&self.conv1, batch_norm(&self.bn1, x));
+        let out = conv2d(&self.conv2, batch_norm_relu(&self.bn2, out));
+        match (&self.conv3, &self.bn4) {
+            (Some(conv3), Some(bn4)) => {
+                batch_norm(bn4, conv2d(conv3, batch_norm_relu(&self.bn3, out)))
+            }
+            _ => batch_norm(&self.bn3, out),
         }
-        out
     }
 
     /// Adds the shortcut: `x` itself, or 2x2-average-pooled when strided, zero-padded to the
@@ -268,7 +268,7 @@ impl PyramidNet {
     }
 
     fn head(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = relu(batch_norm(&self.bn_final, x));
+        let x = batch_norm_relu(&self.bn_final, x);
         self.fc.forward(global_average_pool(x))
     }
 

@@ -12,7 +12,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
-use cutmix_kernels::{batch_norm, conv2d};
+use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -82,11 +82,14 @@ impl ResidualBlock {
             Some((conv, bn)) => batch_norm(bn, conv2d(conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
-        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv2d(conv3, relu(out)));
-        }
+        let out = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x));
+        let out = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let out = batch_norm_relu(&self.bn2, conv2d(&self.conv2, out));
+                batch_norm(bn3, conv2d(conv3, out))
+            }
+            _ => batch_norm(&self.bn2, conv2d(&self.conv2, out)),
+        };
         relu(out + shortcut)
     }
 
@@ -220,7 +223,7 @@ impl ResNet {
 
     /// conv1, bn1, ReLU and, with the ImageNet stem, the 3x3/2 max pool.
     fn stem(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        let x = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x));
         if self.max_pool {
             max_pool2d(
                 x,

@@ -74,7 +74,7 @@ fn flex() -> Backend {
     Backend {
         device: Device::flex(),
         name: "flex",
-        description: "flex (CPU)".into(),
+        description: format!("flex (CPU: {})", cutmix_kernels::cpu::describe()),
         gpu_cache: None,
     }
 }
@@ -168,7 +168,10 @@ fn select_device(choice: BackendChoice, local_rank: Option<usize>) -> Result<Bac
                 wgpu(local_rank)
             } else {
                 let mut backend = flex();
-                backend.description = "flex (CPU; auto found no GPU)".into();
+                backend.description = format!(
+                    "flex (CPU: {}; auto found no GPU)",
+                    cutmix_kernels::cpu::describe()
+                );
                 Ok(backend)
             }
         }

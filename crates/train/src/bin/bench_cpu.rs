@@ -68,8 +68,10 @@ struct Args {
 
 /// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
 /// stride.
-pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 6] = [
+pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 8] = [
     (64, 16, 32, 16, 3, 1),   // CIFAR ResNet-20, layer1
+    (64, 32, 16, 32, 3, 1),   // CIFAR ResNet-20, layer2
+    (64, 64, 8, 64, 3, 1),    // CIFAR ResNet-20, layer3
     (64, 64, 32, 64, 3, 1),   // ResNet-18 CIFAR stem, layer1
     (64, 128, 16, 128, 3, 1), // ResNet-18 CIFAR stem, layer2
     (8, 3, 224, 64, 7, 2),    // ResNet-50 stem
@@ -110,9 +112,12 @@ fn ops() {
     use burn::backend::ops::ModuleOps;
     use burn::module::Module;
     use burn::nn::BatchNormConfig;
+    use burn::tensor::activation::relu;
     use burn::tensor::module::{conv2d, conv2d_weight_backward};
     use burn::tensor::ops::ConvOptions;
-    use cutmix_kernels::{batch_norm, conv2d_input_grad, conv2d_no_bias, conv2d_weight_grad};
+    use cutmix_kernels::{
+        batch_norm, batch_norm_relu, conv2d_input_grad, conv2d_no_bias, conv2d_weight_grad,
+    };
     let device = Device::flex();
     let mut rng = StdRng::seed_from_u64(0);
     let read = |t: Tensor<4>| t.into_data();
@@ -163,9 +168,13 @@ fn ops() {
         let shape = format!("{n}x{c}x{side}x{side}");
         let fused = |x: Tensor<4>| batch_norm(&bn, x);
         let flex = |x: Tensor<4>| bn.forward(x);
-        let cases: [(&str, &dyn Fn(Tensor<4>) -> Tensor<4>); 2] = [
+        let fused_relu = |x: Tensor<4>| batch_norm_relu(&bn, x);
+        let flex_relu = |x: Tensor<4>| relu(bn.forward(x));
+        let cases: [(&str, &dyn Fn(Tensor<4>) -> Tensor<4>); 4] = [
             ("batchnorm train fwd+bwd", &fused),
             ("batchnorm train fwd+bwd, flex's", &flex),
+            ("batchnorm+relu train fwd+bwd", &fused_relu),
+            ("batchnorm+relu train fwd+bwd, flex's", &flex_relu),
         ];
         for (op, forward) in cases {
             let ms = time_ms(|| {
@@ -174,7 +183,12 @@ fn ops() {
             });
             report(op, shape.clone(), ms);
         }
-        let _ = bn.valid();
+        let frozen = bn.valid();
+        let x = random([n, c, side, side], &mut rng, &device);
+        let ours = time_ms(|| drop(read(batch_norm_relu(&frozen, x.clone()))));
+        report("batchnorm+relu eval", shape.clone(), ours);
+        let flex = time_ms(|| drop(read(relu(frozen.forward(x.clone())))));
+        report("batchnorm+relu eval, flex's", shape.clone(), flex);
     }
 }
 
@@ -283,9 +297,10 @@ fn print_times(name: &str, fields: &str, batch: usize, times: &[f64]) {
     let median = cutmix_train::bench::median(times);
     let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
     println!(
-        "{{\"model\": \"{name}\", {fields}\"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}}}",
+        "{{\"model\": \"{name}\", {fields}\"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}, \"gemm\": \"{}\"}}",
         steps.join(", "),
-        peak_rss_mib().unwrap_or(0.0)
+        peak_rss_mib().unwrap_or(0.0),
+        cutmix_kernels::cpu::gemm_isa()
     );
 }
 

@@ -1,0 +1,110 @@
+//! Which CPU this is and which vector instructions the matrix products run on.
+//!
+//! The `gemm` crate (flex's and this crate's matrix products) is built with its `x86-v4`
+//! feature: its AVX-512 micro-kernels are compiled in and chosen at run time when the CPU has
+//! `avx512f`, its AVX2 + FMA ones otherwise (`is_x86_feature_detected`, once per process), so
+//! one binary runs at full width on both kinds of x86 machine.
+
+/// The instruction set `gemm` dispatches to on this CPU, by the same test `gemm` makes.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "avx512f"
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            "avx2+fma"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            "neon"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or the architecture where there is none.
+pub fn model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// One line for logs and benchmarks: `AMD EPYC, matrix kernels avx2+fma`. (Not the thread
+/// count: asking for it would start rayon's pool before a data-parallel run sizes it.)
+pub fn describe() -> String {
+    format!("{}, matrix kernels {}", model(), gemm_isa())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dispatched GEMM against an f64 product, at sizes that run the micro-kernels and the
+    /// edge kernels (whichever instruction set this CPU takes: AVX-512 where it has it, AVX2 +
+    /// FMA elsewhere; CI runs on both kinds).
+    #[test]
+    fn the_dispatched_gemm_matches_f64() {
+        println!("gemm runs {} on {}", gemm_isa(), model());
+        for (m, n, k) in [(67, 45, 129), (256, 64, 576), (1, 33, 7), (100, 1, 50)] {
+            let lhs: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let rhs: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
+            let mut dst = vec![0f32; m * n];
+            // Row-major everywhere: column stride 1, row stride the width.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| lhs[i * k + p] as f64 * rhs[p * n + j] as f64)
+                        .sum();
+                    let got = dst[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+                        "{m}x{n}x{k} [{i},{j}]: {got} vs {want} ({})",
+                        gemm_isa()
+                    );
+                }
+            }
+        }
+    }
+}
