@@ -5,6 +5,7 @@
 //! draw comes from a generator keyed by (seed, stream, epoch, index), so the same seed gives the
 //! same batches whatever the number of worker threads.
 
+mod boxes;
 mod cifar;
 mod color;
 mod decode;
@@ -14,6 +15,7 @@ mod loader;
 mod seed;
 mod transforms;
 
+pub use boxes::{BoxTable, RawBox};
 pub use cifar::{Cifar, CifarKind, Split};
 pub use color::{ColorAugment, IMAGENET_EIGVAL, IMAGENET_EIGVEC};
 pub use decode::{Encoded, MAX_PIXELS, Sample};

@@ -97,21 +97,7 @@ impl Transform {
             }
             Self::ImageNetEval { size } => {
                 let (width, height) = sample.dimensions()?;
-                // torchvision's Resize(size * 256 / 224) then CenterCrop(size), as one window
-                // of the full image resized once.
-                let short = size * 256 / 224;
-                let (rw, rh) = if width <= height {
-                    (short, (short * height / width).max(short))
-                } else {
-                    ((short * width / height).max(short), short)
-                };
-                let (sx, sy) = (width as f64 / rw as f64, height as f64 / rh as f64);
-                let window = Window {
-                    left: ((rw - size) / 2) as f64 * sx,
-                    top: ((rh - size) / 2) as f64 * sy,
-                    width: size as f64 * sx,
-                    height: size as f64 * sy,
-                };
+                let window = imagenet_eval_window(size, width, height);
                 (
                     decode_window(sample, (width, height), window, size, max_reduction)?,
                     false,
@@ -132,6 +118,48 @@ impl Transform {
             }
         }
         Ok(())
+    }
+}
+
+/// torchvision's `Resize(size * 256 / 224)` then `CenterCrop(size)`, as one window of the full
+/// `width` x `height` image (resized once).
+fn imagenet_eval_window(size: usize, width: usize, height: usize) -> Window {
+    let short = size * 256 / 224;
+    let (rw, rh) = if width <= height {
+        (short, (short * height / width).max(short))
+    } else {
+        ((short * width / height).max(short), short)
+    };
+    let (sx, sy) = (width as f64 / rw as f64, height as f64 / rh as f64);
+    Window {
+        left: ((rw - size) / 2) as f64 * sx,
+        top: ((rh - size) / 2) as f64 * sy,
+        width: size as f64 * sx,
+        height: size as f64 * sy,
+    }
+}
+
+impl Transform {
+    /// A box `[x0, y0, x1, y1]` of a `width` x `height` image in the pixels of this
+    /// transform's output (`size` x `size`), through exactly the window the evaluation
+    /// transforms cut and resize (not clipped: a box may reach outside the crop). `None` for
+    /// the training transforms, whose crops are random.
+    pub fn map_box(&self, b: [f32; 4], width: usize, height: usize) -> Option<[f32; 4]> {
+        let window = match *self {
+            Self::CifarEval { .. } => Window {
+                left: 0.0,
+                top: 0.0,
+                width: width as f64,
+                height: height as f64,
+            },
+            Self::ImageNetEval { size } => imagenet_eval_window(size, width, height),
+            Self::CifarTrain { .. } | Self::ImageNetTrain { .. } => return None,
+        };
+        let size = self.size() as f64;
+        let (sx, sy) = (size / window.width, size / window.height);
+        let x = |v: f32| ((v as f64 - window.left) * sx) as f32;
+        let y = |v: f32| ((v as f64 - window.top) * sy) as f32;
+        Some([x(b[0]), y(b[1]), x(b[2]), y(b[3])])
     }
 }
 
@@ -314,6 +342,41 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// Boxes follow the evaluation crop: the crop window itself maps onto the whole output,
+    /// a pixel scales by the resize factor, and training transforms have no fixed mapping.
+    #[test]
+    fn boxes_map_through_the_evaluation_window() {
+        let eval = Transform::ImageNetEval { size: 224 };
+        // 500x375: resized to 341x256 (torchvision's integer size), crop at (58, 16).
+        let (sx, sy) = (341.0 / 500.0, 256.0 / 375.0);
+        let (left, top) = (58.0 / sx, 16.0 / sy);
+        let window = [left, top, left + 224.0 / sx, top + 224.0 / sy];
+        let mapped = eval.map_box(window.map(|v| v as f32), 500, 375).unwrap();
+        for (got, want) in mapped.iter().zip([0.0, 0.0, 224.0, 224.0]) {
+            assert!((got - want).abs() < 1e-3, "{mapped:?}");
+        }
+        let b = eval.map_box([100.0, 50.0, 300.0, 200.0], 500, 375).unwrap();
+        let want = [
+            (100.0 - left) * sx,
+            (50.0 - top) * sy,
+            (300.0 - left) * sx,
+            (200.0 - top) * sy,
+        ];
+        for (got, want) in b.iter().zip(want) {
+            assert!((*got as f64 - want).abs() < 1e-3, "{b:?}");
+        }
+        let cifar = Transform::CifarEval { size: 32 };
+        assert_eq!(
+            cifar.map_box([0.0, 0.0, 63.0, 31.0], 64, 32),
+            Some([0.0, 0.0, 31.5, 31.0])
+        );
+        let train = Transform::CifarTrain {
+            size: 32,
+            padding: 4,
+        };
+        assert_eq!(train.map_box([0.0, 0.0, 1.0, 1.0], 32, 32), None);
+    }
 
     fn gradient(width: usize, height: usize) -> RgbImage {
         let pixels = (0..width * height)
