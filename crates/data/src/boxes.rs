@@ -158,7 +158,7 @@ impl BoxTable {
                 ));
             };
             let fields: Vec<&str> = boxes.split_whitespace().collect();
-            if fields.is_empty() || fields.len() % 5 != 0 {
+            if fields.is_empty() || !fields.len().is_multiple_of(5) {
                 return Err(corrupt(
                     path,
                     i + 1,
