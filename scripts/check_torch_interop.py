@@ -377,14 +377,42 @@ def write_fixture():
     print(f"wrote the fixtures to {folder} (torch {torch.__version__})")
 
 
+def write_cam_fixture():
+    """Class activation maps of the committed CIFAR ResNet-8 fixture on its committed input, for
+    every class: the last feature map weighed by fc.weight, upsampled bilinearly to the input
+    (align_corners=False), min-max normalised per map (Zhou et al. 2016, as `localize` does)."""
+    from safetensors.torch import load_file
+
+    folder = os.path.join(REPO, "crates", "train", "tests", "fixtures")
+    model = CifarResNet(8, 10)
+    checkpoint = torch.load(os.path.join(folder, "cifar_resnet8.pth.tar"), map_location="cpu")
+    model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()})
+    model.eval()
+    x = load_file(os.path.join(folder, "cifar_resnet8_logits.safetensors"))["input"]
+    with torch.no_grad():
+        f = F.relu(model.bn1(model.conv1(x)))
+        f = model.layer3(model.layer2(model.layer1(f)))
+        maps = torch.einsum("ck,nkhw->nchw", model.fc.weight.double(), f.double())
+        maps = F.interpolate(maps, size=x.shape[2:], mode="bilinear", align_corners=False)
+        low = maps.amin(dim=(2, 3), keepdim=True)
+        high = maps.amax(dim=(2, 3), keepdim=True)
+        cams = ((maps - low) / (high - low)).float()
+    save_file({"input": x, "cams": cams.contiguous()}, os.path.join(folder, "cifar_resnet8_cams.safetensors"))
+    print(f"wrote cifar_resnet8_cams.safetensors to {folder} (torch {torch.__version__})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin", default=os.path.join(REPO, "target", "release"), help="folder with train, eval, export")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--write-fixture", action="store_true", help="write the Rust tests' PyTorch files and exit")
+    parser.add_argument("--write-cam-fixture", action="store_true", help="write the CAM test's PyTorch file (from the committed ResNet-8 fixture) and exit")
     args = parser.parse_args()
     if args.write_fixture:
         write_fixture()
+        return
+    if args.write_cam_fixture:
+        write_cam_fixture()
         return
     work = args.work or tempfile.mkdtemp(prefix="cutmix-interop-")
     os.makedirs(work, exist_ok=True)

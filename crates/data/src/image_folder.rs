@@ -234,7 +234,9 @@ impl ImageFolder {
         &self.empty_classes
     }
 
-    fn name(&self, index: usize) -> &str {
+    /// Example `index`'s file, relative to the folder (`class/file.jpg`, or `file.jpg` in a
+    /// flat folder).
+    pub fn name(&self, index: usize) -> &str {
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
         &self.names[start..self.ends[index]]
     }

@@ -221,11 +221,21 @@ impl PyramidNet {
     /// - `x`: `[batch, 3, h, w]`
     /// - output: `[batch, num_classes]` (logits)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.fc.forward(global_average_pool(self.features(x)))
+    }
+
+    /// The last feature map (after the final BatchNorm and ReLU), the one global average
+    /// pooling and `fc` turn into the logits (what class activation maps weigh).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]`
+    /// - output: `[batch, channels, h / 4, w / 4]`
+    pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
         let mut x = batch_norm(&self.bn1, conv2d(&self.conv1, x));
         for block in self.blocks() {
             x = block.forward(x);
         }
-        self.head(x)
+        batch_norm_relu(&self.bn_final, x)
     }
 
     /// Training forward pass: ShakeDrop draws from `rng` block by block.

@@ -94,6 +94,27 @@ impl Model {
         }
     }
 
+    /// The last feature map (evaluation), which global average pooling and
+    /// [`classifier`](Self::classifier) turn into the logits.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]`
+    /// - output: `[batch, channels, h', w']`
+    pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Self::ResNet(model) => model.features(x),
+            Self::PyramidNet(model) => model.features(x),
+        }
+    }
+
+    /// The final linear layer (`fc`, weight `[channels, classes]` in Burn's layout).
+    pub fn classifier(&self) -> &burn::nn::Linear {
+        match self {
+            Self::ResNet(model) => &model.fc,
+            Self::PyramidNet(model) => &model.fc,
+        }
+    }
+
     /// The training forward pass: stochastic layers (ShakeDrop) draw from `rng`.
     ///
     /// # Shapes

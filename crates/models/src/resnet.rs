@@ -209,6 +209,26 @@ impl ResNet {
         stage: usize,
         mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
     ) -> Tensor<2> {
+        let x = self.features_mixed(x, stage, mix);
+        self.fc.forward(global_average_pool(x))
+    }
+
+    /// The last feature map, the one global average pooling and `fc` turn into the logits
+    /// (what class activation maps weigh).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, h, w]`
+    /// - output: `[batch, channels, h / 32, w / 32]` (`h / 8` with the CIFAR stem)
+    pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
+        self.features_mixed(x, 0, &mut |features| features)
+    }
+
+    fn features_mixed(
+        &self,
+        x: Tensor<4>,
+        stage: usize,
+        mix: &mut dyn FnMut(Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<4> {
         let mut x = self.stem(x);
         for (index, layer) in self.stages().into_iter().enumerate() {
             for block in layer {
@@ -218,7 +238,7 @@ impl ResNet {
                 x = mix(x);
             }
         }
-        self.fc.forward(global_average_pool(x))
+        x
     }
 
     /// conv1, bn1, ReLU and, with the ImageNet stem, the 3x3/2 max pool.

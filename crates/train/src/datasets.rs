@@ -193,16 +193,53 @@ pub fn build_val(config: &Config) -> Result<Loader> {
     let data = &config.data;
     let val: Arc<dyn Dataset> = match data.dataset {
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => Arc::new(open_cifar(config, Split::Test)?),
-        DatasetKind::Imagefolder => {
-            let train_dir = data.root.join("train");
-            let classes = if train_dir.is_dir() {
-                ImageFolder::class_names(&train_dir)?
-            } else {
-                ImageFolder::class_names(&data.root.join("val"))?
-            };
-            Arc::new(open_val_folder(config, &classes)?)
-        }
+        DatasetKind::Imagefolder => Arc::new(val_images(config)?),
     };
     check_classes(config, val.num_classes())?;
     Ok(val_loader(config, val))
+}
+
+/// `root/val` of an `imagefolder` config, classes numbered as [`build_val`] numbers them.
+fn val_images(config: &Config) -> Result<ImageFolder> {
+    let root = &config.data.root;
+    let train_dir = root.join("train");
+    let classes = if train_dir.is_dir() {
+        ImageFolder::class_names(&train_dir)?
+    } else {
+        ImageFolder::class_names(&root.join("val"))?
+    };
+    open_val_folder(config, &classes)
+}
+
+/// The validation images of an `imagefolder` config with what an analysis needs to know of
+/// each (its file, for names and sizes), and the loader over them: the loader visits
+/// `order`, batch after batch.
+pub struct ValImages {
+    pub folder: Arc<ImageFolder>,
+    pub order: Vec<usize>,
+    pub loader: Loader,
+    /// The evaluation transform the loader applies.
+    pub transform: Transform,
+}
+
+/// [`ValImages`] of an `imagefolder` config (the analyses that need image files: boxes).
+pub fn val_images_with_files(config: &Config) -> Result<ValImages> {
+    if config.data.dataset != DatasetKind::Imagefolder {
+        bail!(
+            "config key data.dataset: localization reads its images' files and sizes, which needs dataset = \"imagefolder\" (got {:?})",
+            config.data.dataset
+        );
+    }
+    let folder = Arc::new(val_images(config)?);
+    check_classes(config, folder.num_classes())?;
+    let order = subset(config.seed, 1, folder.len(), config.data.val_limit)
+        .unwrap_or_else(|| (0..folder.len()).collect());
+    let loader = val_loader(config, folder.clone());
+    let (_, transform, ..) = transforms(config);
+    Ok(ValImages {
+        folder,
+        order,
+        loader,
+        transform,
+    })
 }

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod datasets;
 pub mod ema;
+pub mod localize;
 pub mod metrics;
 pub mod plots;
 pub mod schedule;

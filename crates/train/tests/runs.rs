@@ -365,6 +365,100 @@ fn with_sets(sets: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// `localize` on real images: its classification agrees with `eval`'s, whole-image boxes are
+/// found at the sweep's threshold 0 (the whole map is foreground), and each bad input is one
+/// line naming the file, line or flag.
+#[test]
+fn localize_scores_class_activation_maps_against_box_files() {
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/quickstart.toml");
+    let sets = quick_sets(out.path(), &["train.epochs=1"]);
+    let output = train(&config, &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let weights = out.path().join("quickstart/checkpoints/best/model.bpk");
+    let run_tool = |binary: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--weights".into(),
+            weights.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(with_sets(&sets));
+        command(binary, &args)
+    };
+
+    // Every validation image of the mini set, its whole 32x32 frame as its box.
+    let val = mini().join("val");
+    let mut lines = Vec::new();
+    for class in std::fs::read_dir(&val).unwrap().flatten() {
+        for image in std::fs::read_dir(class.path()).unwrap().flatten() {
+            let name = format!(
+                "{}/{}",
+                class.file_name().to_string_lossy(),
+                image.file_name().to_string_lossy()
+            );
+            lines.push(format!("{name} 0 0 31 31"));
+        }
+    }
+    let boxes = out.path().join("boxes.txt");
+    std::fs::write(&boxes, lines.join("\n")).unwrap();
+    let boxes_arg = boxes.display().to_string();
+    let localized = run_tool(env!("CARGO_BIN_EXE_localize"), &["--boxes", &boxes_arg]);
+    assert!(localized.status.success(), "{}", stderr(&localized));
+    let stdout = String::from_utf8_lossy(&localized.stdout).into_owned();
+    assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let evaluated = run_tool(env!("CARGO_BIN_EXE_eval"), &[]);
+    let evaluated: serde_json::Value =
+        serde_json::from_slice(&evaluated.stdout).expect("eval's JSON line");
+    assert_eq!(found["images"], 64);
+    let top1 = 100.0 - evaluated["top1_err"].as_f64().unwrap();
+    assert!(
+        (found["top1_cls"].as_f64().unwrap() - top1).abs() < 0.01,
+        "{found} vs {evaluated}"
+    );
+    assert_eq!(found["max_box_acc"], 100.0, "{found}");
+    assert_eq!(found["max_box_acc_threshold"], 0.0, "{found}");
+    let loc = found["top1_loc"].as_f64().unwrap();
+    assert!(
+        loc <= found["gt_known_loc"].as_f64().unwrap() && loc <= top1 + 0.01,
+        "{found}"
+    );
+
+    // Bad input: an image without a box, a malformed line, a threshold outside [0, 1].
+    let partial = out.path().join("partial.txt");
+    std::fs::write(&partial, lines[..lines.len() / 2].join("\n")).unwrap();
+    let malformed = out.path().join("malformed.txt");
+    std::fs::write(&malformed, format!("{}\nairplane/x.jpg 1 2 3\n", lines[0])).unwrap();
+    let (partial_arg, malformed_arg) = (
+        partial.display().to_string(),
+        malformed.display().to_string(),
+    );
+    for (extra, needles) in [
+        (
+            vec!["--boxes", partial_arg.as_str()],
+            vec!["partial.txt", "no box for image"],
+        ),
+        (
+            vec!["--boxes", malformed_arg.as_str()],
+            vec!["malformed.txt", "line 2"],
+        ),
+        (
+            vec!["--boxes", boxes_arg.as_str(), "--threshold", "2"],
+            vec!["--threshold 2"],
+        ),
+    ] {
+        let output = run_tool(env!("CARGO_BIN_EXE_localize"), &extra);
+        assert!(!output.status.success());
+        let message = stderr(&output);
+        let last = message.trim().lines().last().unwrap_or("");
+        for needle in needles {
+            assert!(last.contains(needle), "{message}");
+        }
+    }
+}
+
 #[test]
 fn exported_weights_evaluate_as_the_run_did_and_fine_tune_on_new_classes() {
     let out = tempfile::tempdir().unwrap();
@@ -745,6 +839,58 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
             / scale;
         assert!(error < 1e-4, "{file}: relative error {error}");
     }
+}
+
+/// Class activation maps of the PyTorch-written ResNet-8 fixture equal PyTorch's (the last
+/// feature map weighed by `fc.weight`, bilinear upsampling, min-max normalisation; written by
+/// `scripts/check_torch_interop.py --write-cam-fixture`) for every class, to 1e-4.
+#[test]
+fn class_activation_maps_equal_pytorchs() {
+    use burn::module::Module;
+    use burn::tensor::{Tensor, TensorData};
+    use cutmix_models::HostData;
+
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (_, expected) =
+        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_cams.safetensors")).unwrap();
+    let floats = |name: &str| match &expected[name].data {
+        HostData::F32(values) => values.clone(),
+        HostData::I64(_) => panic!("{name} holds floats"),
+    };
+    let device = Device::flex();
+    let (model, _) =
+        cutmix_train::weights::load(resnet8(5, &device), &fixtures.join("cifar_resnet8.pth.tar"))
+            .unwrap();
+    let model = model.valid();
+    let input = Tensor::<4>::from_data(TensorData::new(floats("input"), [2, 3, 32, 32]), &device);
+    let features = model.features(input);
+    let [n, channels, h, w] = features.dims();
+    assert_eq!([n, channels, h, w], [2, 64, 8, 8]);
+    let features = features.into_data().try_into_vec_as::<f32>().unwrap();
+    let weight = model.classifier().weight.val().transpose();
+    let weight = weight.into_data().try_into_vec_as::<f32>().unwrap();
+    let theirs = floats("cams");
+    let plane = channels * h * w;
+    let mut worst = 0f32;
+    for image in 0..n {
+        for class in 0..10 {
+            let ours = cutmix_analysis::cam::cam(
+                &features[image * plane..(image + 1) * plane],
+                [channels, h, w],
+                &weight,
+                class,
+                [32, 32],
+            );
+            let start = (image * 10 + class) * 32 * 32;
+            for (a, b) in ours.iter().zip(&theirs[start..start + 32 * 32]) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "largest difference from PyTorch's maps: {worst}"
+    );
 }
 
 #[test]

@@ -1,0 +1,127 @@
+//! `localize`: weakly-supervised localization of a weights file on a config's validation
+//! folder against ground-truth boxes, as the paper's Table 9 measures it: the class
+//! activation map (CAM) of each image's ground-truth class, upsampled to the crop, min-max
+//! normalised, thresholded at `--threshold` of its maximum (the paper: 0.15), the largest
+//! 8-connected component's box, IoU >= 0.5 with a ground-truth box. Prints one JSON line:
+//! `{"images", "threshold", "top1_cls", "top1_loc", "gt_known_loc", "max_box_acc",
+//! "max_box_acc_threshold", "max_box_acc_v2"}` (percent).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use clap::Parser;
+
+use cutmix_data::{BoxTable, Stream, keyed_rng};
+use cutmix_train::backend;
+use cutmix_train::config::{BackendChoice, Config};
+use cutmix_train::localize::{Options, localize};
+use cutmix_train::weights;
+
+/// Localize objects with class activation maps and score the boxes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The recipe whose model and validation folder to use (`data.dataset = "imagefolder"`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Weights: safetensors or PyTorch (PyTorch names), or a run's model.bpk.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Ground-truth boxes, one `<image> x0 y0 x1 y1` per line (inclusive pixel corners of the
+    /// original image; `<image>` its path under val/, its file name, or its name without the
+    /// extension).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["cub", "imagenet_boxes"])]
+    boxes: Option<PathBuf>,
+    /// CUB-200-2011's folder (images.txt, bounding_boxes.txt).
+    #[arg(long, value_name = "DIR", conflicts_with = "imagenet_boxes")]
+    cub: Option<PathBuf>,
+    /// ImageNet's LOC_val_solution.csv.
+    #[arg(long, value_name = "FILE")]
+    imagenet_boxes: Option<PathBuf>,
+    /// CAM threshold, a fraction of each map's maximum (the paper's 0.15).
+    #[arg(long, default_value_t = 0.15)]
+    threshold: f32,
+    /// Spacing of MaxBoxAcc's threshold sweep over [0, 1).
+    #[arg(long, default_value_t = 0.01)]
+    sweep_step: f32,
+    /// Overrides any config key by its dotted path (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Overrides the config's `backend`.
+    #[arg(long, value_enum)]
+    backend: Option<BackendChoice>,
+}
+
+fn boxes(args: &Args) -> Result<BoxTable> {
+    Ok(match (&args.boxes, &args.cub, &args.imagenet_boxes) {
+        (Some(file), None, None) => BoxTable::read_plain(file)?,
+        (None, Some(root), None) => BoxTable::read_cub(root)?,
+        (None, None, Some(csv)) => BoxTable::read_imagenet(csv)?,
+        _ => bail!("give the ground-truth boxes with one of --boxes, --cub or --imagenet-boxes"),
+    })
+}
+
+fn run(args: Args) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.threshold) {
+        bail!("--threshold {}: not in [0, 1]", args.threshold);
+    }
+    if !(args.sweep_step > 0.0 && args.sweep_step < 1.0) {
+        bail!("--sweep-step {}: not in (0, 1)", args.sweep_step);
+    }
+    let table = boxes(&args)?;
+    let mut config = Config::load(&args.config, &args.sets)?;
+    if let Some(backend) = args.backend {
+        config.backend = backend;
+    }
+    let backend = backend::select(config.backend)?;
+    let model_config = config.model_config()?;
+    let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
+    let model = model_config.init(&mut rng, &backend.device)?;
+    let (model, summary) = weights::load(model, &args.weights)?;
+    if !summary.reinitialised.is_empty() {
+        bail!(
+            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
+            args.weights.display(),
+            model_config.num_classes
+        );
+    }
+    eprintln!("{}: {summary}", args.weights.display());
+    let options = Options {
+        threshold: args.threshold,
+        sweep_step: args.sweep_step,
+    };
+    let found = localize(&model.valid(), &config, &table, options, &backend.device)?;
+    if let Some(first) = found.clipped.first() {
+        eprintln!(
+            "warning: {} ground-truth box(es) clipped to the image or crop, e.g. {first}",
+            found.clipped.len()
+        );
+    }
+    let s = found.summary;
+    println!(
+        "{{\"images\":{},\"threshold\":{},\"top1_cls\":{:.2},\"top1_loc\":{:.2},\"gt_known_loc\":{:.2},\"max_box_acc\":{:.2},\"max_box_acc_threshold\":{:.2},\"max_box_acc_v2\":{:.2}}}",
+        s.images,
+        s.threshold,
+        s.top1_cls,
+        s.top1_loc,
+        s.gt_known_loc,
+        s.max_box_acc,
+        s.max_box_acc_threshold,
+        s.max_box_acc_v2
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    cutmix_train::backend::quiet_mesa();
+    cutmix_train::backend::keep_freed_memory();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Weakly-supervised localization of a model on a validation folder with ground-truth boxes:
+//! the class activation map of each image's ground-truth class, its boxes, and the metrics of
+//! `cutmix_analysis::localization` (the paper's Table 9, wsolevaluation's MaxBoxAcc).
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor};
+
+use cutmix_analysis::boxes::PixelBox;
+use cutmix_analysis::cam;
+use cutmix_analysis::localization::{LocalizationSummary, LocalizationTally};
+use cutmix_data::BoxTable;
+use cutmix_models::Model;
+
+use crate::config::Config;
+use crate::datasets::{ValImages, val_images_with_files};
+use crate::trainer::images_tensor;
+
+/// The knobs of a localization pass.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// CAM threshold of top-1 / GT-known localization, a fraction of the map's maximum.
+    pub threshold: f32,
+    /// Spacing of MaxBoxAcc's threshold sweep in `[0, 1)`.
+    pub sweep_step: f32,
+}
+
+/// What a localization pass found.
+pub struct Localization {
+    pub summary: LocalizationSummary,
+    /// Images with a ground-truth box that reached outside the evaluated crop (clipped to it).
+    pub clipped: Vec<String>,
+}
+
+/// The boxes of image `name` (its path relative to the validation folder): looked up by that
+/// path, then by its file name, then by its file name without the extension (ImageNet's
+/// `ImageId`).
+fn boxes_of<'a>(table: &'a BoxTable, name: &str) -> Result<&'a [[f32; 4]]> {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    let stem = file.rsplit_once('.').map_or(file, |(stem, _)| stem);
+    for key in [name, file, stem] {
+        if let Some(boxes) = table.boxes.get(key) {
+            return Ok(boxes);
+        }
+    }
+    Ok(table.get(name)?)
+}
+
+/// The classifier's weight as `[classes, channels]` on the host (Burn keeps `[channels,
+/// classes]`).
+fn classifier_weight(model: &Model) -> (Vec<f32>, usize) {
+    let weight = model.classifier().weight.val().transpose();
+    let [classes, _] = weight.dims();
+    let values = weight
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 weights");
+    (values, classes)
+}
+
+/// Localizes every validation image of `config` with `model` (in evaluation mode) against
+/// `boxes`.
+pub fn localize(
+    model: &Model,
+    config: &Config,
+    boxes: &BoxTable,
+    options: Options,
+    device: &Device,
+) -> Result<Localization> {
+    let ValImages {
+        folder,
+        order,
+        loader,
+        transform,
+    } = val_images_with_files(config)?;
+    let size = transform.size();
+    let (weight, classes) = classifier_weight(model);
+    let mut tally = LocalizationTally::new(options.threshold, options.sweep_step);
+    let mut clipped = Vec::new();
+    let mut next = 0;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        if !batch.skipped.is_empty() {
+            bail!(
+                "{}: unreadable; localization needs every validation image (set data.strict = true to stop at the first)",
+                batch.skipped[0].path.display()
+            );
+        }
+        let (images, labels) = images_tensor(batch, device);
+        let features = model.features(images);
+        let [n, channels, h, w] = features.dims();
+        let pooled: Tensor<2> = features
+            .clone()
+            .mean_dim(3)
+            .mean_dim(2)
+            .reshape([n, channels]);
+        let logits = model.classifier().forward(pooled);
+        let predicted = logits
+            .argmax(1)
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .expect("indices");
+        let features = features
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 features");
+        for (i, &label) in labels.iter().enumerate() {
+            let index = order[next];
+            next += 1;
+            let name = folder.name(index);
+            let truth = truth_boxes(&folder, index, boxes, &transform, &mut clipped)
+                .with_context(|| format!("image {name}"))?;
+            if label >= classes {
+                bail!("image {name}: label {label} is not a class of the model ({classes})");
+            }
+            let plane = channels * h * w;
+            let map = cam::cam(
+                &features[i * plane..(i + 1) * plane],
+                [channels, h, w],
+                &weight,
+                label,
+                [size, size],
+            );
+            tally.add(&map, [size, size], &truth, predicted[i] as usize == label);
+        }
+    }
+    Ok(Localization {
+        summary: tally.summary(),
+        clipped,
+    })
+}
+
+/// Image `index`'s ground-truth boxes in the pixels of the evaluated crop (clipped to it; the
+/// image's name is pushed on `clipped` when that changed a box).
+fn truth_boxes(
+    folder: &cutmix_data::ImageFolder,
+    index: usize,
+    table: &BoxTable,
+    transform: &cutmix_data::Transform,
+    clipped: &mut Vec<String>,
+) -> Result<Vec<PixelBox>> {
+    use cutmix_data::Dataset;
+    let name = folder.name(index);
+    let raw = boxes_of(table, name)?;
+    let (sample, _) = folder.get(index)?;
+    let (width, height) = sample.dimensions()?;
+    let size = transform.size();
+    let mut out = Vec::with_capacity(raw.len());
+    for &b in raw {
+        if b[0] < 0.0 || b[1] < 0.0 || b[2] > width as f32 || b[3] > height as f32 {
+            clipped.push(format!(
+                "{name} (box {b:?} outside its {width}x{height} image)"
+            ));
+        }
+        let Some([x0, y0, x1, y1]) = transform.map_box(b, width, height) else {
+            bail!("localization needs an evaluation transform with a fixed crop");
+        };
+        let (inside, changed) = PixelBox::new(x0, y0, x1, y1).clipped(size, size);
+        if changed && !clipped.last().is_some_and(|c| c.starts_with(name)) {
+            clipped.push(format!(
+                "{name} (box reaches outside the {size}x{size} crop)"
+            ));
+        }
+        out.push(inside);
+    }
+    Ok(out)
+}
