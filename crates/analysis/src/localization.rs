@@ -37,6 +37,18 @@ pub struct LocalizationTally {
     max_box_v2: Vec<[usize; 3]>,
 }
 
+/// One image's outcome under a [`LocalizationTally`]'s thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageScore {
+    pub correct: bool,
+    /// IoU >= 0.5 at the tally's threshold (GT-known localization).
+    pub localized: bool,
+    /// Per sweep threshold: the largest component's box reaches IoU 0.5.
+    pub max_box: Vec<bool>,
+    /// Per sweep threshold: the best box of all components reaches IoU 0.3, 0.5, 0.7.
+    pub max_box_v2: Vec<[bool; 3]>,
+}
+
 /// The numbers of a [`LocalizationTally`], in percent.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LocalizationSummary {
@@ -79,20 +91,53 @@ impl LocalizationTally {
     /// size), its ground-truth boxes in the same pixel frame, and whether the predicted class
     /// is right.
     pub fn add(&mut self, map: &[f32], shape: [usize; 2], truth: &[PixelBox], correct: bool) {
-        self.images += 1;
-        self.correct += correct as usize;
+        let score = self.score(map, shape, truth, correct);
+        self.add_score(&score);
+    }
+
+    /// What [`add`](Self::add) counts for one image, without counting it (images can be
+    /// scored in parallel and added in order).
+    pub fn score(
+        &self,
+        map: &[f32],
+        shape: [usize; 2],
+        truth: &[PixelBox],
+        correct: bool,
+    ) -> ImageScore {
         let boxes = boxes_from_map(map, shape, self.threshold, Select::Largest);
-        if best_iou(&boxes, truth) >= 0.5 {
-            self.gt_known += 1;
-            self.top1_loc += correct as usize;
-        }
-        for (i, &tau) in self.thresholds.iter().enumerate() {
+        let mut score = ImageScore {
+            correct,
+            localized: best_iou(&boxes, truth) >= 0.5,
+            max_box: Vec::with_capacity(self.thresholds.len()),
+            max_box_v2: Vec::with_capacity(self.thresholds.len()),
+        };
+        for &tau in &self.thresholds {
             let found = foreground_components(map, shape, tau);
             let largest = select_boxes(&found, Select::Largest);
-            self.max_box[i] += (best_iou(&largest, truth) >= 0.5) as usize;
+            score.max_box.push(best_iou(&largest, truth) >= 0.5);
             let best = best_iou(&select_boxes(&found, Select::All), truth);
-            for (count, &level) in self.max_box_v2[i].iter_mut().zip(&V2_IOUS) {
-                *count += (best >= level) as usize;
+            score.max_box_v2.push(V2_IOUS.map(|level| best >= level));
+        }
+        score
+    }
+
+    /// Counts an image [`score`](Self::score)d by a tally with the same thresholds.
+    pub fn add_score(&mut self, score: &ImageScore) {
+        assert_eq!(
+            score.max_box.len(),
+            self.thresholds.len(),
+            "a score of another sweep"
+        );
+        self.images += 1;
+        self.correct += score.correct as usize;
+        self.gt_known += score.localized as usize;
+        self.top1_loc += (score.localized && score.correct) as usize;
+        for (count, &hit) in self.max_box.iter_mut().zip(&score.max_box) {
+            *count += hit as usize;
+        }
+        for (counts, hits) in self.max_box_v2.iter_mut().zip(&score.max_box_v2) {
+            for (count, &hit) in counts.iter_mut().zip(hits) {
+                *count += hit as usize;
             }
         }
     }

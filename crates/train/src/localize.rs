@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
 
 use cutmix_analysis::boxes::PixelBox;
 use cutmix_analysis::cam;
@@ -103,6 +104,8 @@ pub fn localize(
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("f32 features");
+        let plane = channels * h * w;
+        let mut images = Vec::with_capacity(labels.len());
         for (i, &label) in labels.iter().enumerate() {
             let index = order[next];
             next += 1;
@@ -112,15 +115,19 @@ pub fn localize(
             if label >= classes {
                 bail!("image {name}: label {label} is not a class of the model ({classes})");
             }
-            let plane = channels * h * w;
-            let map = cam::cam(
-                &features[i * plane..(i + 1) * plane],
-                [channels, h, w],
-                &weight,
-                label,
-                [size, size],
-            );
-            tally.add(&map, [size, size], &truth, predicted[i] as usize == label);
+            images.push((i, label, truth));
+        }
+        // The maps and the threshold sweep, image by image in parallel, counted in order.
+        let scores: Vec<_> = images
+            .par_iter()
+            .map(|(i, label, truth)| {
+                let features = &features[i * plane..(i + 1) * plane];
+                let map = cam::cam(features, [channels, h, w], &weight, *label, [size, size]);
+                tally.score(&map, [size, size], truth, predicted[*i] as usize == *label)
+            })
+            .collect();
+        for score in &scores {
+            tally.add_score(score);
         }
     }
     Ok(Localization {
