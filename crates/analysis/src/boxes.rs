@@ -103,8 +103,7 @@ pub fn components(mask: &[bool], [height, width]: [usize; 2]) -> Vec<Component> 
     for y in 1..height {
         for current in rows[y]..rows[y + 1] {
             let (_, x0, x1) = runs[current];
-            for above in rows[y - 1]..rows[y] {
-                let (_, a0, a1) = runs[above];
+            for (above, &(_, a0, a1)) in runs.iter().enumerate().take(rows[y]).skip(rows[y - 1]) {
                 if a0 <= x1 + 1 && x0 <= a1 + 1 {
                     let (ra, rb) = (root(&mut parent, above), root(&mut parent, current));
                     let (low, high) = (ra.min(rb), ra.max(rb));
@@ -116,9 +115,8 @@ pub fn components(mask: &[bool], [height, width]: [usize; 2]) -> Vec<Component> 
     // Components keyed by their root, the earliest run: row-major order of first pixels.
     let mut by_root: Vec<Option<usize>> = vec![None; runs.len()];
     let mut found: Vec<Component> = Vec::new();
-    for i in 0..runs.len() {
+    for (i, &(y, x0, x1)) in runs.iter().enumerate() {
         let r = root(&mut parent, i);
-        let (y, x0, x1) = runs[i];
         let slot = *by_root[r].get_or_insert_with(|| {
             found.push(Component {
                 pixels: 0,
