@@ -5,7 +5,7 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
 use crate::pyramidnet::PyramidNet;
-use crate::resnet::{ResNet, Stem};
+use crate::resnet::{Layout, ResNet, Stem};
 
 /// The architecture families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,8 @@ pub enum ModelError {
     NoClasses,
     #[error("shakedrop must be a probability in [0, 1], got {0}")]
     InvalidShakeDrop(f64),
+    #[error("last_stride must be 1 or 2 (and 2 except for ImageNet ResNets), got {0}")]
+    InvalidLastStride(usize),
 }
 
 /// Which network to build. `alpha` and `shakedrop` apply to PyramidNet only and `bottleneck`
@@ -68,6 +70,9 @@ pub struct ModelConfig {
     /// linearly to 0 towards the first.
     pub shakedrop: f64,
     pub num_classes: usize,
+    /// The stride of an ImageNet ResNet's `layer4` (2 as torchvision; 1 for weakly-supervised
+    /// localization, the paper's Section 4.2: a 14x14 last map at 224, the same weights).
+    pub last_stride: usize,
 }
 
 /// A built network, ready to train or evaluate.
@@ -184,6 +189,7 @@ impl Variant {
                 bottleneck: depth >= 50,
                 shakedrop: 0.0,
                 num_classes: 1000,
+                last_stride: 2,
             },
             input_size: 224,
         };
@@ -196,6 +202,7 @@ impl Variant {
                 bottleneck,
                 shakedrop: 0.0,
                 num_classes: classes,
+                last_stride: 2,
             },
             input_size: 32,
         };
@@ -214,6 +221,7 @@ impl Variant {
                     bottleneck: false,
                     shakedrop: 0.0,
                     num_classes: 10,
+                    last_stride: 2,
                 },
                 input_size: 32,
             },
@@ -283,6 +291,14 @@ impl ModelConfig {
         if self.num_classes == 0 {
             return Err(ModelError::NoClasses);
         }
+        let strides: &[usize] = if self.arch == Arch::ResNet {
+            &[1, 2]
+        } else {
+            &[2]
+        };
+        if !strides.contains(&self.last_stride) {
+            return Err(ModelError::InvalidLastStride(self.last_stride));
+        }
         match self.arch {
             Arch::ResNet | Arch::ResNetCifarStem => {
                 if imagenet_resnet_table(self.depth).is_none() {
@@ -334,13 +350,16 @@ impl ModelConfig {
                 let (blocks, bottleneck) =
                     imagenet_resnet_table(self.depth).expect("validated depth");
                 Model::ResNet(ResNet::new(
-                    if self.arch == Arch::ResNet {
-                        Stem::ImageNet
-                    } else {
-                        Stem::SmallImage
+                    Layout {
+                        stem: if self.arch == Arch::ResNet {
+                            Stem::ImageNet
+                        } else {
+                            Stem::SmallImage
+                        },
+                        blocks,
+                        bottleneck,
+                        last_stride: self.last_stride,
                     },
-                    blocks,
-                    bottleneck,
                     classes,
                     rng,
                     device,
@@ -349,9 +368,12 @@ impl ModelConfig {
             Arch::CifarResNet => {
                 let n = cifar_blocks_per_stage(self.depth, self.bottleneck).expect("validated");
                 Model::ResNet(ResNet::new(
-                    Stem::Cifar,
-                    &[n, n, n],
-                    self.bottleneck,
+                    Layout {
+                        stem: Stem::Cifar,
+                        blocks: &[n, n, n],
+                        bottleneck: self.bottleneck,
+                        last_stride: 2,
+                    },
                     classes,
                     rng,
                     device,
@@ -419,6 +441,7 @@ mod tests {
             bottleneck,
             shakedrop: 0.0,
             num_classes: classes,
+            last_stride: 2,
         };
         let model = config
             .init(&mut StdRng::seed_from_u64(0), &Device::flex())
@@ -456,6 +479,7 @@ mod tests {
                 bottleneck: false,
                 shakedrop: 0.0,
                 num_classes: 1000,
+                last_stride: 2,
             };
             let model = config
                 .init(&mut StdRng::seed_from_u64(0), &Device::flex())
@@ -484,6 +508,7 @@ mod tests {
                 bottleneck: false,
                 shakedrop: 0.0,
                 num_classes: 5,
+                last_stride: 2,
             };
             let model = config.init(&mut StdRng::seed_from_u64(2), &device).unwrap();
             let side = if arch == Arch::ResNet { 64 } else { 32 };
@@ -532,6 +557,7 @@ mod tests {
             bottleneck: true,
             shakedrop: 0.0,
             num_classes: 100,
+            last_stride: 2,
         };
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("9n+2"), "{error}");
@@ -559,10 +585,45 @@ mod tests {
                 bottleneck,
                 shakedrop: 0.5,
                 num_classes: 7,
+                last_stride: 2,
             };
             let model = config.init(&mut StdRng::seed_from_u64(1), &device).unwrap();
             let logits = model.forward(Tensor::zeros([2, 3, 32, 32], &device));
             assert_eq!(logits.dims(), [2, 7]);
         }
+    }
+
+    /// `last_stride = 1` keeps every parameter (so torchvision's weights load unchanged) and
+    /// doubles the last feature map's side; other families refuse it, naming the key's value.
+    #[test]
+    fn last_stride_one_doubles_the_last_map_and_keeps_the_parameters() {
+        let device = Device::flex();
+        let config = |last_stride| ModelConfig {
+            arch: Arch::ResNet,
+            depth: 18,
+            alpha: 0.0,
+            bottleneck: false,
+            shakedrop: 0.0,
+            num_classes: 5,
+            last_stride,
+        };
+        let build = |last_stride| {
+            config(last_stride)
+                .init(&mut StdRng::seed_from_u64(1), &device)
+                .unwrap()
+        };
+        let (usual, wsol) = (build(2), build(1));
+        assert_eq!(usual.num_params(), wsol.num_params());
+        let x = || Tensor::<4>::zeros([1, 3, 64, 64], &device);
+        assert_eq!(usual.features(x()).dims(), [1, 512, 2, 2]);
+        assert_eq!(wsol.features(x()).dims(), [1, 512, 4, 4]);
+        assert_eq!(wsol.forward(x()).dims(), [1, 5]);
+        assert_eq!(config(3).validate(), Err(ModelError::InvalidLastStride(3)));
+        let cifar = ModelConfig {
+            arch: Arch::CifarResNet,
+            depth: 8,
+            ..config(1)
+        };
+        assert_eq!(cifar.validate(), Err(ModelError::InvalidLastStride(1)));
     }
 }

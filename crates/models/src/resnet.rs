@@ -136,16 +136,31 @@ pub struct ResNet {
     pub max_pool: bool,
 }
 
+/// The shape of a ResNet: its stem, `blocks[i]` blocks in stage `i`, bottleneck or basic
+/// blocks, and the stride of the fourth stage (`layer4`; 2 as torchvision, 1 for the
+/// localization backbone).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout<'a> {
+    pub stem: Stem,
+    pub blocks: &'a [usize],
+    pub bottleneck: bool,
+    pub last_stride: usize,
+}
+
 impl ResNet {
-    /// Builds a ResNet with `blocks[i]` blocks in stage `i`.
+    /// Builds a ResNet laid out as `layout` with a `num_classes` classifier.
     pub(crate) fn new(
-        stem: Stem,
-        blocks: &[usize],
-        bottleneck: bool,
+        layout: Layout<'_>,
         num_classes: usize,
         rng: &mut impl Rng,
         device: &Device,
     ) -> Self {
+        let Layout {
+            stem,
+            blocks,
+            bottleneck,
+            last_stride,
+        } = layout;
         let (stem_planes, stem_kernel, stem_stride, stage_planes): (usize, usize, usize, &[usize]) =
             match stem {
                 Stem::ImageNet => (64, 7, 2, &[64, 128, 256, 512]),
@@ -158,7 +173,11 @@ impl ResNet {
         let mut inplanes = stem_planes;
         let mut stages: Vec<Vec<ResidualBlock>> = Vec::new();
         for (stage, (&planes, &count)) in stage_planes.iter().zip(blocks).enumerate() {
-            let stride = if stage == 0 { 1 } else { 2 };
+            let stride = match stage {
+                0 => 1,
+                3 => last_stride,
+                _ => 2,
+            };
             let layer = (0..count)
                 .map(|i| {
                     let block = ResidualBlock::new(

@@ -426,6 +426,7 @@ mod tests {
             bottleneck: false,
             shakedrop: 0.0,
             num_classes: classes,
+            last_stride: 2,
         }
         .init(&mut StdRng::seed_from_u64(seed), &Device::flex())
         .unwrap()

@@ -47,6 +47,10 @@ fn default_output_dir() -> PathBuf {
 }
 
 /// `[model]`
+fn default_last_stride() -> usize {
+    2
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -63,6 +67,10 @@ pub struct ModelSection {
     /// ShakeDrop's drop probability at the last PyramidNet block (0 = off, 0.5 = the paper).
     #[serde(default)]
     pub shakedrop: f64,
+    /// The stride of an ImageNet ResNet's `layer4`: 2 (torchvision), or 1 for weakly-supervised
+    /// localization (a 14x14 last map at 224; the same weights load).
+    #[serde(default = "default_last_stride")]
+    pub last_stride: usize,
     /// Optional weights to start from: safetensors (PyTorch names), a PyTorch checkpoint
     /// (`.pth`, `.pth.tar`) or a burnpack (`.bpk`) of this project.
     #[serde(default)]
@@ -418,6 +426,7 @@ impl Config {
             bottleneck: self.model.bottleneck,
             shakedrop: self.model.shakedrop,
             num_classes: self.model.num_classes,
+            last_stride: self.model.last_stride,
         })
     }
 
@@ -429,6 +438,7 @@ impl Config {
                 cutmix_models::ModelError::InvalidDepth { .. } => "model.depth",
                 cutmix_models::ModelError::InvalidAlpha(_) => "model.alpha",
                 cutmix_models::ModelError::NoClasses => "model.num_classes",
+                cutmix_models::ModelError::InvalidLastStride(_) => "model.last_stride",
                 cutmix_models::ModelError::InvalidShakeDrop(_) => "model.shakedrop",
             };
             anyhow!("config key {key}: {e}")

@@ -43,6 +43,7 @@ fn resnet8(seed: u64, device: &Device) -> cutmix_models::Model {
         bottleneck: false,
         shakedrop: 0.0,
         num_classes: 10,
+        last_stride: 2,
     }
     .init(&mut StdRng::seed_from_u64(seed), device)
     .unwrap()
@@ -1992,6 +1993,7 @@ fn two_sgd_steps_equal_pytorchs() {
             bottleneck: arch == Arch::PyramidNet,
             shakedrop: 0.0,
             num_classes: 10,
+            last_stride: 2,
         };
         let (_, fixture) = cutmix_models::read_weights(&fixtures.join(file)).unwrap();
         for device in [Device::flex(), Device::wgpu(DeviceKind::Cpu)] {

@@ -147,6 +147,7 @@ fn main() {
         bottleneck: false,
         shakedrop: 0.0,
         num_classes: 100,
+        last_stride: 2,
     };
     report("CIFAR ResNet-20", &cifar, [64, 3, 32, 32], 5);
     if !quick {
@@ -157,6 +158,7 @@ fn main() {
             bottleneck: true,
             shakedrop: 0.0,
             num_classes: 1000,
+            last_stride: 2,
         };
         report("ResNet-50", &resnet50, [16, 3, 224, 224], 2);
     }
