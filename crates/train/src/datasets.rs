@@ -218,8 +218,10 @@ pub struct ValImages {
     pub folder: Arc<ImageFolder>,
     pub order: Vec<usize>,
     pub loader: Loader,
-    /// The evaluation transform the loader applies.
+    /// The evaluation transform the loader applies, and its normalisation.
     pub transform: Transform,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
 /// [`ValImages`] of an `imagefolder` config (the analyses that need image files: boxes).
@@ -235,11 +237,13 @@ pub fn val_images_with_files(config: &Config) -> Result<ValImages> {
     let order = subset(config.seed, 1, folder.len(), config.data.val_limit)
         .unwrap_or_else(|| (0..folder.len()).collect());
     let loader = val_loader(config, folder.clone());
-    let (_, transform, ..) = transforms(config);
+    let (_, transform, mean, std) = transforms(config);
     Ok(ValImages {
         folder,
         order,
         loader,
         transform,
+        mean,
+        std,
     })
 }

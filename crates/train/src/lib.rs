@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cam_figure;
 pub mod checkpoint;
 pub mod config;
 pub mod datasets;

@@ -6,12 +6,13 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
 use rayon::prelude::*;
 
-use cutmix_analysis::boxes::PixelBox;
+use cutmix_analysis::boxes::{PixelBox, Select, boxes_from_map};
 use cutmix_analysis::cam;
 use cutmix_analysis::localization::{LocalizationSummary, LocalizationTally};
 use cutmix_data::BoxTable;
 use cutmix_models::Model;
 
+use crate::cam_figure::{CamRow, to_rgb};
 use crate::config::Config;
 use crate::datasets::{ValImages, val_images_with_files};
 use crate::trainer::images_tensor;
@@ -23,6 +24,8 @@ pub struct Options {
     pub threshold: f32,
     /// Spacing of MaxBoxAcc's threshold sweep in `[0, 1)`.
     pub sweep_step: f32,
+    /// How many of the first images to keep for a figure ([`crate::cam_figure`]).
+    pub figure_images: usize,
 }
 
 /// What a localization pass found.
@@ -30,6 +33,10 @@ pub struct Localization {
     pub summary: LocalizationSummary,
     /// Images with a ground-truth box that reached outside the evaluated crop (clipped to it).
     pub clipped: Vec<String>,
+    /// The first `figure_images` images, for [`crate::cam_figure::write`].
+    pub figure: Vec<CamRow>,
+    /// The side of the evaluated crop.
+    pub size: usize,
 }
 
 /// The boxes of image `name` (its path relative to the validation folder): looked up by that
@@ -72,11 +79,14 @@ pub fn localize(
         order,
         loader,
         transform,
+        mean,
+        std,
     } = val_images_with_files(config)?;
     let size = transform.size();
     let (weight, classes) = classifier_weight(model);
     let mut tally = LocalizationTally::new(options.threshold, options.sweep_step);
     let mut clipped = Vec::new();
+    let mut figure = Vec::new();
     let mut next = 0;
     for batch in loader.epoch(0) {
         let batch = batch?;
@@ -86,6 +96,14 @@ pub fn localize(
                 batch.skipped[0].path.display()
             );
         }
+        let pixels = 3 * size * size;
+        let wanted = options
+            .figure_images
+            .saturating_sub(figure.len())
+            .min(batch.len());
+        let shown: Vec<Vec<u8>> = (0..wanted)
+            .map(|i| to_rgb(&batch.images[i * pixels..(i + 1) * pixels], size, mean, std))
+            .collect();
         let (images, labels) = images_tensor(batch, device);
         let features = model.features(images);
         let [n, channels, h, w] = features.dims();
@@ -129,10 +147,26 @@ pub fn localize(
         for score in &scores {
             tally.add_score(score);
         }
+        for (image, (i, label, truth)) in shown.into_iter().zip(&images) {
+            let features = &features[i * plane..(i + 1) * plane];
+            let map = |class| cam::cam(features, [channels, h, w], &weight, class, [size, size]);
+            let truth_map = map(*label);
+            let found =
+                boxes_from_map(&truth_map, [size, size], options.threshold, Select::Largest);
+            figure.push(CamRow {
+                image,
+                predicted_map: map(predicted[*i] as usize),
+                truth_map,
+                truth: truth.clone(),
+                found: found.first().copied(),
+            });
+        }
     }
     Ok(Localization {
         summary: tally.summary(),
         clipped,
+        figure,
+        size,
     })
 }
 

@@ -405,8 +405,23 @@ fn localize_scores_class_activation_maps_against_box_files() {
     let boxes = out.path().join("boxes.txt");
     std::fs::write(&boxes, lines.join("\n")).unwrap();
     let boxes_arg = boxes.display().to_string();
-    let localized = run_tool(env!("CARGO_BIN_EXE_localize"), &["--boxes", &boxes_arg]);
+    let figure = out.path().join("cams.png");
+    let figure_arg = figure.display().to_string();
+    let localized = run_tool(
+        env!("CARGO_BIN_EXE_localize"),
+        &[
+            "--boxes",
+            &boxes_arg,
+            "--figure",
+            &figure_arg,
+            "--figure-images",
+            "3",
+        ],
+    );
     assert!(localized.status.success(), "{}", stderr(&localized));
+    // Three rows of three 128-pixel cells (32x32 crops drawn 4x) with 4-pixel gaps.
+    let png = image::open(&figure).expect("the figure is a PNG");
+    assert_eq!((png.width(), png.height()), (3 * 128 + 16, 3 * 132 + 4));
     let stdout = String::from_utf8_lossy(&localized.stdout).into_owned();
     assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
     let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();

@@ -15,6 +15,7 @@ use clap::Parser;
 
 use cutmix_data::{BoxTable, Stream, keyed_rng};
 use cutmix_train::backend;
+use cutmix_train::cam_figure;
 use cutmix_train::config::{BackendChoice, Config};
 use cutmix_train::localize::{Options, localize};
 use cutmix_train::weights;
@@ -46,6 +47,14 @@ struct Args {
     /// Spacing of MaxBoxAcc's threshold sweep over [0, 1).
     #[arg(long, default_value_t = 0.01)]
     sweep_step: f32,
+    /// Writes a PNG grid of the first validation images: the image with its ground-truth
+    /// boxes (green) and the box of its class's CAM (red), that CAM as a heat map, and the
+    /// predicted class's CAM.
+    #[arg(long, value_name = "FILE.png")]
+    figure: Option<PathBuf>,
+    /// Images in the figure.
+    #[arg(long, default_value_t = 8)]
+    figure_images: usize,
     /// Overrides any config key by its dotted path (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -88,15 +97,31 @@ fn run(args: Args) -> Result<()> {
         );
     }
     eprintln!("{}: {summary}", args.weights.display());
+    if args.figure.is_some() && args.figure_images == 0 {
+        bail!("--figure-images 0: a figure needs at least one image");
+    }
     let options = Options {
         threshold: args.threshold,
         sweep_step: args.sweep_step,
+        figure_images: if args.figure.is_some() {
+            args.figure_images
+        } else {
+            0
+        },
     };
     let found = localize(&model.valid(), &config, &table, options, &backend.device)?;
     if let Some(first) = found.clipped.first() {
         eprintln!(
             "warning: {} ground-truth box(es) clipped to the image or crop, e.g. {first}",
             found.clipped.len()
+        );
+    }
+    if let Some(path) = &args.figure {
+        cam_figure::write(path, &found.figure, found.size)?;
+        eprintln!(
+            "wrote {} image(s) with their CAMs to {}",
+            found.figure.len(),
+            path.display()
         );
     }
     let s = found.summary;

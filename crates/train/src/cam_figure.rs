@@ -1,0 +1,126 @@
+//! `localize --figure`: a grid of the first validation images, one row each: the image with its
+//! ground-truth boxes (green) and the box found in its ground-truth class's CAM (red), that CAM
+//! as a heat map over the image, and the predicted class's CAM the same way.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use cutmix_analysis::boxes::PixelBox;
+use image::{Rgb, RgbImage};
+
+use crate::checkpoint::write_atomically;
+
+/// One row of the figure.
+pub struct CamRow {
+    /// `[size, size, 3]` RGB, 0-255.
+    pub image: Vec<u8>,
+    /// The ground-truth class's normalised CAM, `[size, size]`.
+    pub truth_map: Vec<f32>,
+    /// The predicted class's normalised CAM, `[size, size]`.
+    pub predicted_map: Vec<f32>,
+    pub truth: Vec<PixelBox>,
+    /// The box of the ground-truth class's CAM at the threshold, if any.
+    pub found: Option<PixelBox>,
+}
+
+const GAP: u32 = 4;
+const GREEN: Rgb<u8> = Rgb([0, 200, 0]);
+const RED: Rgb<u8> = Rgb([230, 0, 0]);
+
+/// A normalised `[size, size, 3]` CHW image back to RGB bytes.
+pub fn to_rgb(chw: &[f32], size: usize, mean: [f32; 3], std: [f32; 3]) -> Vec<u8> {
+    let plane = size * size;
+    (0..plane)
+        .flat_map(|p| {
+            (0..3).map(move |c| {
+                ((chw[c * plane + p] * std[c] + mean[c]) * 255.0)
+                    .round()
+                    .clamp(0.0, 255.0) as u8
+            })
+        })
+        .collect()
+}
+
+/// The jet colour map, `v` in [0, 1].
+fn jet(v: f32) -> [f32; 3] {
+    let channel = |centre: f32| (1.5 - (4.0 * v - centre).abs()).clamp(0.0, 1.0);
+    [channel(3.0), channel(2.0), channel(1.0)]
+}
+
+/// Writes the grid to `path` (PNG), each cell `size * scale` pixels wide.
+pub fn write(path: &Path, rows: &[CamRow], size: usize) -> Result<()> {
+    let scale = (128 / size.max(1)).max(1) as u32;
+    let cell = size as u32 * scale;
+    let width = 3 * cell + 4 * GAP;
+    let height = rows.len() as u32 * (cell + GAP) + GAP;
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    for (r, row) in rows.iter().enumerate() {
+        let top = GAP + r as u32 * (cell + GAP);
+        let left = |column: u32| GAP + column * (cell + GAP);
+        let pixel = |x: usize, y: usize, map: Option<&[f32]>| {
+            let i = y * size + x;
+            let rgb = [0, 1, 2].map(|c| row.image[i * 3 + c] as f32 / 255.0);
+            let mixed = match map {
+                Some(map) => {
+                    let heat = jet(map[i]);
+                    [0, 1, 2].map(|c| 0.5 * rgb[c] + 0.5 * heat[c])
+                }
+                None => rgb,
+            };
+            Rgb(mixed.map(|v| (v * 255.0).round() as u8))
+        };
+        let maps = [
+            None,
+            Some(row.truth_map.as_slice()),
+            Some(row.predicted_map.as_slice()),
+        ];
+        for (column, map) in maps.into_iter().enumerate() {
+            for y in 0..cell {
+                for x in 0..cell {
+                    let p = pixel((x / scale) as usize, (y / scale) as usize, map);
+                    canvas.put_pixel(left(column as u32) + x, top + y, p);
+                }
+            }
+        }
+        for b in &row.truth {
+            outline(&mut canvas, *b, (left(0), top), scale, GREEN);
+        }
+        if let Some(b) = row.found {
+            outline(&mut canvas, b, (left(0), top), scale, RED);
+        }
+    }
+    let mut png = Vec::new();
+    canvas
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("encoding the CAM figure")?;
+    write_atomically(path, &png)
+}
+
+/// A 2-pixel outline of `b` (crop pixels) on the cell at `origin`.
+fn outline(
+    canvas: &mut RgbImage,
+    b: PixelBox,
+    (left, top): (u32, u32),
+    scale: u32,
+    colour: Rgb<u8>,
+) {
+    let to = |v: f32| (v.max(0.0) as u32) * scale;
+    let (x0, y0) = (left + to(b.x0), top + to(b.y0));
+    let (x1, y1) = (left + to(b.x1) + scale - 1, top + to(b.y1) + scale - 1);
+    for t in 0..2u32 {
+        for x in x0..=x1 {
+            for y in [y0 + t, y1.saturating_sub(t)] {
+                if x < canvas.width() && y < canvas.height() {
+                    canvas.put_pixel(x, y, colour);
+                }
+            }
+        }
+        for y in y0..=y1 {
+            for x in [x0 + t, x1.saturating_sub(t)] {
+                if x < canvas.width() && y < canvas.height() {
+                    canvas.put_pixel(x, y, colour);
+                }
+            }
+        }
+    }
+}
