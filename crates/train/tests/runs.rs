@@ -2131,3 +2131,145 @@ fn a_wgpu_run_reports_its_warm_up_and_keeps_the_kernel_cache_per_user() {
     let entries = std::fs::read_dir(&folder).map(|d| d.count()).unwrap_or(0);
     assert!(entries > 0, "nothing cached in {}", folder.display());
 }
+
+/// Composite localization images from the shipped real photos: each a 64x64 canvas of another
+/// photo (upscaled 2x, dimmed), with a photo of the class pasted at a random place and size
+/// (20-32 pixels); written as an image folder under `root/<split>/<class>/`, the boxes as
+/// `<class>/<file> x0 y0 x1 y1` lines. Returns the boxes file.
+fn pasted_localization_set(root: &Path, split: &str, per_class: usize, seed: u64) -> PathBuf {
+    use image::imageops::{FilterType, resize};
+    use rand::RngExt;
+    let source = mini().join(split);
+    let mut classes: Vec<_> = std::fs::read_dir(&source).unwrap().flatten().collect();
+    classes.sort_by_key(|e| e.file_name());
+    let photos: Vec<Vec<PathBuf>> = classes
+        .iter()
+        .map(|class| {
+            let mut files: Vec<_> = std::fs::read_dir(class.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            files.sort();
+            files
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut lines = Vec::new();
+    for (c, class) in classes.iter().enumerate() {
+        let dir = root.join(split).join(class.file_name());
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, object) in photos[c].iter().take(per_class).enumerate() {
+            let other = &photos[(c + 1 + i % (classes.len() - 1)) % classes.len()];
+            let background = image::open(&other[(i * 7) % other.len()])
+                .unwrap()
+                .to_rgb8();
+            let mut canvas = resize(&background, 64, 64, FilterType::Triangle);
+            canvas
+                .pixels_mut()
+                .for_each(|p| p.0 = p.0.map(|v| (v as f32 * 0.35 + 40.0) as u8));
+            let side = rng.random_range(20..=32u32);
+            let pasted = resize(
+                &image::open(object).unwrap().to_rgb8(),
+                side,
+                side,
+                FilterType::Triangle,
+            );
+            let (x, y) = (
+                rng.random_range(0..=64 - side),
+                rng.random_range(0..=64 - side),
+            );
+            image::imageops::overlay(&mut canvas, &pasted, x as i64, y as i64);
+            let name = format!("{i:04}.png");
+            canvas.save(dir.join(&name)).unwrap();
+            let class = class.file_name().to_string_lossy().into_owned();
+            lines.push(format!(
+                "{class}/{name} {x} {y} {} {}",
+                x + side - 1,
+                y + side - 1
+            ));
+        }
+    }
+    let boxes = root.join(format!("{split}_boxes.txt"));
+    std::fs::write(&boxes, lines.join("\n")).unwrap();
+    boxes
+}
+
+/// Real photos pasted at random places onto other photos: a small network trained on them for
+/// a few epochs finds the objects with its class activation maps far more often than a fixed
+/// box of the mean size at the centre does (MaxBoxAcc, the threshold chosen by the sweep; at
+/// the paper's fixed 0.15 too, by less: such a weak network's maps are wide).
+#[test]
+fn cams_of_a_trained_network_find_pasted_real_objects() {
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("pasted");
+    pasted_localization_set(&data, "train", 120, 1);
+    let val_boxes = pasted_localization_set(&data, "val", 30, 2);
+    let config = repo().join("configs/quickstart.toml");
+    let sets: Vec<String> = [
+        format!("output_dir={}", out.path().display()),
+        format!("data.root={}", data.display()),
+        "backend=flex".into(),
+        "model.depth=8".into(),
+        "data.image_size=64".into(),
+        "train.epochs=6".into(),
+        "train.batch_size=32".into(),
+        "augment.method=none".into(),
+    ]
+    .into();
+    let output = train(&config, &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let weights = out.path().join("quickstart/checkpoints/last/model.bpk");
+    let mut args = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--weights".into(),
+        weights.display().to_string(),
+        "--boxes".into(),
+        val_boxes.display().to_string(),
+    ];
+    args.extend(with_sets(&sets));
+    let localized = command(env!("CARGO_BIN_EXE_localize"), &args);
+    assert!(localized.status.success(), "{}", stderr(&localized));
+    let found: serde_json::Value = serde_json::from_slice(&localized.stdout).unwrap();
+
+    // The fixed-box baseline: the mean box, centred, against every image's box.
+    let boxes: Vec<[f32; 4]> = std::fs::read_to_string(&val_boxes)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Vec<f32> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|f| f.parse().unwrap())
+                .collect();
+            [v[0], v[1], v[2], v[3]]
+        })
+        .collect();
+    let side = boxes.iter().map(|b| b[2] - b[0] + 1.0).sum::<f32>() / boxes.len() as f32;
+    let start = (64.0 - side) / 2.0;
+    let centre =
+        cutmix_analysis::boxes::PixelBox::new(start, start, start + side - 1.0, start + side - 1.0);
+    let hits = boxes
+        .iter()
+        .filter(|b| {
+            centre.iou(&cutmix_analysis::boxes::PixelBox::new(
+                b[0], b[1], b[2], b[3],
+            )) >= 0.5
+        })
+        .count();
+    let baseline = 100.0 * hits as f64 / boxes.len() as f64;
+    let at_best = found["max_box_acc"].as_f64().unwrap();
+    let at_paper = found["gt_known_loc"].as_f64().unwrap();
+    eprintln!("pasted objects: {found}; centre-box baseline {baseline:.1}%");
+    // Measured here (AMD EPYC): MaxBoxAcc 49.7% at threshold 0.39, GT-known 28.0% at the
+    // paper's 0.15, the centre box 11.3%; top-1 classification 22% after 6 short epochs.
+    assert!(
+        at_best >= 2.5 * baseline && at_best >= baseline + 25.0,
+        "CAM boxes at the best threshold {at_best}% vs the centre box {baseline}%: {found}"
+    );
+    assert!(
+        at_paper > baseline,
+        "CAM boxes at 0.15: {at_paper}% vs {baseline}%: {found}"
+    );
+}
