@@ -11,7 +11,7 @@ use cutmix_augment::{CutMix, Mixing, Mode, Partner};
 use cutmix_models::{Model, ModelConfig, Variant};
 
 use crate::config::TrainSection;
-use crate::trainer::{apply_step, loss_and_grads, sgd};
+use crate::trainer::{Update, apply_step, loss_and_grads, sgd};
 
 /// A benchmarked network: its name, description, input side and batch on each kind of device.
 pub struct BenchModel {
@@ -149,7 +149,12 @@ impl StepBench {
         let model = self.model.take().expect("the model is in place");
         let logits = model.forward_train(mixed.images, &mut self.rng);
         let (grads, loss) = loss_and_grads(&model, logits, mixed.targets, 1.0);
-        self.model = Some(apply_step(model, &mut self.optimizer, grads, 0.1, 0.0));
+        self.model = Some(apply_step(
+            model,
+            &mut self.optimizer,
+            grads,
+            Update::plain(0.1),
+        ));
         loss
     }
 }

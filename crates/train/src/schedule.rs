@@ -44,6 +44,7 @@ mod tests {
             label_smoothing: 0.0,
             decay_bn_and_bias: true,
             clip_grad_norm: 0.0,
+            classifier_lr: 0.0,
             accumulate: 1,
             ema_decay: 0.0,
             log_every: 20,

@@ -13,7 +13,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use cutmix_data::{Shard, Stream, keyed_rng};
 use cutmix_train::config::Config;
-use cutmix_train::trainer::{apply_step, loss_and_grads, sgd};
+use cutmix_train::trainer::{Update, apply_step, loss_and_grads, sgd};
 
 mod common;
 use common::{floats, metrics, repo, wait_for_state};
@@ -211,7 +211,7 @@ fn two_ranks_step_as_one_process_on_the_mean_of_their_gradients_and_stay_identic
     let mean: Vec<f32> = g0.iter().zip(&g1).map(|(a, b)| (a + b) * 0.5).collect();
     let grads = as_gradients(&model, &mean);
     let lr = cutmix_train::schedule::learning_rate(&config.train, 0, 0, 1);
-    let stepped = apply_step(model, &mut sgd(&config.train), grads, lr, 0.0);
+    let stepped = apply_step(model, &mut sgd(&config.train), grads, Update::plain(lr));
     let expected = floats(&stepped.valid());
     let found = checkpoint_model(&config, &checkpoint);
     assert_eq!(expected.len(), found.len());

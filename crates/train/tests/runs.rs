@@ -2273,3 +2273,72 @@ fn cams_of_a_trained_network_find_pasted_real_objects() {
         "CAM boxes at 0.15: {at_paper}% vs {baseline}%: {found}"
     );
 }
+
+/// `train.classifier_lr`: one SGD step (momentum, Nesterov, weight decay) moves the classifier
+/// exactly as a step at that learning rate moves it, and everything else as a step at `lr`.
+#[test]
+fn the_classifier_takes_its_own_learning_rate() {
+    use burn::tensor::{Distribution, Tensor};
+    use cutmix_train::trainer::{Update, apply_step, loss_and_grads};
+
+    let device = Device::flex().autodiff();
+    let images = Tensor::<4>::random([6, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+    let targets = Tensor::<2>::from_data(
+        burn::tensor::TensorData::new(
+            (0..60)
+                .map(|i| if i % 10 == (i / 10) % 10 { 1.0f32 } else { 0.0 })
+                .collect(),
+            [6, 10],
+        ),
+        &device,
+    );
+    let step = |text: &str| {
+        let section: TrainSection = toml::from_str(text).unwrap();
+        let model = resnet8(7, &device);
+        let (grads, _) =
+            loss_and_grads(&model, model.forward(images.clone()), targets.clone(), 1.0);
+        let update = Update {
+            lr: section.lr,
+            clip: 0.0,
+            classifier_scale: section.classifier_scale(),
+        };
+        apply_step(model, &mut sgd(&section), grads, update)
+    };
+    let common = "epochs = 1\nbatch_size = 6\nweight_decay = 5e-4\nnesterov = true\n";
+    let split = step(&format!("{common}lr = 0.1\nclassifier_lr = 1.0"));
+    let fast = step(&format!("{common}lr = 1.0"));
+    let slow = step(&format!("{common}lr = 0.1"));
+    let fc = |m: &cutmix_models::Model| {
+        let fc = m.classifier();
+        let mut v = fc
+            .weight
+            .val()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        v.extend(
+            fc.bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        );
+        v
+    };
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
+    };
+    assert!(
+        close(&fc(&split), &fc(&fast)),
+        "the classifier moved as at lr 1.0"
+    );
+    assert!(!close(&fc(&split), &fc(&slow)), "and not as at lr 0.1");
+    // The first convolution (432 values, first in the visit order) moved as at lr 0.1.
+    let (body, body_slow, body_fast) = (floats(&split), floats(&slow), floats(&fast));
+    assert!(close(&body[..432], &body_slow[..432]));
+    assert!(!close(&body[..432], &body_fast[..432]));
+}

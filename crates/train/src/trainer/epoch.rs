@@ -20,7 +20,7 @@ use super::batches::{DeviceBatch, Uploads};
 use super::progress::{PlainProgress, duration, progress_bar};
 use super::state::RunState;
 use super::stats::{DeviceTally, NonFinite, batch_stats};
-use super::step::{loss_and_grads, mixed_forward};
+use super::step::{Update, loss_and_grads, mixed_forward};
 use super::{Setup, StopFlag, StopReason};
 use crate::config::TrainSection;
 use crate::metrics::Tally;
@@ -343,7 +343,13 @@ impl Accumulation {
     fn step(&mut self, run: &mut RunState, setup: &Setup) {
         let mut grads = self.grads.grads();
         setup.world.average_gradients(run.model(), &mut grads);
-        run.optimizer_step(grads, self.lr, setup.config.train.clip_grad_norm);
+        let train = &setup.config.train;
+        let update = Update {
+            lr: self.lr,
+            clip: train.clip_grad_norm,
+            classifier_scale: train.classifier_scale(),
+        };
+        run.optimizer_step(grads, update);
         self.pending = 0;
     }
 }

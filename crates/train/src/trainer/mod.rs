@@ -30,7 +30,7 @@ pub use epoch::evaluate;
 pub use run::train;
 pub use stats::{DeviceTally, batch_stats, host_reads};
 pub use step::{
-    StepOutput, apply_step, backward, clip_global_norm, images_tensor, loss_and_grads,
+    StepOutput, Update, apply_step, backward, clip_global_norm, images_tensor, loss_and_grads,
     mixed_forward, mixing, sgd, train_step,
 };
 

@@ -10,7 +10,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 
 use cutmix_models::{LoadSummary, Model};
 
-use super::step::{apply_step, sgd};
+use super::step::{Update, apply_step, sgd};
 use super::{RunSummary, Setup};
 use crate::checkpoint::{self, RunLock, TrainState};
 use crate::config::Config;
@@ -228,9 +228,9 @@ impl RunState {
 
     /// One optimiser step with `grads` (their global norm clipped to `clip` first, 0 = no
     /// clip), counted, and the moving average moved after it.
-    pub fn optimizer_step(&mut self, grads: GradientsParams, lr: f64, clip: f64) {
+    pub fn optimizer_step(&mut self, grads: GradientsParams, update: Update) {
         let model = self.model.take().expect("the model is in place");
-        let model = apply_step(model, &mut self.optimizer, grads, lr, clip);
+        let model = apply_step(model, &mut self.optimizer, grads, update);
         self.step += 1;
         if let Some(ema) = &mut self.ema {
             ema.update(&model);

@@ -34,12 +34,57 @@ pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
                 penalty: weight_decay as f32,
             }))
     };
-    let optimizer = config(train.weight_decay).init();
-    if train.decay_bn_and_bias || train.weight_decay == 0.0 {
-        return optimizer;
+    let mut optimizer = config(train.weight_decay).init();
+    let filtered = !train.decay_bn_and_bias && train.weight_decay > 0.0;
+    if filtered {
+        let no_decay = ParamGroup::from_regex(NO_DECAY).expect("a valid pattern");
+        optimizer = optimizer.with_group(no_decay, config(0.0).build(), None);
     }
-    let no_decay = ParamGroup::from_regex(NO_DECAY).expect("a valid pattern");
-    optimizer.with_group(no_decay, config(0.0).build(), None)
+    let scale = train.classifier_scale();
+    if scale != 1.0 {
+        // With the classifier's gradients scaled by `scale` (`apply_step`) and its weight decay
+        // too, SGD's momentum buffer is `scale` times the unscaled one, so each step moves the
+        // classifier by `scale * lr` times what it would: its own learning rate, exactly.
+        let group = |name: &str| ParamGroup::from_regex(name).expect("a valid pattern");
+        let bias_decay = if filtered { 0.0 } else { train.weight_decay };
+        optimizer = optimizer
+            .with_group(
+                group(CLASSIFIER_WEIGHT),
+                config(train.weight_decay * scale).build(),
+                None,
+            )
+            .with_group(
+                group(CLASSIFIER_BIAS),
+                config(bias_decay * scale).build(),
+                None,
+            );
+    }
+    optimizer
+}
+
+/// The classifier's parameters (torchvision's `fc`).
+const CLASSIFIER_WEIGHT: &str = r"(^|\.)fc\.weight$";
+const CLASSIFIER_BIAS: &str = r"(^|\.)fc\.bias$";
+
+/// What one optimiser step applies besides the gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct Update {
+    pub lr: f64,
+    /// Clip the gradients' global norm to this first (0 = no clip).
+    pub clip: f64,
+    /// The classifier's learning rate over `lr` ([`TrainSection::classifier_scale`]).
+    pub classifier_scale: f64,
+}
+
+impl Update {
+    /// A step at `lr`, no clipping, one learning rate for everything.
+    pub fn plain(lr: f64) -> Self {
+        Self {
+            lr,
+            clip: 0.0,
+            classifier_scale: 1.0,
+        }
+    }
 }
 
 /// The `[augment]` section as a mixing method.
@@ -135,18 +180,31 @@ pub fn backward(
     (grads, output)
 }
 
-/// One optimiser step with `grads`, their global norm clipped to `clip` first (0 = no clip).
+/// One optimiser step with `grads`: their global norm clipped first when `update.clip` is set,
+/// then the classifier's scaled by `update.classifier_scale` (its own learning rate, with the
+/// optimiser [`sgd`] built).
 pub fn apply_step(
     model: Model,
     optimizer: &mut ModuleOptimizer,
     mut grads: GradientsParams,
-    lr: f64,
-    clip: f64,
+    update: Update,
 ) -> Model {
-    if clip > 0.0 {
-        clip_global_norm(&model, &mut grads, clip);
+    if update.clip > 0.0 {
+        clip_global_norm(&model, &mut grads, update.clip);
     }
-    optimizer.step(lr, model, grads)
+    if update.classifier_scale != 1.0 {
+        let fc = model.classifier();
+        let scale = update.classifier_scale as f32;
+        if let Some(grad) = grads.remove::<2>(fc.weight.id) {
+            grads.register(fc.weight.id, grad.mul_scalar(scale));
+        }
+        if let Some(bias) = &fc.bias
+            && let Some(grad) = grads.remove::<1>(bias.id)
+        {
+            grads.register(bias.id, grad.mul_scalar(scale));
+        }
+    }
+    optimizer.step(update.lr, model, grads)
 }
 
 /// One training step on one batch: backward, then the optimiser, with the loss and logits read
@@ -159,7 +217,7 @@ pub fn train_step(
     lr: f64,
 ) -> (Model, StepOutput) {
     let (grads, out) = backward(&model, logits, targets, 1.0);
-    (apply_step(model, optimizer, grads, lr, 0.0), out)
+    (apply_step(model, optimizer, grads, Update::plain(lr)), out)
 }
 
 /// Scales every gradient by `min(1, max_norm / (norm + 1e-6))`, `norm` being the L2 norm of all
