@@ -1,6 +1,7 @@
 //! `localize --figure`: a grid of the first validation images, one row each: the image with its
 //! ground-truth boxes (green) and the box found in its ground-truth class's CAM (red), that CAM
-//! as a heat map over the image, and the predicted class's CAM the same way.
+//! as a heat map over the image, and the predicted class's CAM the same way; with several
+//! weight files, each one's ground-truth-class CAM and box side by side (the paper's Figure 1).
 
 use std::path::Path;
 
@@ -47,46 +48,83 @@ fn jet(v: f32) -> [f32; 3] {
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
-/// Writes the grid to `path` (PNG), each cell `size * scale` pixels wide.
-pub fn write(path: &Path, rows: &[CamRow], size: usize) -> Result<()> {
+/// One cell of the grid: an image, optionally with a CAM over it, and boxes to outline.
+struct Cell<'a> {
+    map: Option<&'a [f32]>,
+    boxes: Vec<(PixelBox, Rgb<u8>)>,
+}
+
+/// Writes the grid to `path` (PNG), each cell `size * scale` pixels wide. With one model
+/// (`models.len() == 1`) a row is the image with its boxes, the ground-truth class's CAM and
+/// the predicted class's CAM; with several (the paper's Figure 1), the image with its
+/// ground-truth boxes, then each model's ground-truth-class CAM with the box found in it. Every
+/// model's rows are of the same images.
+pub fn write(path: &Path, models: &[Vec<CamRow>], size: usize) -> Result<()> {
+    let rows = models.first().map_or(0, Vec::len);
+    let columns = if models.len() == 1 {
+        3
+    } else {
+        1 + models.len()
+    };
     let scale = (128 / size.max(1)).max(1) as u32;
     let cell = size as u32 * scale;
-    let width = 3 * cell + 4 * GAP;
-    let height = rows.len() as u32 * (cell + GAP) + GAP;
+    let width = columns as u32 * (cell + GAP) + GAP;
+    let height = rows as u32 * (cell + GAP) + GAP;
     let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    for (r, row) in rows.iter().enumerate() {
-        let top = GAP + r as u32 * (cell + GAP);
-        let left = |column: u32| GAP + column * (cell + GAP);
-        let pixel = |x: usize, y: usize, map: Option<&[f32]>| {
-            let i = y * size + x;
-            let rgb = [0, 1, 2].map(|c| row.image[i * 3 + c] as f32 / 255.0);
-            let mixed = match map {
-                Some(map) => {
-                    let heat = jet(map[i]);
-                    [0, 1, 2].map(|c| 0.5 * rgb[c] + 0.5 * heat[c])
-                }
-                None => rgb,
-            };
-            Rgb(mixed.map(|v| (v * 255.0).round() as u8))
+    for r in 0..rows {
+        let row = &models[0][r];
+        let truth: Vec<_> = row.truth.iter().map(|&b| (b, GREEN)).collect();
+        let found = |m: &CamRow| m.found.map(|b| (b, RED));
+        let cells: Vec<Cell> = if models.len() == 1 {
+            vec![
+                Cell {
+                    map: None,
+                    boxes: truth.iter().copied().chain(found(row)).collect(),
+                },
+                Cell {
+                    map: Some(&row.truth_map),
+                    boxes: Vec::new(),
+                },
+                Cell {
+                    map: Some(&row.predicted_map),
+                    boxes: Vec::new(),
+                },
+            ]
+        } else {
+            std::iter::once(Cell {
+                map: None,
+                boxes: truth.clone(),
+            })
+            .chain(models.iter().map(|m| Cell {
+                map: Some(&m[r].truth_map),
+                boxes: truth.iter().copied().chain(found(&m[r])).collect(),
+            }))
+            .collect()
         };
-        let maps = [
-            None,
-            Some(row.truth_map.as_slice()),
-            Some(row.predicted_map.as_slice()),
-        ];
-        for (column, map) in maps.into_iter().enumerate() {
+        let top = GAP + r as u32 * (cell + GAP);
+        for (column, c) in cells.iter().enumerate() {
+            let left = GAP + column as u32 * (cell + GAP);
             for y in 0..cell {
                 for x in 0..cell {
-                    let p = pixel((x / scale) as usize, (y / scale) as usize, map);
-                    canvas.put_pixel(left(column as u32) + x, top + y, p);
+                    let i = (y / scale) as usize * size + (x / scale) as usize;
+                    let rgb = [0, 1, 2].map(|k| row.image[i * 3 + k] as f32 / 255.0);
+                    let mixed = match c.map {
+                        Some(map) => {
+                            let heat = jet(map[i]);
+                            [0, 1, 2].map(|k| 0.5 * rgb[k] + 0.5 * heat[k])
+                        }
+                        None => rgb,
+                    };
+                    canvas.put_pixel(
+                        left + x,
+                        top + y,
+                        Rgb(mixed.map(|v| (v * 255.0).round() as u8)),
+                    );
                 }
             }
-        }
-        for b in &row.truth {
-            outline(&mut canvas, *b, (left(0), top), scale, GREEN);
-        }
-        if let Some(b) = row.found {
-            outline(&mut canvas, b, (left(0), top), scale, RED);
+            for &(b, colour) in &c.boxes {
+                outline(&mut canvas, b, (left, top), scale, colour);
+            }
         }
     }
     let mut png = Vec::new();

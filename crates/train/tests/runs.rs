@@ -422,6 +422,27 @@ fn localize_scores_class_activation_maps_against_box_files() {
     // Three rows of three 128-pixel cells (32x32 crops drawn 4x) with 4-pixel gaps.
     let png = image::open(&figure).expect("the figure is a PNG");
     assert_eq!((png.width(), png.height()), (3 * 128 + 16, 3 * 132 + 4));
+    // Several weight files: a JSON line each, their CAMs side by side after the image.
+    let weights_arg = weights.display().to_string();
+    let compared = run_tool(
+        env!("CARGO_BIN_EXE_localize"),
+        &[
+            "--boxes",
+            &boxes_arg,
+            "--figure",
+            &figure_arg,
+            "--figure-images",
+            "2",
+            "--weights",
+            &weights_arg,
+            "--weights",
+            &weights_arg,
+        ],
+    );
+    assert!(compared.status.success(), "{}", stderr(&compared));
+    assert_eq!(String::from_utf8_lossy(&compared.stdout).lines().count(), 3);
+    let png = image::open(&figure).expect("the figure is a PNG");
+    assert_eq!((png.width(), png.height()), (4 * 132 + 4, 2 * 132 + 4));
     let stdout = String::from_utf8_lossy(&localized.stdout).into_owned();
     assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
     let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();

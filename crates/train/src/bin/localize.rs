@@ -2,9 +2,9 @@
 //! folder against ground-truth boxes, as the paper's Table 9 measures it: the class
 //! activation map (CAM) of each image's ground-truth class, upsampled to the crop, min-max
 //! normalised, thresholded at `--threshold` of its maximum (the paper: 0.15), the largest
-//! 8-connected component's box, IoU >= 0.5 with a ground-truth box. Prints one JSON line:
-//! `{"images", "threshold", "top1_cls", "top1_loc", "gt_known_loc", "max_box_acc",
-//! "max_box_acc_threshold", "max_box_acc_v2"}` (percent).
+//! 8-connected component's box, IoU >= 0.5 with a ground-truth box. Prints one JSON line per
+//! weights file: `{"weights", "images", "threshold", "top1_cls", "top1_loc", "gt_known_loc",
+//! "max_box_acc", "max_box_acc_threshold", "max_box_acc_v2"}` (percent).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,9 +27,10 @@ struct Args {
     /// The recipe whose model and validation folder to use (`data.dataset = "imagefolder"`).
     #[arg(long)]
     config: PathBuf,
-    /// Weights: safetensors or PyTorch (PyTorch names), or a run's model.bpk.
-    #[arg(long)]
-    weights: PathBuf,
+    /// Weights: safetensors or PyTorch (PyTorch names), or a run's model.bpk. Repeat it to
+    /// compare several (one JSON line each; their CAMs side by side in --figure).
+    #[arg(long, required = true)]
+    weights: Vec<PathBuf>,
     /// Ground-truth boxes, one `<image> x0 y0 x1 y1` per line (inclusive pixel corners of the
     /// original image; `<image>` its path under val/, its file name, or its name without the
     /// extension).
@@ -85,18 +86,6 @@ fn run(args: Args) -> Result<()> {
         config.backend = backend;
     }
     let backend = backend::select(config.backend)?;
-    let model_config = config.model_config()?;
-    let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
-    let model = model_config.init(&mut rng, &backend.device)?;
-    let (model, summary) = weights::load(model, &args.weights)?;
-    if !summary.reinitialised.is_empty() {
-        bail!(
-            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
-            args.weights.display(),
-            model_config.num_classes
-        );
-    }
-    eprintln!("{}: {summary}", args.weights.display());
     if args.figure.is_some() && args.figure_images == 0 {
         bail!("--figure-images 0: a figure needs at least one image");
     }
@@ -109,34 +98,69 @@ fn run(args: Args) -> Result<()> {
             0
         },
     };
-    let found = localize(&model.valid(), &config, &table, options, &backend.device)?;
-    if let Some(first) = found.clipped.first() {
-        eprintln!(
-            "warning: {} ground-truth box(es) clipped to the image or crop, e.g. {first}",
-            found.clipped.len()
-        );
+    let mut figures = Vec::new();
+    let mut size = 0;
+    for (number, path) in args.weights.iter().enumerate() {
+        let model = load_model(&config, &backend.device, path)?;
+        let found = localize(&model.valid(), &config, &table, options, &backend.device)?;
+        if let Some(first) = found.clipped.first().filter(|_| number == 0) {
+            eprintln!(
+                "warning: {} ground-truth box(es) clipped to the image or crop, e.g. {first}",
+                found.clipped.len()
+            );
+        }
+        let s = found.summary;
+        let line = serde_json::json!({
+            "weights": path.display().to_string(),
+            "images": s.images,
+            "threshold": (s.threshold as f64 * 1e6).round() / 1e6,
+            "top1_cls": round2(s.top1_cls),
+            "top1_loc": round2(s.top1_loc),
+            "gt_known_loc": round2(s.gt_known_loc),
+            "max_box_acc": round2(s.max_box_acc),
+            "max_box_acc_threshold": round2(s.max_box_acc_threshold as f64),
+            "max_box_acc_v2": round2(s.max_box_acc_v2),
+        });
+        println!("{line}");
+        figures.push(found.figure);
+        size = found.size;
     }
     if let Some(path) = &args.figure {
-        cam_figure::write(path, &found.figure, found.size)?;
+        cam_figure::write(path, &figures, size)?;
         eprintln!(
-            "wrote {} image(s) with their CAMs to {}",
-            found.figure.len(),
+            "wrote {} image(s) with the CAMs of {} weight file(s) to {}",
+            figures[0].len(),
+            figures.len(),
             path.display()
         );
     }
-    let s = found.summary;
-    println!(
-        "{{\"images\":{},\"threshold\":{},\"top1_cls\":{:.2},\"top1_loc\":{:.2},\"gt_known_loc\":{:.2},\"max_box_acc\":{:.2},\"max_box_acc_threshold\":{:.2},\"max_box_acc_v2\":{:.2}}}",
-        s.images,
-        s.threshold,
-        s.top1_cls,
-        s.top1_loc,
-        s.gt_known_loc,
-        s.max_box_acc,
-        s.max_box_acc_threshold,
-        s.max_box_acc_v2
-    );
     Ok(())
+}
+
+/// Percent with two decimals, as the other tools print them.
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The config's model with the weights of `path`, whose classifier must fit the config.
+fn load_model(
+    config: &Config,
+    device: &burn::tensor::Device,
+    path: &std::path::Path,
+) -> Result<cutmix_models::Model> {
+    let model_config = config.model_config()?;
+    let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
+    let model = model_config.init(&mut rng, device)?;
+    let (model, summary) = weights::load(model, path)?;
+    if !summary.reinitialised.is_empty() {
+        bail!(
+            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
+            path.display(),
+            model_config.num_classes
+        );
+    }
+    eprintln!("{}: {summary}", path.display());
+    Ok(model)
 }
 
 fn main() -> ExitCode {
