@@ -60,6 +60,12 @@ const TILE_FLOATS: usize = 1 << 18;
 const CHUNK_FLOATS: usize = 1 << 17;
 
 impl ConvShape {
+    /// Whether [`unfold_rows`] and [`fold`] go through a zero-padded copy (stride 1, no
+    /// dilation, a kernel wider than one pixel) rather than clipping each tap.
+    fn unfolds_padded(&self) -> bool {
+        self.stride == [1, 1] && self.dilation == [1, 1] && self.kernel != [1, 1]
+    }
+
     /// Whether `cols` is the input itself (1x1, stride 1, no padding).
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1]
@@ -378,7 +384,7 @@ fn unfold_rows(
     column: usize,
     output_rows: std::ops::Range<usize>,
 ) {
-    if s.stride == [1, 1] && s.dilation == [1, 1] && s.kernel != [1, 1] {
+    if s.unfolds_padded() {
         PADDED.with_borrow_mut(|padded| {
             unfold_rows_padded(image, s, padded, (cols, depth, column), output_rows)
         });
@@ -505,7 +511,7 @@ fn unfold_rows_clipped(
 /// Adds one image's unfolded gradient `dcols` (`[in_channels * kh * kw, oh * ow]`) back into
 /// its input gradient `dx` (`[in_channels, h, w]`): the transpose of [`unfold`].
 fn fold(dcols: &[f32], s: ConvShape, dx: &mut [f32]) {
-    if s.stride == [1, 1] && s.dilation == [1, 1] && s.kernel != [1, 1] {
+    if s.unfolds_padded() {
         PADDED.with_borrow_mut(|padded| fold_padded(dcols, s, padded, dx));
     } else {
         fold_clipped(dcols, s, dx);

@@ -35,6 +35,11 @@ fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// Flex's own ReLU of `tensor` when `relu` is set (the fallbacks for other dtypes).
+fn relu_if(relu: bool, tensor: FlexTensor) -> FlexTensor {
+    if relu { Flex::relu(tensor) } else { tensor }
+}
+
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
 }
@@ -49,12 +54,7 @@ impl CpuKernels for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         if !all_f32(&[&x, &gamma, &beta]) {
             let out = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
-            let output = if relu {
-                Flex::relu(out.output)
-            } else {
-                out.output
-            };
-            return (output, out.mean, out.variance);
+            return (relu_if(relu, out.output), out.mean, out.variance);
         }
         let dims = x.shape().to_vec();
         let planes = Planes::from_dims(&dims);
@@ -109,7 +109,7 @@ impl CpuKernels for Flex {
         if !all_f32(&[&x, &gamma, &beta, &mean, &variance]) {
             let out =
                 <Flex as ModuleOps<Flex>>::batch_norm(x, gamma, beta, mean, variance, epsilon);
-            return if relu { Flex::relu(out) } else { out };
+            return relu_if(relu, out);
         }
         let planes = Planes::from_dims(&x.shape().to_vec());
         let [gamma, beta, mean, variance] = [gamma, beta, mean, variance].map(contiguous);
@@ -128,7 +128,7 @@ impl CpuKernels for Flex {
         }
         let dims = x.shape().to_vec();
         let x = contiguous(x);
-        let mut out = vec![0f32; planes.batch * planes.channels * planes.spatial];
+        let mut out = vec![0f32; values(&x).len()];
         batch_norm::inference(Some(values(&x)), &mut out, running, planes, relu);
         tensor(out, dims)
     }

@@ -79,6 +79,41 @@ fn batch_norm_forward_matches_flex() {
     }
 }
 
+/// A fresh layer with `bn`'s gamma and beta (not `bn.clone()`: a clone shares its running
+/// statistics with the original).
+fn twin(bn: &BatchNorm, device: &Device) -> BatchNorm {
+    let [channels] = bn.gamma.shape().dims();
+    let mut twin = BatchNormConfig::new(channels).init(device);
+    twin.gamma = Param::from_tensor(bn.gamma.val().detach());
+    twin.beta = Param::from_tensor(bn.beta.val().detach());
+    twin
+}
+
+/// The input, gamma and beta gradients of two BatchNorm layers' backward passes agree.
+fn assert_same_grads(
+    (x_ours, ours, g_ours): (&Tensor<4>, &BatchNorm, &burn::tensor::Gradients),
+    (x_burn, burn, g_burn): (&Tensor<4>, &BatchNorm, &burn::tensor::Gradients),
+) {
+    assert_close(
+        x_ours.grad(g_ours).unwrap(),
+        x_burn.grad(g_burn).unwrap(),
+        1e-4,
+        "x grad",
+    );
+    assert_close(
+        ours.gamma.grad(g_ours).unwrap(),
+        burn.gamma.grad(g_burn).unwrap(),
+        1e-4,
+        "gamma grad",
+    );
+    assert_close(
+        ours.beta.grad(g_ours).unwrap(),
+        burn.beta.grad(g_burn).unwrap(),
+        1e-4,
+        "beta grad",
+    );
+}
+
 /// A `[b, c, ...]` shape as rank 4 (trailing ones), so one test covers ranks 2 to 4.
 fn pad4(dims: &[usize]) -> [usize; 4] {
     let mut out = [1; 4];
@@ -93,10 +128,7 @@ fn batch_norm_training_matches_burn_with_gradients_and_running_statistics() {
         let x: Tensor<4> = random(pad4(dims), -1.5, &device);
         let weights: Tensor<4> = random(pad4(dims), 0.0, &device);
         let burn_bn = batch_norm_layer(dims[1], &device);
-        // Not `burn_bn.clone()`: a clone shares its running statistics with the original.
-        let mut ours_bn = BatchNormConfig::new(dims[1]).init(&device);
-        ours_bn.gamma = Param::from_tensor(burn_bn.gamma.val().detach());
-        ours_bn.beta = Param::from_tensor(burn_bn.beta.val().detach());
+        let ours_bn = twin(&burn_bn, &device);
         // Two steps, so the running statistics are updated twice.
         for step in 0..2 {
             let x = x.clone().mul_scalar(step as f32 + 1.0);
@@ -107,24 +139,7 @@ fn batch_norm_training_matches_burn_with_gradients_and_running_statistics() {
             assert_close(y_ours.clone(), y_burn.clone(), 1e-5, "output");
             let g_burn = (y_burn * weights.clone()).sum().backward();
             let g_ours = (y_ours * weights.clone()).sum().backward();
-            assert_close(
-                x_ours.grad(&g_ours).unwrap(),
-                x_burn.grad(&g_burn).unwrap(),
-                1e-4,
-                "x grad",
-            );
-            assert_close(
-                ours_bn.gamma.grad(&g_ours).unwrap(),
-                burn_bn.gamma.grad(&g_burn).unwrap(),
-                1e-4,
-                "gamma grad",
-            );
-            assert_close(
-                ours_bn.beta.grad(&g_ours).unwrap(),
-                burn_bn.beta.grad(&g_burn).unwrap(),
-                1e-4,
-                "beta grad",
-            );
+            assert_same_grads((&x_ours, &ours_bn, &g_ours), (&x_burn, &burn_bn, &g_burn));
         }
         assert_close(
             ours_bn.running_mean.value(),
@@ -156,9 +171,7 @@ fn batch_norm_relu_training_matches_burn_with_gradients() {
         let x: Tensor<4> = random(pad4(dims), 0.5, &device);
         let weights: Tensor<4> = random(pad4(dims), 0.0, &device);
         let burn_bn = batch_norm_layer(dims[1], &device);
-        let mut ours_bn = BatchNormConfig::new(dims[1]).init(&device);
-        ours_bn.gamma = Param::from_tensor(burn_bn.gamma.val().detach());
-        ours_bn.beta = Param::from_tensor(burn_bn.beta.val().detach());
+        let ours_bn = twin(&burn_bn, &device);
         let x_burn = x.clone().detach().require_grad();
         let x_ours = x.detach().require_grad();
         let y_burn = relu(burn_bn.forward(x_burn.clone()));
@@ -176,24 +189,7 @@ fn batch_norm_relu_training_matches_burn_with_gradients() {
         );
         let g_burn = (y_burn * weights.clone()).sum().backward();
         let g_ours = (y_ours * weights).sum().backward();
-        assert_close(
-            x_ours.grad(&g_ours).unwrap(),
-            x_burn.grad(&g_burn).unwrap(),
-            1e-4,
-            "x grad",
-        );
-        assert_close(
-            ours_bn.gamma.grad(&g_ours).unwrap(),
-            burn_bn.gamma.grad(&g_burn).unwrap(),
-            1e-4,
-            "gamma grad",
-        );
-        assert_close(
-            ours_bn.beta.grad(&g_ours).unwrap(),
-            burn_bn.beta.grad(&g_burn).unwrap(),
-            1e-4,
-            "beta grad",
-        );
+        assert_same_grads((&x_ours, &ours_bn, &g_ours), (&x_burn, &burn_bn, &g_burn));
     }
 }
 

@@ -129,8 +129,18 @@ fn check_classes(config: &Config, num_classes: usize) -> Result<()> {
 }
 
 fn val_loader(config: &Config, val: Arc<dyn Dataset>) -> Loader {
+    let indices = val_subset(config, val.len());
+    val_loader_over(config, val, indices)
+}
+
+/// The validation examples `data.val_limit` keeps (`None`: all of them, in order).
+fn val_subset(config: &Config, len: usize) -> Option<Vec<usize>> {
+    subset(config.seed, 1, len, config.data.val_limit)
+}
+
+/// The validation loader over `indices` of `val` (all of them when `None`).
+fn val_loader_over(config: &Config, val: Arc<dyn Dataset>, indices: Option<Vec<usize>>) -> Loader {
     let (_, transform, mean, std) = transforms(config);
-    let indices = subset(config.seed, 1, val.len(), config.data.val_limit);
     Loader::new(
         val,
         indices,
@@ -234,9 +244,11 @@ pub fn val_images_with_files(config: &Config) -> Result<ValImages> {
     }
     let folder = Arc::new(val_images(config)?);
     check_classes(config, folder.num_classes())?;
-    let order = subset(config.seed, 1, folder.len(), config.data.val_limit)
+    let indices = val_subset(config, folder.len());
+    let order = indices
+        .clone()
         .unwrap_or_else(|| (0..folder.len()).collect());
-    let loader = val_loader(config, folder.clone());
+    let loader = val_loader_over(config, folder.clone(), indices);
     let (_, transform, mean, std) = transforms(config);
     Ok(ValImages {
         folder,

@@ -836,6 +836,11 @@ fn a_flat_validation_folder_is_labelled_by_its_file() {
     assert!(stdout.contains("12 validation images"), "{stdout}");
 }
 
+/// The folder of the PyTorch-written test files.
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
 /// Files PyTorch wrote (scripts/check_torch_interop.py --write-fixture): a CIFAR ResNet-8 with
 /// every weight and BatchNorm statistic random, saved as the reference saves checkpoints
 /// (`{"state_dict": {"module.conv1.weight": ...}, "epoch": ...}`) in PyTorch's ZIP format and
@@ -844,15 +849,11 @@ fn a_flat_validation_folder_is_labelled_by_its_file() {
 fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
     use burn::module::Module;
     use burn::tensor::{Tensor, TensorData};
-    use cutmix_models::HostData;
 
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = fixtures();
     let (_, expected) =
         cutmix_models::read_weights(&fixtures.join("cifar_resnet8_logits.safetensors")).unwrap();
-    let floats = |name: &str| match &expected[name].data {
-        HostData::F32(values) => values.clone(),
-        HostData::I64(_) => panic!("{name} holds floats"),
-    };
+    let floats = |name: &str| fixture_floats(&expected, name);
     let device = Device::flex();
     for file in ["cifar_resnet8.pth.tar", "cifar_resnet8_legacy.pth.tar"] {
         let (model, summary) =
@@ -885,15 +886,11 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
 fn class_activation_maps_equal_pytorchs() {
     use burn::module::Module;
     use burn::tensor::{Tensor, TensorData};
-    use cutmix_models::HostData;
 
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = fixtures();
     let (_, expected) =
         cutmix_models::read_weights(&fixtures.join("cifar_resnet8_cams.safetensors")).unwrap();
-    let floats = |name: &str| match &expected[name].data {
-        HostData::F32(values) => values.clone(),
-        HostData::I64(_) => panic!("{name} holds floats"),
-    };
+    let floats = |name: &str| fixture_floats(&expected, name);
     let device = Device::flex();
     let (model, _) =
         cutmix_train::weights::load(resnet8(5, &device), &fixtures.join("cifar_resnet8.pth.tar"))
@@ -2006,7 +2003,7 @@ fn replay_pytorch_steps(
 /// sums that nearly cancel: PyTorch's f32 misses the exact ones by up to 9e-5).
 #[test]
 fn two_sgd_steps_equal_pytorchs() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = fixtures();
     let models = [
         (
             "train_step_cifar_resnet8.safetensors",
