@@ -27,7 +27,7 @@ pub struct BoxTable {
     pub source: PathBuf,
 }
 
-fn corrupt(path: &Path, line: usize, reason: String) -> DataError {
+pub(crate) fn corrupt(path: &Path, line: usize, reason: String) -> DataError {
     DataError::Corrupt {
         path: path.to_path_buf(),
         reason: format!("line {line}: {reason}"),
@@ -188,25 +188,53 @@ impl BoxTable {
 
 /// CUB's `images.txt`: id -> path.
 fn cub_ids(path: &Path) -> Result<BTreeMap<String, String>, DataError> {
+    Ok(id_lines(path, "path")?
+        .into_iter()
+        .map(|line| (line.id, line.value))
+        .collect())
+}
+
+/// A line `<id> <value>` of one of CUB's files, with its line number.
+pub(crate) struct IdLine {
+    pub line: usize,
+    pub id: String,
+    pub value: String,
+}
+
+/// The `<id> <value>` lines of one of CUB's files, in file order (`value` names the second
+/// field in the error a malformed line gets). An id listed twice is an error.
+pub(crate) fn id_lines(path: &Path, value: &str) -> Result<Vec<IdLine>, DataError> {
     let text = read(path)?;
-    let mut ids = BTreeMap::new();
+    let mut lines = Vec::new();
+    let mut seen = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
             [] => continue,
-            [id, image] => {
-                ids.insert(id.to_string(), image.to_string());
+            [id, v] => {
+                if let Some(first) = seen.insert(id.to_string(), i + 1) {
+                    return Err(corrupt(
+                        path,
+                        i + 1,
+                        format!("id {id} is listed twice (first on line {first})"),
+                    ));
+                }
+                lines.push(IdLine {
+                    line: i + 1,
+                    id: id.to_string(),
+                    value: v.to_string(),
+                });
             }
             _ => {
                 return Err(corrupt(
                     path,
                     i + 1,
-                    format!("expected `<image_id> <path>`, got `{line}`"),
+                    format!("expected `<id> <{value}>`, got `{line}`"),
                 ));
             }
         }
     }
-    Ok(ids)
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::{DataError, Dataset, Encoded, Sample};
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// The file list of an image folder; images are decoded on demand by [`Dataset::get`].
+#[derive(Debug)]
 pub struct ImageFolder {
     root: PathBuf,
     classes: Vec<String>,
@@ -56,7 +57,7 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 }
 
 impl ImageFolder {
-    fn empty(root: &Path, classes: Vec<String>) -> Self {
+    pub(crate) fn empty(root: &Path, classes: Vec<String>) -> Self {
         Self {
             root: root.to_path_buf(),
             classes,
@@ -67,14 +68,14 @@ impl ImageFolder {
         }
     }
 
-    fn push(&mut self, relative: &str, label: usize) {
+    pub(crate) fn push(&mut self, relative: &str, label: usize) {
         self.names.push_str(relative);
         self.ends.push(self.names.len());
         self.labels
             .push(u32::try_from(label).expect("fewer than 2^32 classes"));
     }
 
-    fn check_not_empty(&self) -> Result<(), DataError> {
+    pub(crate) fn check_not_empty(&self) -> Result<(), DataError> {
         if self.labels.is_empty() {
             return Err(DataError::Corrupt {
                 path: self.root.clone(),
@@ -239,6 +240,11 @@ impl ImageFolder {
     pub fn name(&self, index: usize) -> &str {
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
         &self.names[start..self.ends[index]]
+    }
+
+    /// The label of example `index`.
+    pub fn label(&self, index: usize) -> usize {
+        self.labels[index] as usize
     }
 
     /// The path of example `index`.

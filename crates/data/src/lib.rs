@@ -1,4 +1,5 @@
-//! Datasets and batches on the host: CIFAR-10/100 binary readers, an image-folder reader,
+//! Datasets and batches on the host: CIFAR-10/100 binary readers, an image-folder reader, a
+//! CUB-200-2011 reader,
 //! the training transforms (the reference's colour jitter and PCA lighting among them), and a loader that prepares batches on background threads.
 //!
 //! Nothing here knows about Burn: a batch is plain `f32` NCHW data plus labels. Every random
@@ -8,6 +9,7 @@
 mod boxes;
 mod cifar;
 mod color;
+mod cub;
 mod decode;
 mod error;
 mod image_folder;
@@ -18,6 +20,7 @@ mod transforms;
 pub use boxes::{BoxTable, RawBox};
 pub use cifar::{Cifar, CifarKind, Split};
 pub use color::{ColorAugment, IMAGENET_EIGVAL, IMAGENET_EIGVEC};
+pub use cub::open_cub;
 pub use decode::{Encoded, MAX_PIXELS, Sample};
 pub use error::DataError;
 pub use image_folder::ImageFolder;

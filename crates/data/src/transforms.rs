@@ -28,6 +28,12 @@ pub enum Transform {
     ImageNetTrain { size: usize, color: ColorAugment },
     /// Resize the shorter side to `size * 256 / 224`, then a centre crop of `size`.
     ImageNetEval { size: usize },
+    /// The weakly-supervised localization recipe (the paper's CUB and ImageNet localization
+    /// fine-tuning, as ADL and wsolevaluation do it): resize to a `size * 256 / 224` square
+    /// (the aspect ratio is not kept), a random `size` crop, a random horizontal flip.
+    WsolTrain { size: usize },
+    /// Resize to a `size * 256 / 224` square, then a centre crop of `size`.
+    WsolEval { size: usize },
 }
 
 impl Transform {
@@ -37,7 +43,9 @@ impl Transform {
             Self::CifarTrain { size, .. }
             | Self::CifarEval { size }
             | Self::ImageNetTrain { size, .. }
-            | Self::ImageNetEval { size } => size,
+            | Self::ImageNetEval { size }
+            | Self::WsolTrain { size }
+            | Self::WsolEval { size } => size,
         }
     }
 
@@ -103,6 +111,27 @@ impl Transform {
                     false,
                 )
             }
+            Self::WsolTrain { size } => {
+                let (width, height) = sample.dimensions()?;
+                let spare = wsol_resize(size) - size;
+                let top = rng.random_range(0..=spare);
+                let left = rng.random_range(0..=spare);
+                let flip = rng.random_bool(0.5);
+                let window = wsol_window(size, width, height, top, left);
+                (
+                    decode_window(sample, (width, height), window, size, max_reduction)?,
+                    flip,
+                )
+            }
+            Self::WsolEval { size } => {
+                let (width, height) = sample.dimensions()?;
+                let centre = (wsol_resize(size) - size) / 2;
+                let window = wsol_window(size, width, height, centre, centre);
+                (
+                    decode_window(sample, (width, height), window, size, max_reduction)?,
+                    false,
+                )
+            }
         };
         if color.is_off() {
             write_normalised(&square, flip, mean, std, out);
@@ -139,6 +168,24 @@ fn imagenet_eval_window(size: usize, width: usize, height: usize) -> Window {
     }
 }
 
+/// The side of the square a localization transform resizes to before cropping `size`.
+fn wsol_resize(size: usize) -> usize {
+    size * 256 / 224
+}
+
+/// The `size` crop at `(top, left)` of the `width` x `height` image resized to a
+/// [`wsol_resize`] square, as a window of the full image (resized once).
+fn wsol_window(size: usize, width: usize, height: usize, top: usize, left: usize) -> Window {
+    let resize = wsol_resize(size) as f64;
+    let (sx, sy) = (width as f64 / resize, height as f64 / resize);
+    Window {
+        left: left as f64 * sx,
+        top: top as f64 * sy,
+        width: size as f64 * sx,
+        height: size as f64 * sy,
+    }
+}
+
 impl Transform {
     /// A box `[x0, y0, x1, y1]` of a `width` x `height` image in the pixels of this
     /// transform's output (`size` x `size`), through exactly the window the evaluation
@@ -153,7 +200,13 @@ impl Transform {
                 height: height as f64,
             },
             Self::ImageNetEval { size } => imagenet_eval_window(size, width, height),
-            Self::CifarTrain { .. } | Self::ImageNetTrain { .. } => return None,
+            Self::WsolEval { size } => {
+                let centre = (wsol_resize(size) - size) / 2;
+                wsol_window(size, width, height, centre, centre)
+            }
+            Self::CifarTrain { .. } | Self::ImageNetTrain { .. } | Self::WsolTrain { .. } => {
+                return None;
+            }
         };
         let size = self.size() as f64;
         let (sx, sy) = (size / window.width, size / window.height);
@@ -376,6 +429,84 @@ mod tests {
             padding: 4,
         };
         assert_eq!(train.map_box([0.0, 0.0, 1.0, 1.0], 32, 32), None);
+        // CUB's test transform: 500x375 resized to 256x256, the centre 224 at (16, 16).
+        let wsol = Transform::WsolEval { size: 224 };
+        let (sx, sy) = (256.0 / 500.0, 256.0 / 375.0);
+        let b = wsol.map_box([100.0, 50.0, 300.0, 200.0], 500, 375).unwrap();
+        let want = [
+            100.0 * sx - 16.0,
+            50.0 * sy - 16.0,
+            300.0 * sx - 16.0,
+            200.0 * sy - 16.0,
+        ];
+        for (got, want) in b.iter().zip(want) {
+            assert!((*got as f64 - want).abs() < 1e-3, "{b:?}");
+        }
+    }
+
+    /// The localization transforms resize the whole image to a square (not keeping its aspect
+    /// ratio) and crop it: against a resize to the square followed by the crop, done by hand.
+    #[test]
+    fn localization_transforms_resize_to_a_square_then_crop() {
+        // A smooth ramp: resampling a window and resampling the whole image agree on it.
+        let image = RgbImage {
+            width: 90,
+            height: 45,
+            pixels: (0..90 * 45)
+                .flat_map(|i| [(i % 90) as u8, (i / 90 * 2) as u8, 7])
+                .collect(),
+        };
+        let (mean, std) = ([0.0; 3], [1.0; 3]);
+        let size = 28; // resized to 32x32
+        let square = fit(image.clone(), 32);
+        let crop = |top: usize, left: usize| {
+            let mut pixels = Vec::new();
+            for y in top..top + size {
+                let row = (y * 32 + left) * 3;
+                pixels.extend_from_slice(&square.pixels[row..row + size * 3]);
+            }
+            RgbImage {
+                width: size,
+                height: size,
+                pixels,
+            }
+        };
+        let run = |t: Transform, seed: u64| {
+            let mut out = vec![0.0; 3 * size * size];
+            t.apply(
+                &pixels(image.clone()),
+                &mut StdRng::seed_from_u64(seed),
+                mean,
+                std,
+                &mut out,
+            )
+            .unwrap();
+            out
+        };
+        let close = |got: &[f32], want: &RgbImage, flip: bool| {
+            let mut expected = vec![0.0; got.len()];
+            write_normalised(want, flip, mean, std, &mut expected);
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= 2.5 / 255.0, "max difference {worst}");
+        };
+        close(&run(Transform::WsolEval { size }, 0), &crop(2, 2), false);
+        let mut offsets = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (top, left) = (rng.random_range(0..=4), rng.random_range(0..=4));
+            let flip = rng.random_bool(0.5);
+            offsets.insert((top, left));
+            close(
+                &run(Transform::WsolTrain { size }, seed),
+                &crop(top, left),
+                flip,
+            );
+        }
+        assert!(offsets.len() > 15, "crops at {offsets:?}");
     }
 
     fn gradient(width: usize, height: usize) -> RgbImage {

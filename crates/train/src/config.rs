@@ -75,6 +75,10 @@ pub struct ModelSection {
     /// (`.pth`, `.pth.tar`) or a burnpack (`.bpk`) of this project.
     #[serde(default)]
     pub init_from: String,
+    /// Start the classifier afresh even when `init_from` has one of the right shape (the
+    /// paper's ImageNet localization fine-tuning).
+    #[serde(default)]
+    pub reinit_classifier: bool,
 }
 
 /// Which dataset reader.
@@ -84,6 +88,9 @@ pub enum DatasetKind {
     Cifar10,
     Cifar100,
     Imagefolder,
+    /// CUB-200-2011 as distributed: `data.root` is the `CUB_200_2011` folder; the official
+    /// train/test split, 200 classes, the localization transforms (`wsol`) by default.
+    Cub,
 }
 
 /// Which family of host transforms (and normalisation).
@@ -94,6 +101,9 @@ pub enum TransformKind {
     Cifar,
     /// RandomResizedCrop + flip, resize + centre crop for evaluation, ImageNet mean and std.
     Imagenet,
+    /// The localization recipe: resize to a 256x256 square (at 224), random 224 crop + flip;
+    /// evaluation resize to 256x256 + centre crop; ImageNet mean and std.
+    Wsol,
 }
 
 /// `[data]`
@@ -101,11 +111,13 @@ pub enum TransformKind {
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     pub dataset: DatasetKind,
-    /// CIFAR: the folder with the `.bin` files; imagefolder: holds `train/` and `val/`.
+    /// CIFAR: the folder with the `.bin` files; imagefolder: holds `train/` and `val/`; cub:
+    /// the `CUB_200_2011` folder.
     pub root: PathBuf,
     #[serde(default = "default_image_size")]
     pub image_size: usize,
-    /// Transform family; by default `cifar` for the CIFAR datasets, `imagenet` for folders.
+    /// Transform family; by default `cifar` for the CIFAR datasets, `imagenet` for folders,
+    /// `wsol` for CUB.
     #[serde(default)]
     pub transforms: Option<TransformKind>,
     /// Background threads preparing batches (0: on the training thread).
@@ -160,6 +172,7 @@ impl DataSection {
         self.transforms.unwrap_or(match self.dataset {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => TransformKind::Cifar,
             DatasetKind::Imagefolder => TransformKind::Imagenet,
+            DatasetKind::Cub => TransformKind::Wsol,
         })
     }
 }
@@ -590,6 +603,11 @@ impl Config {
             self.data.image_size >= 8,
             "data.image_size",
             "must be at least 8",
+        )?;
+        check(
+            !self.model.reinit_classifier || !self.model.init_from.is_empty(),
+            "model.reinit_classifier",
+            "re-initialises the classifier of model.init_from's weights; set model.init_from",
         )?;
         check(
             !self.data.coarse_labels || self.data.dataset == DatasetKind::Cifar100,

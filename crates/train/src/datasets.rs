@@ -7,7 +7,7 @@ use rand::seq::SliceRandom;
 
 use cutmix_data::{
     CIFAR_MEAN, CIFAR_STD, Cifar, CifarKind, ColorAugment, Dataset, IMAGENET_MEAN, IMAGENET_STD,
-    ImageFolder, Loader, LoaderConfig, Split, Stream, Transform, keyed_rng,
+    ImageFolder, Loader, LoaderConfig, Split, Stream, Transform, keyed_rng, open_cub,
 };
 
 use crate::config::{Config, DatasetKind, TransformKind};
@@ -102,6 +102,12 @@ fn transforms(config: &Config) -> (Transform, Transform, [f32; 3], [f32; 3]) {
             IMAGENET_MEAN,
             IMAGENET_STD,
         ),
+        TransformKind::Wsol => (
+            Transform::WsolTrain { size },
+            Transform::WsolEval { size },
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        ),
     }
 }
 
@@ -175,6 +181,12 @@ pub fn build(config: &Config) -> Result<Datasets> {
             }
             (Arc::new(train), Arc::new(val), Some(classes))
         }
+        DatasetKind::Cub => {
+            let train = open_cub(&data.root, Split::Train)?;
+            let classes = train.classes().to_vec();
+            let val = open_cub(&data.root, Split::Test)?;
+            (Arc::new(train), Arc::new(val), Some(classes))
+        }
     };
     let num_classes = train.num_classes();
     check_classes(config, num_classes)?;
@@ -203,15 +215,19 @@ pub fn build_val(config: &Config) -> Result<Loader> {
     let data = &config.data;
     let val: Arc<dyn Dataset> = match data.dataset {
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => Arc::new(open_cifar(config, Split::Test)?),
-        DatasetKind::Imagefolder => Arc::new(val_images(config)?),
+        DatasetKind::Imagefolder | DatasetKind::Cub => Arc::new(val_images(config)?),
     };
     check_classes(config, val.num_classes())?;
     Ok(val_loader(config, val))
 }
 
-/// `root/val` of an `imagefolder` config, classes numbered as [`build_val`] numbers them.
+/// `root/val` of an `imagefolder` config, classes numbered as [`build_val`] numbers them, or
+/// CUB's test split.
 fn val_images(config: &Config) -> Result<ImageFolder> {
     let root = &config.data.root;
+    if config.data.dataset == DatasetKind::Cub {
+        return Ok(open_cub(root, Split::Test)?);
+    }
     let train_dir = root.join("train");
     let classes = if train_dir.is_dir() {
         ImageFolder::class_names(&train_dir)?
@@ -234,11 +250,15 @@ pub struct ValImages {
     pub std: [f32; 3],
 }
 
-/// [`ValImages`] of an `imagefolder` config (the analyses that need image files: boxes).
+/// [`ValImages`] of an `imagefolder` or `cub` config (the analyses that need image files:
+/// boxes).
 pub fn val_images_with_files(config: &Config) -> Result<ValImages> {
-    if config.data.dataset != DatasetKind::Imagefolder {
+    if !matches!(
+        config.data.dataset,
+        DatasetKind::Imagefolder | DatasetKind::Cub
+    ) {
         bail!(
-            "config key data.dataset: localization reads its images' files and sizes, which needs dataset = \"imagefolder\" (got {:?})",
+            "config key data.dataset: localization reads its images' files and sizes, which needs dataset = \"imagefolder\" or \"cub\" (got {:?})",
             config.data.dataset
         );
     }

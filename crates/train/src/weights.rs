@@ -24,12 +24,40 @@ const CLASSIFIER: &str = "fc.";
 /// burnpacks) into `model`. A classifier of another shape keeps its fresh initialisation; any
 /// other difference is an error naming the file and the tensor.
 pub fn load(model: Model, path: &Path) -> Result<(Model, LoadSummary)> {
+    load_keeping(model, path, true)
+}
+
+/// [`load`] without the file's classifier, which keeps its fresh initialisation whatever its
+/// shape (`model.reinit_classifier`: fine-tuning on the same classes with a new classifier,
+/// as the paper's ImageNet localization recipe does).
+pub fn load_backbone(model: Model, path: &Path) -> Result<(Model, LoadSummary)> {
+    load_keeping(model, path, false)
+}
+
+fn load_keeping(model: Model, path: &Path, classifier: bool) -> Result<(Model, LoadSummary)> {
     let (format, tensors) = read_weights(path)?;
-    let tensors = match format {
+    let mut tensors = match format {
         WeightsFormat::Burnpack => burn_paths_to_torch(&model, tensors),
         WeightsFormat::Safetensors | WeightsFormat::Pytorch => tensors,
     };
-    load_state_dict(model, &tensors, CLASSIFIER).with_context(|| format!("{}", path.display()))
+    let mut dropped = std::collections::HashMap::new();
+    if !classifier {
+        tensors.retain(|name, tensor| {
+            let keep = !name.starts_with(CLASSIFIER);
+            if !keep {
+                dropped.insert(name.clone(), tensor.shape.clone());
+            }
+            keep
+        });
+    }
+    let (model, mut summary) = load_state_dict(model, &tensors, CLASSIFIER)
+        .with_context(|| format!("{}", path.display()))?;
+    for (name, file_shape, _) in &mut summary.reinitialised {
+        if let Some(shape) = dropped.get(name) {
+            file_shape.clone_from(shape);
+        }
+    }
+    Ok((model, summary))
 }
 
 /// Which checkpoint of a run.

@@ -677,6 +677,110 @@ fn the_papers_imagenet_recipe_runs_unchanged_on_a_small_folder() {
     assert!(stdout.contains("25557032 parameters"), "{stdout}");
 }
 
+/// A CUB-200-2011 folder as distributed, made of real images of the shipped subset: 3 classes,
+/// 4 training and 2 test images each (ids not in file order, as a hand-edited list may be),
+/// each with a box.
+fn cub_folder(root: &Path) {
+    let classes = ["airplane", "cat", "ship"];
+    let (mut images, mut labels, mut split, mut boxes, mut names) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    let mut id = 100;
+    for (c, class) in classes.iter().enumerate() {
+        let folder = format!("{:03}.{class}", c + 1);
+        names.push_str(&format!("{} {folder}\n", c + 1));
+        let dir = root.join("images").join(&folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(mini().join("train").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for (i, file) in files.iter().take(6).enumerate() {
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            std::fs::copy(file, dir.join(&name)).unwrap();
+            id -= 1;
+            images.push_str(&format!("{id} {folder}/{name}\n"));
+            labels.push_str(&format!("{id} {}\n", c + 1));
+            split.push_str(&format!("{id} {}\n", u8::from(i < 4)));
+            boxes.push_str(&format!("{id} 4.0 6.0 20.0 18.0\n"));
+        }
+    }
+    for (file, text) in [
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+        ("bounding_boxes.txt", boxes),
+        ("classes.txt", names),
+    ] {
+        std::fs::write(root.join(file), text).unwrap();
+    }
+}
+
+/// The paper's CUB localization recipe as shipped: a missing ImageNet weights file is one line
+/// naming it; without it (at 64x64, one epoch on a CUB-layout folder) ResNet-50 with layer4 at
+/// stride 1 trains on the official split, and `localize` reads the folder's own boxes.
+#[test]
+fn the_papers_cub_recipe_trains_and_localizes_on_a_cub_layout_folder() {
+    let data = tempfile::tempdir().unwrap();
+    let root = data.path().join("CUB_200_2011");
+    cub_folder(&root);
+    let out = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/cub_resnet50_cutmix.toml");
+    let mut sets = vec![
+        format!("output_dir={}", out.path().display()),
+        format!("data.root={}", root.display()),
+        "backend=flex".to_string(),
+    ];
+    assert_one_line_error(
+        &train(&config, &sets),
+        &["model.init_from", "resnet50-0676ba61.pth"],
+    );
+    sets.extend(
+        [
+            "model.init_from=",
+            "data.image_size=64",
+            "train.batch_size=6",
+            "train.epochs=1",
+        ]
+        .map(String::from),
+    );
+    let output = train(&config, &sets);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("12 training and 6 validation images (3 classes)"),
+        "{stdout}"
+    );
+    let run = out.path().join("cub_resnet50_cutmix");
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    for line in [
+        "last_stride = 1",
+        "dataset = \"cub\"",
+        "transforms = \"wsol\"",
+        "classifier_lr = 0.01",
+        "step_size = 150",
+    ] {
+        assert!(resolved.contains(line), "{line} not in {resolved}");
+    }
+    let mut args = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--weights".into(),
+        run.join("checkpoints/last/model.bpk").display().to_string(),
+    ];
+    args.extend(with_sets(&sets));
+    let localized = command(env!("CARGO_BIN_EXE_localize"), &args);
+    assert!(localized.status.success(), "{}", stderr(&localized));
+    let line: serde_json::Value =
+        serde_json::from_slice(localized.stdout.trim_ascii_end()).unwrap();
+    assert_eq!(line["images"], 6, "{line}");
+}
+
 /// An image folder of real images (3 classes from the shipped subset) with the awkward files a
 /// scraped dataset has planted among them; returns the two files that cannot be decoded.
 fn awkward_folder(root: &Path) -> [PathBuf; 2] {
@@ -877,6 +981,20 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
             / scale;
         assert!(error < 1e-4, "{file}: relative error {error}");
     }
+    // `model.reinit_classifier`: the same file without its classifier, whatever its shape.
+    let file = fixtures.join("cifar_resnet8.pth.tar");
+    let fresh = resnet8(5, &device);
+    let fresh_fc = fresh.classifier().weight.val().into_data();
+    let (model, summary) = cutmix_train::weights::load_backbone(fresh, &file).unwrap();
+    assert_eq!(summary.loaded, 45, "{summary}");
+    assert_eq!(summary.reinitialised.len(), 2, "{summary}");
+    assert!(
+        summary
+            .to_string()
+            .contains("fc.weight ([10, 64] in the file"),
+        "{summary}"
+    );
+    assert_eq!(model.classifier().weight.val().into_data(), fresh_fc);
 }
 
 /// Class activation maps of the PyTorch-written ResNet-8 fixture equal PyTorch's (the last

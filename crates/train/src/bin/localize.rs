@@ -16,7 +16,7 @@ use clap::Parser;
 use cutmix_data::{BoxTable, Stream, keyed_rng};
 use cutmix_train::backend;
 use cutmix_train::cam_figure;
-use cutmix_train::config::{BackendChoice, Config};
+use cutmix_train::config::{BackendChoice, Config, DatasetKind};
 use cutmix_train::localize::{Options, localize};
 use cutmix_train::weights;
 
@@ -24,7 +24,8 @@ use cutmix_train::weights;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The recipe whose model and validation folder to use (`data.dataset = "imagefolder"`).
+    /// The recipe whose model and validation images to use (`data.dataset = "imagefolder"`
+    /// or `"cub"`).
     #[arg(long)]
     config: PathBuf,
     /// Weights: safetensors or PyTorch (PyTorch names), or a run's model.bpk. Repeat it to
@@ -36,7 +37,8 @@ struct Args {
     /// extension).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["cub", "imagenet_boxes"])]
     boxes: Option<PathBuf>,
-    /// CUB-200-2011's folder (images.txt, bounding_boxes.txt).
+    /// CUB-200-2011's folder (images.txt, bounding_boxes.txt); a `cub` config's `data.root`
+    /// is the default.
     #[arg(long, value_name = "DIR", conflicts_with = "imagenet_boxes")]
     cub: Option<PathBuf>,
     /// ImageNet's LOC_val_solution.csv.
@@ -64,12 +66,18 @@ struct Args {
     backend: Option<BackendChoice>,
 }
 
-fn boxes(args: &Args) -> Result<BoxTable> {
+/// The box file the flags name; a `cub` config's own `bounding_boxes.txt` when none does.
+fn boxes(args: &Args, config: &Config) -> Result<BoxTable> {
     Ok(match (&args.boxes, &args.cub, &args.imagenet_boxes) {
         (Some(file), None, None) => BoxTable::read_plain(file)?,
         (None, Some(root), None) => BoxTable::read_cub(root)?,
         (None, None, Some(csv)) => BoxTable::read_imagenet(csv)?,
-        _ => bail!("give the ground-truth boxes with one of --boxes, --cub or --imagenet-boxes"),
+        (None, None, None) if config.data.dataset == DatasetKind::Cub => {
+            BoxTable::read_cub(&config.data.root)?
+        }
+        _ => bail!(
+            "give the ground-truth boxes with one of --boxes, --cub or --imagenet-boxes (a `cub` config reads its own)"
+        ),
     })
 }
 
@@ -80,8 +88,8 @@ fn run(args: Args) -> Result<()> {
     if !(args.sweep_step > 0.0 && args.sweep_step < 1.0) {
         bail!("--sweep-step {}: not in (0, 1)", args.sweep_step);
     }
-    let table = boxes(&args)?;
     let mut config = Config::load(&args.config, &args.sets)?;
+    let table = boxes(&args, &config)?;
     if let Some(backend) = args.backend {
         config.backend = backend;
     }

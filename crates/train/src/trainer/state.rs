@@ -346,13 +346,18 @@ fn restart_in_place(config: &Config) -> Result<PathBuf> {
 }
 
 /// The weights `model.init_from` names loaded into `model` (the classifier re-initialised when
-/// the class count differs), or `model` as it is.
+/// the class count differs or `model.reinit_classifier` is set), or `model` as it is.
 fn init_from(config: &Config, model: Model) -> Result<(Model, Option<(PathBuf, LoadSummary)>)> {
     if config.model.init_from.is_empty() {
         return Ok((model, None));
     }
     let path = PathBuf::from(&config.model.init_from);
-    let (model, summary) = weights::load(model, &path).context("config key model.init_from")?;
+    let (model, summary) = if config.model.reinit_classifier {
+        weights::load_backbone(model, &path)
+    } else {
+        weights::load(model, &path)
+    }
+    .context("config key model.init_from")?;
     Ok((model, Some((path, summary))))
 }
 
