@@ -709,6 +709,32 @@ mod tests {
         load(overrides).unwrap_err().to_string()
     }
 
+    /// Every shipped recipe parses and passes the checks (the data is not opened).
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut count = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                count += 1;
+            }
+        }
+        assert!(count >= 7, "{count} configs in {}", dir.display());
+        let wsol = Config::load(&dir.join("imagenet_resnet50_wsol.toml"), &[]).unwrap();
+        assert!(wsol.model.reinit_classifier && wsol.model.last_stride == 1);
+        assert_eq!(wsol.data.transform_kind(), TransformKind::Wsol);
+        assert_eq!(wsol.train.classifier_scale(), 10.0);
+        let error = Config::load(
+            &dir.join("imagenet_resnet50_wsol.toml"),
+            &["model.init_from=".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("model.reinit_classifier"), "{error}");
+    }
+
     #[test]
     fn overrides_parse_toml_values_and_fall_back_to_strings() {
         let config = load(&[
