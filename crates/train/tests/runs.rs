@@ -779,6 +779,55 @@ fn the_papers_cub_recipe_trains_and_localizes_on_a_cub_layout_folder() {
     let line: serde_json::Value =
         serde_json::from_slice(localized.stdout.trim_ascii_end()).unwrap();
     assert_eq!(line["images"], 6, "{line}");
+
+    // The same test images as ImageNet ships its validation set: flat, labelled and boxed by
+    // LOC_val_solution.csv.
+    let imagenet = data.path().join("imagenet");
+    let mut csv = String::from("ImageId,PredictionString\n");
+    for (wnid, class) in [
+        ("n001", "001.airplane"),
+        ("n002", "002.cat"),
+        ("n003", "003.ship"),
+    ] {
+        std::fs::create_dir_all(imagenet.join("train").join(wnid)).unwrap();
+        std::fs::create_dir_all(imagenet.join("val")).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("images").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for file in &files[4..] {
+            let stem = file.file_stem().unwrap().to_string_lossy();
+            std::fs::copy(file, imagenet.join(format!("val/{wnid}_{stem}.jpg"))).unwrap();
+            csv.push_str(&format!("{wnid}_{stem},{wnid} 4 6 24 24 {wnid} 0 0 9 9 \n"));
+        }
+    }
+    let solution = imagenet.join("LOC_val_solution.csv");
+    std::fs::write(&solution, csv).unwrap();
+    let mut flat = args.clone();
+    flat.extend(with_sets(&[
+        "data.dataset=imagefolder".into(),
+        format!("data.root={}", imagenet.display()),
+        format!("data.val_labels={}", solution.display()),
+    ]));
+    flat.extend(["--imagenet-boxes".into(), solution.display().to_string()]);
+    let localized = command(env!("CARGO_BIN_EXE_localize"), &flat);
+    assert!(localized.status.success(), "{}", stderr(&localized));
+    let flat_line: serde_json::Value =
+        serde_json::from_slice(localized.stdout.trim_ascii_end()).unwrap();
+    assert_eq!(flat_line["images"], 6, "{flat_line}");
+    assert_eq!(
+        flat_line["top1_cls"], line["top1_cls"],
+        "{flat_line} vs {line}"
+    );
+
+    // Weights of another architecture: one line naming the file.
+    args[3] = fixtures()
+        .join("cifar_resnet8.pth.tar")
+        .display()
+        .to_string();
+    let output = command(env!("CARGO_BIN_EXE_localize"), &args);
+    assert_one_line_error(&output, &["cifar_resnet8.pth.tar", "another architecture"]);
 }
 
 /// An image folder of real images (3 classes from the shipped subset) with the awkward files a
