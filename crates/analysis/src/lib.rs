@@ -6,8 +6,13 @@
 //! - [`boxes`]: boxes in pixel coordinates, IoU with the inclusive (+1 pixel) convention, and
 //!   boxes from a map (threshold, 8-connected components, tight boxes);
 //! - [`localization`]: the localization metrics of the paper (top-1 localization, GT-known
-//!   localization) and of wsolevaluation (MaxBoxAcc, MaxBoxAccV2), accumulated image by image.
+//!   localization) and of wsolevaluation (MaxBoxAcc, MaxBoxAccV2), accumulated image by image;
+//! - [`ood`]: out-of-distribution detection from scores (exact ROC with ties, AUROC, TNR at TPR
+//!   95%, detection accuracy, AUPR-in / AUPR-out), checked against scikit-learn;
+//! - [`calibration`]: ECE, NLL, Brier score, reliability bins and temperature scaling.
 
 pub mod boxes;
+pub mod calibration;
 pub mod cam;
 pub mod localization;
+pub mod ood;
