@@ -401,13 +401,55 @@ def write_cam_fixture():
     print(f"wrote cifar_resnet8_cams.safetensors to {folder} (torch {torch.__version__})")
 
 
+def write_fgsm_fixture():
+    """FGSM and ODIN perturbations of the committed CIFAR ResNet-8 fixture (evaluation mode) on
+    four random images: pixels in [0, 1], normalised with the CIFAR mean and std the project
+    uses, the loss's gradient taken with respect to the pixels; FGSM at 8/255 and 2/255 with
+    the true labels, clipped to [0, 1]; ODIN's step (-0.0014, temperature 1000, the predicted
+    labels, unclipped). Every image is stored normalised, as the model sees it."""
+    folder = os.path.join(REPO, "crates", "train", "tests", "fixtures")
+    model = CifarResNet(8, 10)
+    checkpoint = torch.load(os.path.join(folder, "cifar_resnet8.pth.tar"), map_location="cpu")
+    model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()})
+    model.eval()
+    generator = torch.Generator().manual_seed(8)
+    mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
+    std = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1) / 255
+    pixels = torch.rand(4, 3, 32, 32, generator=generator)
+    labels = torch.tensor([3, 0, 7, 9])
+
+    def gradient(targets, temperature):
+        p = pixels.clone().requires_grad_(True)
+        loss = F.cross_entropy(model((p - mean) / std) / temperature, targets)
+        (grad,) = torch.autograd.grad(loss, p)
+        return grad
+
+    tensors = {"input": ((pixels - mean) / std).contiguous(), "labels": labels}
+    grad = gradient(labels, 1.0)
+    tensors["grad"] = grad
+    for eps, name in [(8 / 255, "fgsm_8"), (2 / 255, "fgsm_2")]:
+        adv = (pixels + eps * grad.sign()).clamp(0, 1)
+        tensors[name] = ((adv - mean) / std).contiguous()
+    with torch.no_grad():
+        predicted = model((pixels - mean) / std).argmax(1)
+    odin_grad = gradient(predicted, 1000.0)
+    tensors["odin_grad"] = odin_grad
+    tensors["odin"] = (((pixels - 0.0014 * odin_grad.sign()) - mean) / std).contiguous()
+    save_file(tensors, os.path.join(folder, "cifar_resnet8_fgsm.safetensors"))
+    print(f"wrote cifar_resnet8_fgsm.safetensors to {folder} (torch {torch.__version__})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin", default=os.path.join(REPO, "target", "release"), help="folder with train, eval, export")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--write-fixture", action="store_true", help="write the Rust tests' PyTorch files and exit")
     parser.add_argument("--write-cam-fixture", action="store_true", help="write the CAM test's PyTorch file (from the committed ResNet-8 fixture) and exit")
+    parser.add_argument("--write-fgsm-fixture", action="store_true", help="write the FGSM / ODIN test's PyTorch file (from the committed ResNet-8 fixture) and exit")
     args = parser.parse_args()
+    if args.write_fgsm_fixture:
+        write_fgsm_fixture()
+        return
     if args.write_fixture:
         write_fixture()
         return

@@ -136,6 +136,32 @@ impl Cifar {
                 hint: kind.fetch_hint(root),
             });
         }
+        Self::load_files(kind, &paths)
+    }
+
+    /// Opens one CIFAR binary file of either kind, told apart by its record size (3,073 bytes
+    /// for CIFAR-10, 3,074 for CIFAR-100): an out-of-distribution set, say.
+    pub fn open_file(path: &Path) -> Result<Self, DataError> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| DataError::io(path, e))?
+            .len() as usize;
+        let fits = |kind: CifarKind| size > 0 && size.is_multiple_of(kind.label_bytes() + PIXELS);
+        let kind = match (fits(CifarKind::Cifar10), fits(CifarKind::Cifar100)) {
+            (true, false) => CifarKind::Cifar10,
+            (false, true) => CifarKind::Cifar100,
+            _ => {
+                return Err(DataError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "{size} bytes is a whole number of neither CIFAR-10's 3073-byte nor CIFAR-100's 3074-byte records"
+                    ),
+                });
+            }
+        };
+        Self::load_files(kind, &[path.to_path_buf()])
+    }
+
+    fn load_files(kind: CifarKind, paths: &[PathBuf]) -> Result<Self, DataError> {
         let record = kind.label_bytes() + PIXELS;
         let mut dataset = Self {
             kind,
@@ -144,7 +170,7 @@ impl Cifar {
             coarse_labels: (kind == CifarKind::Cifar100).then(Vec::new),
             coarse: false,
         };
-        for path in &paths {
+        for path in paths {
             let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
             let size = file.metadata().map_err(|e| DataError::io(path, e))?.len() as usize;
             if !size.is_multiple_of(record) {
@@ -290,6 +316,24 @@ mod tests {
         let coarse = data.with_coarse_labels().unwrap();
         assert_eq!(coarse.num_classes(), 20);
         assert_eq!(coarse.get(1).unwrap().1, 19);
+    }
+
+    #[test]
+    fn a_single_file_is_told_apart_by_its_record_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ood.bin");
+        for (kind, classes) in [(CifarKind::Cifar10, 10), (CifarKind::Cifar100, 100)] {
+            let bytes: Vec<u8> = (0..4).flat_map(|l| record(kind, l, l)).collect();
+            std::fs::write(&path, bytes).unwrap();
+            let data = Cifar::open_file(&path).unwrap();
+            assert_eq!(
+                (data.kind(), data.len(), data.num_classes()),
+                (kind, 4, classes)
+            );
+        }
+        std::fs::write(&path, [0u8; 100]).unwrap();
+        let err = Cifar::open_file(&path).err().unwrap().to_string();
+        assert!(err.contains("ood.bin") && err.contains("neither"), "{err}");
     }
 
     #[test]

@@ -209,6 +209,29 @@ impl ImageFolder {
         Ok(folder)
     }
 
+    /// Every image directly in `dir` or in its immediate subfolders, all labelled 0 (an
+    /// out-of-distribution set as ODIN distributes them, e.g. `Imagenet_resize/Imagenet/*.jpg`).
+    pub fn open_unlabelled(dir: &Path) -> Result<Self, DataError> {
+        if !dir.is_dir() {
+            return Err(DataError::Missing {
+                dataset: "image folder",
+                path: dir.to_path_buf(),
+                hint: "expected a folder of .jpg/.jpeg/.png files (or of folders of them)".into(),
+            });
+        }
+        let mut folder = Self::empty(dir, vec!["images".into()]);
+        for image in images_in(dir)? {
+            folder.push(&file_name(&image), 0);
+        }
+        for sub in read_dir_sorted(dir)?.into_iter().filter(|p| p.is_dir()) {
+            for image in images_in(&sub)? {
+                folder.push(&format!("{}/{}", file_name(&sub), file_name(&image)), 0);
+            }
+        }
+        folder.check_not_empty()?;
+        Ok(folder)
+    }
+
     /// The sorted names of the class folders in `dir` (their files are not listed).
     pub fn class_names(dir: &Path) -> Result<Vec<String>, DataError> {
         if !dir.is_dir() {

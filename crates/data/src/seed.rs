@@ -20,6 +20,8 @@ pub enum Stream {
     Mix = 5,
     /// Stochastic layers inside the model (ShakeDrop's gates and scales).
     Regularize = 6,
+    /// The analyses' draws: synthetic out-of-distribution images, in-between-class pairs.
+    Analysis = 7,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

@@ -140,12 +140,17 @@ fn val_loader(config: &Config, val: Arc<dyn Dataset>) -> Loader {
 }
 
 /// The validation examples `data.val_limit` keeps (`None`: all of them, in order).
-fn val_subset(config: &Config, len: usize) -> Option<Vec<usize>> {
+pub fn val_subset(config: &Config, len: usize) -> Option<Vec<usize>> {
     subset(config.seed, 1, len, config.data.val_limit)
 }
 
-/// The validation loader over `indices` of `val` (all of them when `None`).
-fn val_loader_over(config: &Config, val: Arc<dyn Dataset>, indices: Option<Vec<usize>>) -> Loader {
+/// A loader over `indices` of `val` (all of them when `None`), in order, with the config's
+/// evaluation transform and batch size.
+pub fn val_loader_over(
+    config: &Config,
+    val: Arc<dyn Dataset>,
+    indices: Option<Vec<usize>>,
+) -> Loader {
     let (_, transform, mean, std) = transforms(config);
     Loader::new(
         val,
@@ -212,13 +217,23 @@ pub fn build(config: &Config) -> Result<Datasets> {
 /// class numbering taken from the names of `root/train`'s class folders (their files are not
 /// listed), or from `root/val`'s own folders when there is no `root/train`.
 pub fn build_val(config: &Config) -> Result<Loader> {
-    let data = &config.data;
-    let val: Arc<dyn Dataset> = match data.dataset {
+    Ok(val_loader(config, val_dataset(config)?))
+}
+
+/// The validation split [`build_val`] loads, unsubsampled (`data.val_limit` not applied).
+pub fn val_dataset(config: &Config) -> Result<Arc<dyn Dataset>> {
+    let val: Arc<dyn Dataset> = match config.data.dataset {
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => Arc::new(open_cifar(config, Split::Test)?),
         DatasetKind::Imagefolder | DatasetKind::Cub => Arc::new(val_images(config)?),
     };
     check_classes(config, val.num_classes())?;
-    Ok(val_loader(config, val))
+    Ok(val)
+}
+
+/// The evaluation transform of a config and its normalisation (mean, std).
+pub fn eval_transform(config: &Config) -> (Transform, [f32; 3], [f32; 3]) {
+    let (_, transform, mean, std) = transforms(config);
+    (transform, mean, std)
 }
 
 /// `root/val` of an `imagefolder` config, classes numbered as [`build_val`] numbers them, or

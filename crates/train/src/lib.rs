@@ -4,6 +4,7 @@
 //! and out (fine-tuning from safetensors / PyTorch / burnpack files, export to safetensors),
 //! and PNG figures of runs.
 
+pub mod analyze;
 pub mod backend;
 pub mod bench;
 pub mod cam_figure;

@@ -29,18 +29,57 @@ const PALETTE: [RGBColor; 8] = [
 ];
 
 /// One line of a panel.
-struct Series {
-    label: String,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
-    dashed: bool,
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+    pub dashed: bool,
 }
 
-/// One panel: a title, its y axis and its lines.
-struct Panel {
-    title: &'static str,
-    y_label: &'static str,
-    series: Vec<Series>,
+impl Series {
+    /// Series `index` of a figure: its palette colour, dashed once the palette is used up.
+    pub fn nth(index: usize, label: String, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            label,
+            points,
+            color: PALETTE[index % PALETTE.len()],
+            dashed: index >= PALETTE.len(),
+        }
+    }
+}
+
+/// Filled bars `[x0, x1] x [0, y]` drawn under a panel's lines (a reliability diagram's bins).
+pub struct Bars {
+    pub label: String,
+    pub bars: Vec<(f64, f64, f64)>,
+}
+
+/// One panel: a title, its axes and its lines.
+pub struct Panel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+    pub bars: Option<Bars>,
+    /// Where the legend goes (the corner the lines leave free).
+    pub legend: SeriesLabelPosition,
+    /// A fixed y range (`None`: from 0, or the lowest value when negative, to the highest).
+    pub y_range: Option<(f64, f64)>,
+}
+
+impl Panel {
+    /// A panel of lines over `x_label`, y from 0, the legend in the lower left.
+    pub fn lines(title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Self {
+        Self {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            series,
+            bars: None,
+            legend: SeriesLabelPosition::LowerLeft,
+            y_range: None,
+        }
+    }
 }
 
 fn register_font() {
@@ -70,18 +109,20 @@ pub fn write_run_curves(name: &str, metrics: &[EpochMetrics], path: &Path) -> Re
             dashed,
         };
     let panels = [
-        Panel {
-            title: "loss",
-            y_label: "cross-entropy",
-            series: vec![
+        Panel::lines(
+            "loss",
+            "epoch",
+            "cross-entropy",
+            vec![
                 series("train (mixed batches)", 0, true, |m| m.train_loss),
                 series("validation", 1, false, |m| m.val_loss),
             ],
-        },
-        Panel {
-            title: "error",
-            y_label: "error (%)",
-            series: vec![
+        ),
+        Panel::lines(
+            "error",
+            "epoch",
+            "error (%)",
+            vec![
                 series("train top-1 (mixed)", 0, true, |m| m.train_top1_err),
                 series("val top-1", 1, false, |m| m.val_top1_err),
                 series("val top-5", 2, false, |m| m.val_top5_err),
@@ -89,12 +130,13 @@ pub fn write_run_curves(name: &str, metrics: &[EpochMetrics], path: &Path) -> Re
                     m.ema_val_top1_err.unwrap_or(f64::NAN)
                 }),
             ],
-        },
-        Panel {
-            title: "learning rate",
-            y_label: "lr (end of epoch)",
-            series: vec![series("lr", 0, false, |m| m.lr)],
-        },
+        ),
+        Panel::lines(
+            "learning rate",
+            "epoch",
+            "lr (end of epoch)",
+            vec![series("lr", 0, false, |m| m.lr)],
+        ),
     ];
     let best = metrics
         .iter()
@@ -115,36 +157,35 @@ pub fn write_comparison(runs: &[(String, Vec<EpochMetrics>)], path: &Path) -> Re
     let by_run = |value: fn(&EpochMetrics) -> f64| -> Vec<Series> {
         runs.iter()
             .enumerate()
-            .map(|(i, (name, metrics))| Series {
-                label: name.clone(),
-                points: points(metrics, value),
-                color: PALETTE[i % PALETTE.len()],
-                dashed: i >= PALETTE.len(),
-            })
+            .map(|(i, (name, metrics))| Series::nth(i, name.clone(), points(metrics, value)))
             .collect()
     };
     let panels = [
-        Panel {
-            title: "validation top-1 error",
-            y_label: "error (%)",
-            series: by_run(|m| m.val_top1_err),
-        },
-        Panel {
-            title: "training loss (mixed batches)",
-            y_label: "cross-entropy",
-            series: by_run(|m| m.train_loss),
-        },
-        Panel {
-            title: "validation loss",
-            y_label: "cross-entropy",
-            series: by_run(|m| m.val_loss),
-        },
+        Panel::lines(
+            "validation top-1 error",
+            "epoch",
+            "error (%)",
+            by_run(|m| m.val_top1_err),
+        ),
+        Panel::lines(
+            "training loss (mixed batches)",
+            "epoch",
+            "cross-entropy",
+            by_run(|m| m.train_loss),
+        ),
+        Panel::lines(
+            "validation loss",
+            "epoch",
+            "cross-entropy",
+            by_run(|m| m.val_loss),
+        ),
     ];
     let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
     write_figure(&names.join(" vs "), &panels, (1500, 460), path)
 }
 
-fn write_figure(
+/// Writes `panels` side by side under `title` as a PNG of `width` x `height` pixels.
+pub fn write_figure(
     title: &str,
     panels: &[Panel],
     (width, height): (u32, u32),
@@ -176,9 +217,21 @@ fn draw(title: &str, panels: &[Panel], pixels: &mut [u8], size: (u32, u32)) -> D
 }
 
 fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> DrawResult {
-    let all = panel.series.iter().flat_map(|s| s.points.iter());
-    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in all {
+    let bar_points = panel.bars.iter().flat_map(|b| {
+        b.bars
+            .iter()
+            .flat_map(|&(x0, x1, y)| [(x0, y), (x1, y), (x0, 0.0)])
+    });
+    let all: Vec<(f64, f64)> = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .chain(bar_points)
+        .collect();
+    let (mut x_min, mut x_max, mut y_min, mut y_max) =
+        (0.0f64, 1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in &all {
+        x_min = x_min.min(x);
         x_max = x_max.max(x);
         y_min = y_min.min(y);
         y_max = y_max.max(y);
@@ -193,24 +246,48 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> Dr
     } else {
         y_low + 1.0
     };
+    let (y_low, y_high) = panel.y_range.unwrap_or((y_low, y_high));
+    let integral = all.iter().all(|(x, _)| x.fract() == 0.0);
     let mut chart = ChartBuilder::on(area)
-        .caption(panel.title, (FAMILY, 18))
+        .caption(&panel.title, (FAMILY, 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max.max(1.0), y_low..y_high)?;
-    let x_labels = (x_max as usize + 1).min(11);
+        .build_cartesian_2d(x_min..x_max.max(x_min + 1e-9), y_low..y_high)?;
+    let x_labels = if integral {
+        ((x_max - x_min) as usize + 1).min(11)
+    } else {
+        11
+    };
+    let x_format = move |x: &f64| {
+        if integral {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.2}")
+        }
+    };
     chart
         .configure_mesh()
-        .x_desc("epoch")
-        .y_desc(panel.y_label)
+        .x_desc(&panel.x_label)
+        .y_desc(&panel.y_label)
         .x_labels(x_labels)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&x_format)
         .label_style((FAMILY, 13))
         .axis_desc_style((FAMILY, 14))
         .bold_line_style(RGBColor(225, 225, 225))
         .light_line_style(WHITE)
         .draw()?;
+    if let Some(bars) = &panel.bars {
+        let fill = RGBColor(0, 114, 178).mix(0.45).filled();
+        chart
+            .draw_series(
+                bars.bars
+                    .iter()
+                    .map(|&(x0, x1, y)| Rectangle::new([(x0, 0.0), (x1, y)], fill)),
+            )?
+            .label(bars.label.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 22, y + 5)], fill));
+    }
     for series in panel.series.iter().filter(|s| !s.points.is_empty()) {
         let style = ShapeStyle::from(&series.color).stroke_width(2);
         let points = series.points.clone();
@@ -235,8 +312,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> Dr
         .label_font((FAMILY, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(200, 200, 200))
-        // Losses, errors and rates fall as training goes on: the lower left is free.
-        .position(SeriesLabelPosition::LowerLeft)
+        .position(panel.legend.clone())
         .draw()?;
     Ok(())
 }

@@ -60,6 +60,29 @@ fn load_keeping(model: Model, path: &Path, classifier: bool) -> Result<(Model, L
     Ok((model, summary))
 }
 
+/// `config`'s model on `device` with the weights of `path`, whose classifier must fit
+/// `model.num_classes` (what `eval`, `localize` and `analyze` take); the summary goes to
+/// stderr.
+pub fn load_for(
+    config: &crate::config::Config,
+    device: &burn::tensor::Device,
+    path: &Path,
+) -> Result<Model> {
+    let model_config = config.model_config()?;
+    let mut rng = cutmix_data::keyed_rng(config.seed, cutmix_data::Stream::Init, 0, 0);
+    let model = model_config.init(&mut rng, device)?;
+    let (model, summary) = load(model, path)?;
+    if !summary.reinitialised.is_empty() {
+        anyhow::bail!(
+            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
+            path.display(),
+            model_config.num_classes
+        );
+    }
+    eprintln!("{}: {summary}", path.display());
+    Ok(model)
+}
+
 /// Which checkpoint of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Which {

@@ -1046,6 +1046,81 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
     assert_eq!(model.classifier().weight.val().into_data(), fresh_fc);
 }
 
+/// FGSM's adversarial batches (8/255 and 2/255, true labels, clipped) and ODIN's perturbed
+/// batch (-0.0014 at temperature 1000, predicted labels) of the PyTorch-written ResNet-8
+/// fixture in evaluation mode equal PyTorch's to 1e-5 (`scripts/check_torch_interop.py
+/// --write-fgsm-fixture`), except where PyTorch's gradient is too small for its sign to be
+/// defined by float rounding.
+#[test]
+fn fgsm_and_odin_batches_equal_pytorchs() {
+    use cutmix_train::analyze::attack::{Attacker, Step, stepped};
+
+    let fixtures = fixtures();
+    let (_, expected) =
+        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_fgsm.safetensors")).unwrap();
+    let floats = |name: &str| fixture_floats(&expected, name);
+    let device = Device::flex().autodiff();
+    let (model, _) =
+        cutmix_train::weights::load(resnet8(5, &device), &fixtures.join("cifar_resnet8.pth.tar"))
+            .unwrap();
+    let attacker = Attacker::new(&model, 10);
+    let input = floats("input");
+    let labels: Vec<usize> = floats("labels").iter().map(|&v| v as usize).collect();
+    let (mean, std) = (cutmix_data::CIFAR_MEAN, cutmix_data::CIFAR_STD);
+    let compare = |ours: &[f32], theirs: &[f32], grad: &[f32], what: &str| {
+        let scale = grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let mut undefined = 0;
+        for ((a, b), g) in ours.iter().zip(theirs).zip(grad) {
+            if g.abs() < 1e-6 * scale {
+                undefined += 1;
+            } else {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{what}: ours {a}, PyTorch's {b} (gradient {g})"
+                );
+            }
+        }
+        assert!(
+            undefined * 1000 < ours.len(),
+            "{what}: {undefined} values of undefined sign"
+        );
+        let moved = ours
+            .iter()
+            .zip(&input)
+            .filter(|(a, x)| (*a - *x).abs() > 1e-4)
+            .count();
+        assert!(
+            moved * 2 > ours.len(),
+            "{what}: the step moved only {moved} values"
+        );
+    };
+    let sign = attacker.gradient_sign(&input, 4, 32, &labels, 1.0);
+    for (eps, name) in [(8.0 / 255.0, "fgsm_8"), (2.0 / 255.0, "fgsm_2")] {
+        let step = Step { eps, clip: true };
+        let ours = stepped(&input, &sign, 32, step, mean, std);
+        compare(&ours, &floats(name), &floats("grad"), name);
+    }
+    let subject_logits = model.valid().forward(burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(input.clone(), [4, 3, 32, 32]),
+        &Device::flex(),
+    ));
+    let predicted: Vec<usize> = subject_logits
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&p| p as usize)
+        .collect();
+    let sign = attacker.gradient_sign(&input, 4, 32, &predicted, 1000.0);
+    let step = Step {
+        eps: -0.0014,
+        clip: false,
+    };
+    let ours = stepped(&input, &sign, 32, step, mean, std);
+    compare(&ours, &floats("odin"), &floats("odin_grad"), "odin");
+}
+
 /// Class activation maps of the PyTorch-written ResNet-8 fixture equal PyTorch's (the last
 /// feature map weighed by `fc.weight`, bilinear upsampling, min-max normalisation; written by
 /// `scripts/check_torch_interop.py --write-cam-fixture`) for every class, to 1e-4.

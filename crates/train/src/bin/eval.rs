@@ -5,11 +5,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::module::Module;
 use clap::Parser;
 
-use cutmix_data::{Stream, keyed_rng};
 use cutmix_models::{HostData, HostTensor, write_safetensors};
 use cutmix_train::backend;
 use cutmix_train::config::{BackendChoice, Config};
@@ -45,18 +44,8 @@ fn run(args: Args) -> Result<()> {
         config.backend = backend;
     }
     let backend = backend::select(config.backend)?;
-    let model_config = config.model_config()?;
-    let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
-    let model = model_config.init(&mut rng, &backend.device)?;
-    let (model, summary) = weights::load(model, &args.weights)?;
-    if !summary.reinitialised.is_empty() {
-        bail!(
-            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
-            args.weights.display(),
-            model_config.num_classes
-        );
-    }
-    eprintln!("{}: {summary}", args.weights.display());
+    let num_classes = config.model.num_classes;
+    let model = weights::load_for(&config, &backend.device, &args.weights)?;
     let val = datasets::build_val(&config)?;
     let model = model.valid();
     if let Some(path) = &args.dump {
@@ -80,7 +69,7 @@ fn run(args: Args) -> Result<()> {
             path.display()
         );
     }
-    let tally = evaluate(&model, &val, model_config.num_classes, &backend.device)?;
+    let tally = evaluate(&model, &val, num_classes, &backend.device)?;
     for line in tally.skipped_report("validation") {
         eprintln!("{line}");
     }

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use clap::Parser;
 
-use cutmix_data::{BoxTable, Stream, keyed_rng};
+use cutmix_data::BoxTable;
 use cutmix_train::backend;
 use cutmix_train::cam_figure;
 use cutmix_train::config::{BackendChoice, Config, DatasetKind};
@@ -109,7 +109,7 @@ fn run(args: Args) -> Result<()> {
     let mut figures = Vec::new();
     let mut size = 0;
     for (number, path) in args.weights.iter().enumerate() {
-        let model = load_model(&config, &backend.device, path)?;
+        let model = weights::load_for(&config, &backend.device, path)?;
         let found = localize(&model.valid(), &config, &table, options, &backend.device)?;
         if let Some(first) = found.clipped.first().filter(|_| number == 0) {
             eprintln!(
@@ -148,27 +148,6 @@ fn run(args: Args) -> Result<()> {
 /// Percent with two decimals, as the other tools print them.
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
-}
-
-/// The config's model with the weights of `path`, whose classifier must fit the config.
-fn load_model(
-    config: &Config,
-    device: &burn::tensor::Device,
-    path: &std::path::Path,
-) -> Result<cutmix_models::Model> {
-    let model_config = config.model_config()?;
-    let mut rng = keyed_rng(config.seed, Stream::Init, 0, 0);
-    let model = model_config.init(&mut rng, device)?;
-    let (model, summary) = weights::load(model, path)?;
-    if !summary.reinitialised.is_empty() {
-        bail!(
-            "{}: the classifier does not fit model.num_classes = {} ({summary}); set model.num_classes to the file's",
-            path.display(),
-            model_config.num_classes
-        );
-    }
-    eprintln!("{}: {summary}", path.display());
-    Ok(model)
 }
 
 fn main() -> ExitCode {

@@ -27,6 +27,7 @@ use cutmix_data::{Stream, keyed_rng};
 use cutmix_models::{Arch, Model, ModelConfig, count_params};
 
 pub use epoch::evaluate;
+pub use progress::progress_bar;
 pub use run::train;
 pub use stats::{DeviceTally, batch_stats, host_reads};
 pub use step::{
