@@ -1046,6 +1046,166 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
     assert_eq!(model.classifier().weight.val().into_data(), fresh_fc);
 }
 
+/// `analyze` end to end on the PyTorch-written ResNet-8 and 64 real validation images: each
+/// analysis agrees with `eval` where it must (no attack, no hole, a hole the size of the image
+/// for boundary occlusion, lambda 0 and 1 for both mixes), writes its figure, and each bad input
+/// is named on the error's first line.
+#[test]
+fn analyze_runs_every_analysis_and_names_bad_input() {
+    let out = tempfile::tempdir().unwrap();
+    let weights = fixtures()
+        .join("cifar_resnet8.pth.tar")
+        .display()
+        .to_string();
+    let config = repo().join("configs/quickstart.toml").display().to_string();
+    let sets = with_sets(&[
+        "backend=flex".into(),
+        format!("data.root={}", mini().display()),
+        "model.depth=8".into(),
+        "data.val_limit=64".into(),
+    ]);
+    let analyze = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend([
+            "--config".into(),
+            config.clone(),
+            "--weights".into(),
+            weights.clone(),
+        ]);
+        all.extend(sets.iter().cloned());
+        command(env!("CARGO_BIN_EXE_analyze"), &all)
+    };
+    let json = |output: &Output| -> serde_json::Value {
+        assert!(output.status.success(), "{}", stderr(output));
+        serde_json::from_slice(output.stdout.trim_ascii_end()).unwrap()
+    };
+    let mut eval_args = vec![
+        "--config".to_string(),
+        config.clone(),
+        "--weights".into(),
+        weights.clone(),
+    ];
+    eval_args.extend(sets.iter().cloned());
+    let evaluated = json(&command(env!("CARGO_BIN_EXE_eval"), &eval_args));
+    let clean_err = evaluated["top1_err"].as_f64().unwrap();
+    let is_clean = |v: &serde_json::Value| (v.as_f64().unwrap() - clean_err).abs() < 0.006;
+    let figure = |name: &str| out.path().join(name).display().to_string();
+
+    let fgsm = json(&analyze(&[
+        "fgsm",
+        "--eps",
+        "0,8/255",
+        "--figure",
+        &figure("fgsm.png"),
+    ]));
+    assert_eq!(fgsm["images"], 64);
+    assert!(is_clean(&fgsm["top1_err"][0]), "{fgsm}");
+    assert_eq!(fgsm["eps"][1], 0.031373);
+    assert!(
+        fgsm["top1_acc"][1].as_f64() <= fgsm["clean_top1_acc"].as_f64(),
+        "{fgsm}"
+    );
+
+    let occlusion = json(&analyze(&[
+        "occlusion",
+        "--sizes",
+        "0,16,32",
+        "--figure",
+        &figure("occlusion.png"),
+    ]));
+    assert!(is_clean(&occlusion["centre_top1_err"][0]), "{occlusion}");
+    assert!(is_clean(&occlusion["boundary_top1_err"][2]), "{occlusion}");
+    assert_eq!(occlusion["fill"], "black");
+
+    let between = json(&analyze(&[
+        "between",
+        "--steps",
+        "3",
+        "--pairs",
+        "48",
+        "--figure",
+        &figure("between.png"),
+    ]));
+    for k in [0, 2] {
+        assert_eq!(
+            between["mixup_neither"][k], between["cutmix_neither"][k],
+            "{between}"
+        );
+    }
+    assert!(between["pairs"].as_u64().unwrap() > 30, "{between}");
+
+    let cat = mini().join("train/cat").display().to_string();
+    let ood = json(&analyze(&[
+        "ood",
+        "--ood",
+        "uniform",
+        "--ood",
+        &cat,
+        "--synthetic-images",
+        "32",
+        "--figure",
+        &figure("ood.png"),
+    ]));
+    assert_eq!(ood["sets"]["uniform"]["images"], 32, "{ood}");
+    assert_eq!(ood["sets"]["cat"]["images"], 200, "{ood}");
+    let auroc = ood["mean"]["auroc"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&auroc), "{ood}");
+
+    let calibrated = json(&analyze(&[
+        "calibration",
+        "--fit-temperature",
+        "--figure",
+        &figure("reliability.png"),
+    ]));
+    assert!(is_clean(&calibrated["top1_err"]), "{calibrated}");
+    assert_eq!(calibrated["held_out_after"]["images"], 32, "{calibrated}");
+    assert!(calibrated["temperature"].as_f64().unwrap() > 0.0);
+    for name in [
+        "fgsm.png",
+        "occlusion.png",
+        "between.png",
+        "ood.png",
+        "reliability.png",
+    ] {
+        let png = image::open(out.path().join(name)).expect("a PNG");
+        assert!(png.width() >= 520 && png.height() == 460, "{name}");
+    }
+
+    // Bad input: the first line of the error names the flag, folder or file.
+    let empty = out.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty_arg = empty.display().to_string();
+    for (args, needles) in [
+        (vec!["fgsm", "--eps", "2"], vec!["--eps", "not in [0, 1]"]),
+        (vec!["fgsm", "--eps", "x/255"], vec!["--eps"]),
+        (
+            vec!["ood", "--ood", "/nowhere/lsun"],
+            vec!["--ood /nowhere/lsun"],
+        ),
+        (vec!["ood", "--ood", &empty_arg], vec!["empty", "no images"]),
+        (vec!["between", "--steps", "1"], vec!["--steps 1"]),
+        (vec!["occlusion", "--sizes", "40"], vec!["--sizes", "40"]),
+        (
+            vec!["calibration", "--set", "model.num_classes=12"],
+            vec!["cifar_resnet8.pth.tar", "model.num_classes"],
+        ),
+    ] {
+        let output = analyze(&args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let message = stderr(&output);
+        let first = message
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("");
+        for needle in needles {
+            assert!(
+                first.contains(needle),
+                "{args:?}: `{needle}` not in {message}"
+            );
+        }
+    }
+}
+
 /// FGSM's adversarial batches (8/255 and 2/255, true labels, clipped) and ODIN's perturbed
 /// batch (-0.0014 at temperature 1000, predicted labels) of the PyTorch-written ResNet-8
 /// fixture in evaluation mode equal PyTorch's to 1e-5 (`scripts/check_torch_interop.py

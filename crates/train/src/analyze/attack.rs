@@ -103,47 +103,6 @@ pub fn stepped(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn steps_are_in_pixel_units_and_clipped_when_asked() {
-        let (mean, std) = ([0.5, 0.25, 0.0], [0.5, 0.25, 1.0]);
-        // One 1x1 image: pixels 0.9, 0.5, 0.0 (normalised 0.8, 1.0, 0.0).
-        let images = [0.8, 1.0, 0.0];
-        let sign = [1.0, -1.0, -1.0];
-        let up = stepped(
-            &images,
-            &sign,
-            1,
-            Step {
-                eps: 0.2,
-                clip: true,
-            },
-            mean,
-            std,
-        );
-        // 0.9 + 0.2 -> 1.0 (clipped); 0.5 - 0.2 = 0.3; 0.0 - 0.2 -> 0.0 (clipped).
-        let want = [(1.0 - 0.5) / 0.5, (0.3 - 0.25) / 0.25, 0.0];
-        for (got, want) in up.iter().zip(want) {
-            assert!((got - want).abs() < 1e-6, "{up:?}");
-        }
-        let free = stepped(
-            &images,
-            &sign,
-            1,
-            Step {
-                eps: 0.2,
-                clip: false,
-            },
-            mean,
-            std,
-        );
-        assert!((free[0] - (1.1 - 0.5) / 0.5).abs() < 1e-6 && (free[2] + 0.2).abs() < 1e-6);
-    }
-}
-
 /// FGSM's top-1 accuracy (a fraction) at each `eps`, and without the attack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FgsmSweep {
@@ -185,4 +144,45 @@ pub fn fgsm_sweep(
         clean_acc: fraction(clean),
         acc: right.into_iter().map(fraction).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_in_pixel_units_and_clipped_when_asked() {
+        let (mean, std) = ([0.5, 0.25, 0.0], [0.5, 0.25, 1.0]);
+        // One 1x1 image: pixels 0.9, 0.5, 0.0 (normalised 0.8, 1.0, 0.0).
+        let images = [0.8, 1.0, 0.0];
+        let sign = [1.0, -1.0, -1.0];
+        let up = stepped(
+            &images,
+            &sign,
+            1,
+            Step {
+                eps: 0.2,
+                clip: true,
+            },
+            mean,
+            std,
+        );
+        // 0.9 + 0.2 -> 1.0 (clipped); 0.5 - 0.2 = 0.3; 0.0 - 0.2 -> 0.0 (clipped).
+        let want = [(1.0 - 0.5) / 0.5, (0.3 - 0.25) / 0.25, 0.0];
+        for (got, want) in up.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{up:?}");
+        }
+        let free = stepped(
+            &images,
+            &sign,
+            1,
+            Step {
+                eps: 0.2,
+                clip: false,
+            },
+            mean,
+            std,
+        );
+        assert!((free[0] - (1.1 - 0.5) / 0.5).abs() < 1e-6 && (free[2] + 0.2).abs() < 1e-6);
+    }
 }

@@ -45,32 +45,6 @@ pub fn mix(a: &mut [f32], b: &[f32], size: usize, lam: f64, how: Mix) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mixup_blends_and_cutmix_pastes_a_centred_square_of_the_right_area() {
-        let size = 8;
-        let a = vec![1.0f32; 3 * size * size];
-        let b = vec![3.0f32; 3 * size * size];
-        let mut m = a.clone();
-        mix(&mut m, &b, size, 0.25, Mix::Mixup);
-        assert!(m.iter().all(|&v| (v - 2.5).abs() < 1e-6));
-        for (lam, side) in [(1.0, 0), (0.75, 4), (0.0, 8)] {
-            assert_eq!(cutmix_side(size, lam), side);
-            let mut c = a.clone();
-            mix(&mut c, &b, size, lam, Mix::Cutmix);
-            let from_b = c.iter().filter(|&&v| v == 3.0).count();
-            assert_eq!(from_b, 3 * side * side, "lam {lam}");
-            let (start, _) = centred(size, side);
-            if side > 0 {
-                assert_eq!(c[start * size + start], 3.0);
-            }
-        }
-    }
-}
-
 /// The rate (a fraction) of predicting neither class of a pair, per method and lambda.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BetweenSweep {
@@ -141,4 +115,30 @@ pub fn between_sweep(
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixup_blends_and_cutmix_pastes_a_centred_square_of_the_right_area() {
+        let size = 8;
+        let a = vec![1.0f32; 3 * size * size];
+        let b = vec![3.0f32; 3 * size * size];
+        let mut m = a.clone();
+        mix(&mut m, &b, size, 0.25, Mix::Mixup);
+        assert!(m.iter().all(|&v| (v - 2.5).abs() < 1e-6));
+        for (lam, side) in [(1.0, 0), (0.75, 4), (0.0, 8)] {
+            assert_eq!(cutmix_side(size, lam), side);
+            let mut c = a.clone();
+            mix(&mut c, &b, size, lam, Mix::Cutmix);
+            let from_b = c.iter().filter(|&&v| v == 3.0).count();
+            assert_eq!(from_b, 3 * side * side, "lam {lam}");
+            let (start, _) = centred(size, side);
+            if side > 0 {
+                assert_eq!(c[start * size + start], 3.0);
+            }
+        }
+    }
 }

@@ -56,38 +56,6 @@ pub fn occlude(images: &mut [f32], size: usize, side: usize, kind: Occlusion, fi
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_hole_is_centred_and_the_two_kinds_are_complements() {
-        assert_eq!(centred(32, 0), (16, 16));
-        assert_eq!(centred(32, 5), (13, 18));
-        assert_eq!(centred(32, 32), (0, 32));
-        let size = 6;
-        let image: Vec<f32> = (0..3 * size * size).map(|v| v as f32 + 1.0).collect();
-        let fill = [-1.0, -2.0, -3.0];
-        let mut centre = image.clone();
-        occlude(&mut centre, size, 2, Occlusion::Centre, fill);
-        let mut boundary = image.clone();
-        occlude(&mut boundary, size, 2, Occlusion::Boundary, fill);
-        let mut filled = 0;
-        for i in 0..image.len() {
-            let (c, y, x) = (i / 36, i / 6 % 6, i % 6);
-            let inside = (2..4).contains(&y) && (2..4).contains(&x);
-            assert_eq!(centre[i], if inside { fill[c] } else { image[i] });
-            assert_eq!(boundary[i], if inside { image[i] } else { fill[c] });
-            filled += usize::from(inside);
-        }
-        assert_eq!(filled, 12);
-        let mut none = image.clone();
-        occlude(&mut none, size, 0, Occlusion::Centre, fill);
-        assert_eq!(none, image);
-        assert_eq!(Fill::Mean.value([0.5; 3]), [0.0; 3]);
-    }
-}
-
 /// Top-1 error (a fraction) per occlusion kind and hole side.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OcclusionSweep {
@@ -136,4 +104,36 @@ pub fn occlusion_sweep(
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hole_is_centred_and_the_two_kinds_are_complements() {
+        assert_eq!(centred(32, 0), (16, 16));
+        assert_eq!(centred(32, 5), (13, 18));
+        assert_eq!(centred(32, 32), (0, 32));
+        let size = 6;
+        let image: Vec<f32> = (0..3 * size * size).map(|v| v as f32 + 1.0).collect();
+        let fill = [-1.0, -2.0, -3.0];
+        let mut centre = image.clone();
+        occlude(&mut centre, size, 2, Occlusion::Centre, fill);
+        let mut boundary = image.clone();
+        occlude(&mut boundary, size, 2, Occlusion::Boundary, fill);
+        let mut filled = 0;
+        for i in 0..image.len() {
+            let (c, y, x) = (i / 36, i / 6 % 6, i % 6);
+            let inside = (2..4).contains(&y) && (2..4).contains(&x);
+            assert_eq!(centre[i], if inside { fill[c] } else { image[i] });
+            assert_eq!(boundary[i], if inside { image[i] } else { fill[c] });
+            filled += usize::from(inside);
+        }
+        assert_eq!(filled, 12);
+        let mut none = image.clone();
+        occlude(&mut none, size, 0, Occlusion::Centre, fill);
+        assert_eq!(none, image);
+        assert_eq!(Fill::Mean.value([0.5; 3]), [0.0; 3]);
+    }
 }

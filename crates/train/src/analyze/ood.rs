@@ -159,6 +159,35 @@ impl Scorer<'_> {
     }
 }
 
+/// The scores of every image of a set, in order.
+pub fn set_scores(
+    scorer: &Scorer,
+    set: &OodSet,
+    seed: u64,
+    size: usize,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let mut scores = Vec::with_capacity(set.len());
+    match set {
+        OodSet::Images(loader) => super::each_batch(loader, "scores", |b| {
+            let n = b.len();
+            scores.extend(scorer.scores(b.images, n, b.size));
+            Ok(())
+        })?,
+        OodSet::Synthetic { source, count } => {
+            let s = scorer.subject;
+            let mut first = 0;
+            while first < *count {
+                let n = batch.min(count - first);
+                let images = synthetic(source, seed, (first, n), size, (s.mean, s.std));
+                scores.extend(scorer.scores(images, n, size));
+                first += n;
+            }
+        }
+    }
+    Ok(scores)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,33 +223,4 @@ mod tests {
         let err = OodSource::parse("/nowhere/lsun").unwrap_err().to_string();
         assert!(err.contains("--ood /nowhere/lsun"), "{err}");
     }
-}
-
-/// The scores of every image of a set, in order.
-pub fn set_scores(
-    scorer: &Scorer,
-    set: &OodSet,
-    seed: u64,
-    size: usize,
-    batch: usize,
-) -> Result<Vec<f32>> {
-    let mut scores = Vec::with_capacity(set.len());
-    match set {
-        OodSet::Images(loader) => super::each_batch(loader, "scores", |b| {
-            let n = b.len();
-            scores.extend(scorer.scores(b.images, n, b.size));
-            Ok(())
-        })?,
-        OodSet::Synthetic { source, count } => {
-            let s = scorer.subject;
-            let mut first = 0;
-            while first < *count {
-                let n = batch.min(count - first);
-                let images = synthetic(source, seed, (first, n), size, (s.mean, s.std));
-                scores.extend(scorer.scores(images, n, size));
-                first += n;
-            }
-        }
-    }
-    Ok(scores)
 }
