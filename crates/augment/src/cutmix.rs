@@ -1,5 +1,6 @@
 //! CutMix: the reference's `train.py` form (one decision, one lambda, one partner permutation
-//! and one box per batch) and the per-image form, lambda corrected to the exact pasted area.
+//! and one box per batch) and the per-image form, lambda corrected to the exact pasted area;
+//! and the paper's Table 8 variants of it ([`Variant`]).
 
 use rand::{Rng, RngExt};
 use rand_distr::{Beta, Distribution};
@@ -14,6 +15,40 @@ pub struct CutMix {
     pub prob: f64,
     pub mode: Mode,
     pub partner: Partner,
+    pub variant: Variant,
+}
+
+/// Where a box's centre is drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Centre {
+    /// Uniformly over every pixel (CutMix).
+    #[default]
+    Uniform,
+    /// From a Gaussian around the image centre with standard deviation `sigma` times the side,
+    /// rounded down and clamped to the image (the paper's centre-Gaussian CutMix).
+    Gaussian { sigma: f64 },
+}
+
+/// How a mixed image's target weighs its own label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Targets {
+    /// By the share of its own pixels (CutMix's corrected lambda).
+    #[default]
+    Area,
+    /// All of it to the label with the larger area, its own on a tie (one-hot CutMix).
+    OneHot,
+    /// Half to each label whatever the areas, once any pixel is pasted (complete-label CutMix).
+    Complete,
+}
+
+/// The paper's Table 8 variants of CutMix; the default is CutMix itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Variant {
+    pub centre: Centre,
+    /// A fixed box side in pixels (clipped to the image) instead of one drawn from lambda:
+    /// fixed-size CutMix (16 at 32x32, lambda 0.75 before clipping).
+    pub box_size: Option<usize>,
+    pub targets: Targets,
 }
 
 /// A pasted region: rows `y1..y2`, columns `x1..x2` (half-open, possibly empty).
@@ -51,6 +86,17 @@ impl CutBox {
     ) -> Self {
         let cy = rng.random_range(0..height);
         let cx = rng.random_range(0..width);
+        Self::around(height, width, (cut_h, cut_w), cy, cx)
+    }
+
+    /// The box of `cut_h x cut_w` around `(cy, cx)`, extending `cut / 2` each way and clipped.
+    fn around(
+        height: usize,
+        width: usize,
+        (cut_h, cut_w): (usize, usize),
+        cy: usize,
+        cx: usize,
+    ) -> Self {
         Self {
             y1: cy.saturating_sub(cut_h / 2),
             y2: (cy + cut_h / 2).min(height),
@@ -59,13 +105,40 @@ impl CutBox {
         }
     }
 
+    /// A box of `cut_h x cut_w` around a centre drawn from a Gaussian at the image centre with
+    /// standard deviation `sigma` times each side, rounded down and clamped to the image.
+    pub fn around_gaussian_centre(
+        height: usize,
+        width: usize,
+        cut: (usize, usize),
+        sigma: f64,
+        rng: &mut impl Rng,
+    ) -> Self {
+        let normal = rand_distr::StandardNormal;
+        let mut coordinate = |side: usize| {
+            let z: f64 = normal.sample(rng);
+            ((side as f64 / 2.0 + sigma * side as f64 * z).floor()).clamp(0.0, (side - 1) as f64)
+                as usize
+        };
+        let cy = coordinate(height);
+        let cx = coordinate(width);
+        Self::around(height, width, cut, cy, cx)
+    }
+
     /// The reference's box for a sampled `lambda`: `int(side * sqrt(1 - lambda))` per side.
     pub fn sample(height: usize, width: usize, lambda: f64, rng: &mut impl Rng) -> Self {
-        let ratio = (1.0 - lambda).max(0.0).sqrt();
-        let cut_h = (height as f64 * ratio) as usize;
-        let cut_w = (width as f64 * ratio) as usize;
+        let (cut_h, cut_w) = cut_sides(height, width, lambda);
         Self::around_random_centre(height, width, cut_h, cut_w, rng)
     }
+}
+
+/// `int(side * sqrt(1 - lambda))` per side.
+fn cut_sides(height: usize, width: usize, lambda: f64) -> (usize, usize) {
+    let ratio = (1.0 - lambda).max(0.0).sqrt();
+    (
+        (height as f64 * ratio) as usize,
+        (width as f64 * ratio) as usize,
+    )
 }
 
 impl CutBox {
@@ -85,11 +158,63 @@ impl CutMix {
             .sample(rng)
     }
 
-    /// Samples lambda, then the box; returns the box and the corrected lambda
-    /// ([`CutBox::kept_share`]).
+    /// lambda as sampled, unless the variant fixes the box's size (then nothing is drawn).
+    fn sample_lambda_if_needed(&self, rng: &mut impl Rng) -> Option<f64> {
+        self.variant
+            .box_size
+            .is_none()
+            .then(|| self.sample_lambda(rng))
+    }
+
+    /// The box for `sampled` (or the variant's fixed size) around the variant's centre.
+    fn place_box(
+        &self,
+        height: usize,
+        width: usize,
+        sampled: Option<f64>,
+        rng: &mut impl Rng,
+    ) -> CutBox {
+        let cut = match (self.variant.box_size, sampled) {
+            (Some(side), _) => (side.min(height), side.min(width)),
+            (None, lambda) => cut_sides(height, width, lambda.expect("lambda was sampled")),
+        };
+        match self.variant.centre {
+            Centre::Uniform => CutBox::around_random_centre(height, width, cut.0, cut.1, rng),
+            Centre::Gaussian { sigma } => {
+                CutBox::around_gaussian_centre(height, width, cut, sigma, rng)
+            }
+        }
+    }
+
+    /// The weight of an image's own label once `cut` is pasted into it: the corrected lambda
+    /// ([`CutBox::kept_share`]), or the variant's rule.
+    pub fn target_lambda(&self, cut: &CutBox, height: usize, width: usize) -> f32 {
+        let kept = cut.kept_share(height, width);
+        match self.variant.targets {
+            Targets::Area => kept,
+            Targets::OneHot => {
+                if kept >= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Targets::Complete => {
+                if cut.area() > 0 {
+                    0.5
+                } else {
+                    1.0
+                }
+            }
+        }
+    }
+
+    /// Samples lambda, then the box; returns the box and its target weight
+    /// ([`CutMix::target_lambda`]).
     pub fn draw_box(&self, height: usize, width: usize, rng: &mut impl Rng) -> (CutBox, f32) {
-        let cut = CutBox::sample(height, width, self.sample_lambda(rng), rng);
-        (cut, cut.kept_share(height, width))
+        let sampled = self.sample_lambda_if_needed(rng);
+        let cut = self.place_box(height, width, sampled, rng);
+        (cut, self.target_lambda(&cut, height, width))
     }
 
     /// The draws for a batch. `Batch` mode follows the reference's order: `r < prob` (and
@@ -105,11 +230,11 @@ impl CutMix {
                 if rng.random::<f64>() >= self.prob {
                     return draw;
                 }
-                let sampled = self.sample_lambda(rng);
+                let sampled = self.sample_lambda_if_needed(rng);
                 draw.partners = self.partner.draw(batch, rng);
-                let cut = CutBox::sample(height, width, sampled, rng);
+                let cut = self.place_box(height, width, sampled, rng);
                 draw.boxes = vec![cut; batch];
-                draw.lambdas = vec![cut.kept_share(height, width); batch];
+                draw.lambdas = vec![self.target_lambda(&cut, height, width); batch];
             }
             Mode::Elem => {
                 draw.partners = self.partner.draw(batch, rng);
@@ -150,6 +275,7 @@ mod tests {
             prob: 1.0,
             mode: Mode::Batch,
             partner: Partner::Permutation,
+            variant: Default::default(),
         };
         let (batch, side, classes) = (6, 13, 5);
         let labels = [0, 1, 2, 3, 4, 0];
@@ -190,6 +316,7 @@ mod tests {
             prob: 0.0,
             mode: Mode::Batch,
             partner: Partner::Permutation,
+            variant: Default::default(),
         })
         .apply(
             images.clone(),
@@ -228,6 +355,7 @@ mod tests {
             prob: 1.0,
             mode: Mode::Batch,
             partner: Partner::Permutation,
+            variant: Default::default(),
         };
         let mut rng = StdRng::seed_from_u64(9);
         let n = 20_000;

@@ -14,7 +14,7 @@ mod partner;
 #[cfg(test)]
 mod properties;
 
-pub use cutmix::{CutBox, CutMix};
+pub use cutmix::{Centre, CutBox, CutMix, Targets, Variant};
 pub use cutout::Cutout;
 pub use mask::box_masks;
 pub use mixup::Mixup;
@@ -189,6 +189,20 @@ pub enum Mixing {
 }
 
 impl Mixing {
+    /// The same mixing applied to `factor` times as many batches (or images): every
+    /// probability of mixing at all scaled (scheduled CutMix ramps it over training).
+    pub fn with_prob_scaled(&self, factor: f64) -> Mixing {
+        let mut scaled = self.clone();
+        match &mut scaled {
+            Self::None => {}
+            Self::CutMix(m) => m.prob *= factor,
+            Self::Mixup(m) => m.prob *= factor,
+            Self::Cutout(m) => m.prob *= factor,
+            Self::CutMixOrMixup(m) => m.cutmix.prob *= factor,
+        }
+        scaled
+    }
+
     /// The draws for a `batch` of `height x width` images.
     pub fn draw(&self, batch: usize, height: usize, width: usize, rng: &mut impl Rng) -> Draw {
         match self {

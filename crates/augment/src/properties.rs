@@ -22,6 +22,7 @@ fn methods(prob: f64) -> Vec<(String, Mixing)> {
                 prob,
                 mode,
                 partner,
+                variant: Default::default(),
             };
             let mixup = Mixup {
                 alpha: 0.4,
@@ -43,7 +44,54 @@ fn methods(prob: f64) -> Vec<(String, Mixing)> {
         }
     }
     all.push(("cutout".into(), Mixing::Cutout(Cutout { size: 5, prob })));
+    for (tag, variant) in table8_variants() {
+        for mode in [Mode::Batch, Mode::Elem] {
+            let cutmix = CutMix {
+                beta: 1.0,
+                prob,
+                mode,
+                partner: Partner::Permutation,
+                variant,
+            };
+            all.push((format!("cutmix {tag} {mode:?}"), Mixing::CutMix(cutmix)));
+        }
+    }
     all
+}
+
+/// The paper's Table 8 variants (scheduled CutMix is CutMix with a ramped probability:
+/// [`Mixing::with_prob_scaled`]).
+fn table8_variants() -> Vec<(&'static str, Variant)> {
+    vec![
+        (
+            "centre-gaussian",
+            Variant {
+                centre: Centre::Gaussian { sigma: 0.1 },
+                ..Variant::default()
+            },
+        ),
+        (
+            "fixed-size",
+            Variant {
+                box_size: Some(4),
+                ..Variant::default()
+            },
+        ),
+        (
+            "one-hot",
+            Variant {
+                targets: Targets::OneHot,
+                ..Variant::default()
+            },
+        ),
+        (
+            "complete-label",
+            Variant {
+                targets: Targets::Complete,
+                ..Variant::default()
+            },
+        ),
+    ]
 }
 
 fn random_batch(batch: usize, channels: usize, side: usize, seed: u64) -> Vec<f32> {
@@ -121,8 +169,10 @@ fn the_batched_result_equals_a_per_image_loop_and_targets_are_consistent() {
                 } else {
                     assert_eq!(nonzero, 1, "{name}: one class in row {i}");
                 }
-                // CutMix's lambda is the counted share of the image's own pixels.
-                if draw.blends[i] == 1.0 && !draw.zero_fill && partner != labels[i] {
+                // CutMix's lambda is the counted share of the image's own pixels (the target
+                // variants have their own rules, tested below).
+                let by_area = !name.contains("one-hot") && !name.contains("complete");
+                if by_area && draw.blends[i] == 1.0 && !draw.zero_fill && partner != labels[i] {
                     let own = (side * side - draw.boxes[i].area()) as f32 / (side * side) as f32;
                     assert_eq!(lambda, own, "{name}: lambda of image {i}");
                 }
@@ -157,6 +207,7 @@ fn elem_mode_draws_each_image_its_own_box_and_lambda() {
         prob: 1.0,
         mode: Mode::Elem,
         partner: Partner::Permutation,
+        variant: Default::default(),
     };
     let draw = cutmix.draw(32, 32, 32, &mut StdRng::seed_from_u64(0));
     let distinct: std::collections::BTreeSet<_> = draw
@@ -185,6 +236,7 @@ fn box_starts_cover_every_row_and_column_in_both_modes() {
             prob: 1.0,
             mode,
             partner: Partner::Permutation,
+            variant: Default::default(),
         };
         let mut rng = StdRng::seed_from_u64(11);
         let (mut starts, mut ends) = ([0usize; 8], [0usize; 9]);
@@ -234,6 +286,7 @@ fn corrected_lambda_statistics_match_a_direct_simulation_of_the_reference() {
             prob: 1.0,
             mode: Mode::Elem,
             partner: Partner::Permutation,
+            variant: Default::default(),
         };
         let mut ours_rng = StdRng::seed_from_u64(5);
         let ours: Vec<f64> = (0..n / 8)
@@ -263,4 +316,105 @@ fn label_smoothing_keeps_rows_summing_to_one() {
     for row in smoothed.chunks(4) {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
+}
+
+/// Each Table 8 variant's defining property, on flex and wgpu: Gaussian centres crowd the
+/// middle, fixed-size boxes have the fixed side wherever they are not clipped, one-hot targets
+/// go to the larger area, complete-label targets are 0.5 / 0.5, and a scaled probability mixes
+/// that share of batches.
+#[test]
+fn table8_variants_keep_their_defining_property() {
+    let (batch, side) = (8, 16);
+    let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
+    let variants = table8_variants();
+    let variant = |tag: &str| variants.iter().find(|(t, _)| *t == tag).unwrap().1;
+    let cutmix = |variant: Variant| CutMix {
+        beta: 1.0,
+        prob: 1.0,
+        mode: Mode::Elem,
+        partner: Partner::Permutation,
+        variant,
+    };
+    // Box centres: mean distance from the image centre, Gaussian (sigma 0.1) against uniform.
+    let spread = |v: Variant| {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut total = 0.0;
+        for _ in 0..500 {
+            let b = cutmix(v).draw(1, 32, 32, &mut rng).boxes[0];
+            let (cy, cx) = ((b.y1 + b.y2) as f64 / 2.0, (b.x1 + b.x2) as f64 / 2.0);
+            total += ((cy - 16.0).powi(2) + (cx - 16.0).powi(2)).sqrt();
+        }
+        total / 500.0
+    };
+    let (gaussian, uniform) = (
+        spread(variant("centre-gaussian")),
+        spread(Variant::default()),
+    );
+    assert!(
+        gaussian < 0.5 * uniform,
+        "gaussian {gaussian} vs uniform {uniform}"
+    );
+    for device in devices() {
+        for seed in 0..20 {
+            let pixels = random_batch(batch, 3, side, seed);
+            let images = || {
+                Tensor::<4>::from_data(
+                    TensorData::new(pixels.clone(), [batch, 3, side, side]),
+                    &device,
+                )
+            };
+            let mut rng = StdRng::seed_from_u64(seed);
+            // Fixed size: 4 x 4 unless the box reaches an edge.
+            let draw = cutmix(variant("fixed-size")).draw(batch, side, side, &mut rng);
+            for b in &draw.boxes {
+                let inside = b.y1 > 0 && b.x1 > 0 && b.y2 < side && b.x2 < side;
+                assert!(b.y2 - b.y1 <= 4 && b.x2 - b.x1 <= 4, "{b:?}");
+                if inside {
+                    assert_eq!(b.area(), 16, "{b:?}");
+                }
+            }
+            // One-hot: the label of the larger area, by counted pixels.
+            let draw = cutmix(variant("one-hot")).draw(batch, side, side, &mut rng);
+            let targets = to_vec(draw.apply(images(), &labels, CLASSES).targets);
+            for i in 0..batch {
+                let kept = draw.boxes[i].kept_share(side, side);
+                let winner = if kept >= 0.5 {
+                    labels[i]
+                } else {
+                    labels[draw.partners[i]]
+                };
+                assert_eq!(
+                    targets[i * CLASSES + winner],
+                    1.0,
+                    "{device:?} seed {seed} row {i}"
+                );
+            }
+            // Complete label: half and half once anything is pasted from another class.
+            let draw = cutmix(variant("complete-label")).draw(batch, side, side, &mut rng);
+            let targets = to_vec(draw.apply(images(), &labels, CLASSES).targets);
+            for i in 0..batch {
+                let partner = labels[draw.partners[i]];
+                if draw.boxes[i].area() > 0 && partner != labels[i] {
+                    assert_eq!(targets[i * CLASSES + labels[i]], 0.5);
+                    assert_eq!(targets[i * CLASSES + partner], 0.5);
+                }
+            }
+        }
+    }
+    // Scheduled: the probability scaled by the ramp; 0 mixes nothing.
+    let reference = Mixing::CutMix(CutMix {
+        mode: Mode::Batch,
+        ..cutmix(Variant::default())
+    });
+    let mut rng = StdRng::seed_from_u64(1);
+    let share = |factor: f64, rng: &mut StdRng| {
+        let scaled = reference.with_prob_scaled(factor);
+        (0..2000)
+            .filter(|_| scaled.draw(2, 8, 8, rng).boxes[0] != CutBox::EMPTY)
+            .count() as f64
+            / 2000.0
+    };
+    assert_eq!(share(0.0, &mut rng), 0.0);
+    let half = share(0.5, &mut rng);
+    assert!((half - 0.5).abs() < 0.05, "{half}");
 }

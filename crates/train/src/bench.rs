@@ -131,6 +131,7 @@ impl StepBench {
                 prob: 1.0,
                 mode: Mode::Batch,
                 partner: Partner::Permutation,
+                variant: Default::default(),
             }),
             rng,
             device,

@@ -236,6 +236,38 @@ impl MixAt {
     }
 }
 
+/// Where a CutMix box's centre is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BoxCentre {
+    /// Uniformly over the image (CutMix).
+    Uniform,
+    /// From a Gaussian around the image centre (`centre_sigma`; centre-Gaussian CutMix).
+    Gaussian,
+}
+
+/// How CutMix's targets weigh the two labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetRule {
+    /// By the share of pixels (CutMix).
+    Area,
+    /// The label of the larger area only (one-hot CutMix).
+    Onehot,
+    /// 0.5 / 0.5 whatever the areas (complete-label CutMix).
+    Complete,
+}
+
+/// How the mixing probability moves over training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbSchedule {
+    /// `prob` throughout.
+    Constant,
+    /// From 0 in the first epoch linearly to `prob` in the last (scheduled CutMix).
+    Linear,
+}
+
 /// `[augment]` (every key optional: no mixing unless `method` says so).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -257,6 +289,21 @@ pub struct AugmentSection {
     pub off_epoch: usize,
     /// Where to mix: `input`, or the feature map after `layer1` .. `layer4`.
     pub at: MixAt,
+    /// CutMix's box centre: `uniform` (CutMix) or `gaussian` (the paper's Table 8
+    /// centre-Gaussian CutMix).
+    pub box_centre: BoxCentre,
+    /// `box_centre = "gaussian"`: the standard deviation as a fraction of the image side (the
+    /// paper gives none).
+    pub centre_sigma: f64,
+    /// CutMix: a fixed box side in pixels (of the mixed map) instead of one drawn from lambda,
+    /// 0 = drawn (fixed-size CutMix: 16 at 32x32).
+    pub box_size: usize,
+    /// CutMix's targets: `area` (CutMix), `onehot` (the label of the larger area) or
+    /// `complete` (0.5 / 0.5).
+    pub targets: TargetRule,
+    /// `constant`, or `linear`: the probability rises from 0 in the first epoch to `prob` in
+    /// the last (scheduled CutMix).
+    pub prob_schedule: ProbSchedule,
 }
 
 impl Default for AugmentSection {
@@ -272,6 +319,11 @@ impl Default for AugmentSection {
             switch_prob: 0.5,
             off_epoch: 0,
             at: MixAt::Input,
+            box_centre: BoxCentre::Uniform,
+            centre_sigma: 0.25,
+            box_size: 0,
+            targets: TargetRule::Area,
+            prob_schedule: ProbSchedule::Constant,
         }
     }
 }
@@ -604,6 +656,23 @@ impl Config {
             "data.image_size",
             "must be at least 8",
         )?;
+        let cutmix = matches!(a.method, MixMethod::Cutmix | MixMethod::CutmixMixup);
+        for (set, key) in [
+            (a.box_centre != BoxCentre::Uniform, "augment.box_centre"),
+            (a.box_size != 0, "augment.box_size"),
+            (a.targets != TargetRule::Area, "augment.targets"),
+        ] {
+            check(
+                !set || cutmix,
+                key,
+                "is a variant of CutMix: set augment.method = \"cutmix\" (or \"cutmix+mixup\")",
+            )?;
+        }
+        check(
+            a.centre_sigma.is_finite() && a.centre_sigma > 0.0,
+            "augment.centre_sigma",
+            "must be a number > 0",
+        )?;
         check(
             !self.model.reinit_classifier || !self.model.init_from.is_empty(),
             "model.reinit_classifier",
@@ -707,6 +776,44 @@ mod tests {
 
     fn error(overrides: &[&str]) -> String {
         load(overrides).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn cutmix_variants_need_cutmix_and_map_to_the_mixing() {
+        let config = load(&[
+            "augment.method=cutmix",
+            "augment.box_centre=gaussian",
+            "augment.centre_sigma=0.1",
+            "augment.box_size=16",
+            "augment.targets=onehot",
+        ])
+        .unwrap();
+        let cutmix_augment::Mixing::CutMix(cutmix) = crate::trainer::mixing(&config) else {
+            panic!("CutMix expected");
+        };
+        assert_eq!(
+            cutmix.variant,
+            cutmix_augment::Variant {
+                centre: cutmix_augment::Centre::Gaussian { sigma: 0.1 },
+                box_size: Some(16),
+                targets: cutmix_augment::Targets::OneHot,
+            }
+        );
+        for key in ["augment.box_size=16", "augment.targets=complete"] {
+            let e = error(&["augment.method=mixup", key]);
+            assert!(
+                e.contains(key.split('=').next().unwrap()) && e.contains("variant of CutMix"),
+                "{e}"
+            );
+        }
+        assert!(error(&["augment.centre_sigma=0"]).contains("augment.centre_sigma"));
+        use crate::trainer::prob_factor;
+        let ramp: Vec<f64> = (0..5)
+            .map(|e| prob_factor(ProbSchedule::Linear, e, 5))
+            .collect();
+        assert_eq!(ramp, [0.0, 0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(prob_factor(ProbSchedule::Constant, 0, 5), 1.0);
+        assert_eq!(prob_factor(ProbSchedule::Linear, 0, 1), 1.0);
     }
 
     /// Every shipped recipe parses and passes the checks (the data is not opened).

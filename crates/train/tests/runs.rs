@@ -316,6 +316,7 @@ fn two_steps(device: &Device) -> (f32, f32) {
         prob: 1.0,
         mode: Mode::Batch,
         partner: Partner::Permutation,
+        variant: Default::default(),
     });
     let section: TrainSection = toml::from_str("epochs = 1\nbatch_size = 8\nlr = 0.1").unwrap();
     let mut optimizer = sgd(&section);
@@ -1365,6 +1366,7 @@ fn every_mixing_method_gives_the_same_batch_on_wgpu_and_flex() {
             prob: 0.9,
             mode,
             partner: Partner::Permutation,
+            variant: Default::default(),
         };
         let mixup = Mixup {
             alpha: 1.0,
@@ -1509,6 +1511,7 @@ fn feature_level_cutmix_corrects_lambda_at_the_feature_resolution() {
         prob: 1.0,
         mode: Mode::Elem,
         partner: Partner::Permutation,
+        variant: Default::default(),
     });
     let labels: Vec<usize> = (0..8).collect();
     let images = Tensor::<4>::from_data(

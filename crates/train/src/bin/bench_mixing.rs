@@ -23,6 +23,7 @@ fn methods() -> Vec<(&'static str, Mixing)> {
         prob: 1.0,
         mode,
         partner: Partner::Permutation,
+        variant: Default::default(),
     };
     let mixup = |mode| Mixup {
         alpha: 1.0,

@@ -20,7 +20,7 @@ use super::batches::{DeviceBatch, Uploads};
 use super::progress::{PlainProgress, duration, progress_bar};
 use super::state::RunState;
 use super::stats::{DeviceTally, NonFinite, batch_stats};
-use super::step::{Update, loss_and_grads, mixed_forward};
+use super::step::{Update, loss_and_grads, mixed_forward, prob_factor};
 use super::{Setup, StopFlag, StopReason};
 use crate::config::TrainSection;
 use crate::metrics::Tally;
@@ -283,8 +283,13 @@ fn train_batch(
     let mut mix_rng = keyed_rng(seed, Stream::Mix, epoch, index);
     let mut model_rng = keyed_rng(seed, Stream::Regularize, epoch, index);
     let mixing_off = config.augment.off_epoch > 0 && fed.epoch >= config.augment.off_epoch;
+    let factor = prob_factor(config.augment.prob_schedule, fed.epoch, config.train.epochs);
+    let scheduled;
     let mixing = if mixing_off {
         &Mixing::None
+    } else if factor < 1.0 {
+        scheduled = setup.mixing.with_prob_scaled(factor);
+        &scheduled
     } else {
         &setup.mixing
     };

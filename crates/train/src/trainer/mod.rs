@@ -32,7 +32,7 @@ pub use run::train;
 pub use stats::{DeviceTally, batch_stats, host_reads};
 pub use step::{
     StepOutput, Update, apply_step, backward, clip_global_norm, images_tensor, loss_and_grads,
-    mixed_forward, mixing, sgd, train_step,
+    mixed_forward, mixing, prob_factor, sgd, train_step,
 };
 
 use crate::backend::{self, Backend};

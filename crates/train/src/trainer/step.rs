@@ -9,11 +9,15 @@ use burn::tensor::loss::cross_entropy_with_logits;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 
-use cutmix_augment::{CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner};
+use cutmix_augment::{
+    Centre, CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner, Targets, Variant,
+};
 use cutmix_data::Batch;
 use cutmix_models::Model;
 
-use crate::config::{Config, MixMethod, MixMode, PartnerKind, TrainSection};
+use crate::config::{
+    BoxCentre, Config, MixMethod, MixMode, PartnerKind, ProbSchedule, TargetRule, TrainSection,
+};
 
 /// Parameters that `train.decay_bn_and_bias = false` leaves out of weight decay: BatchNorm's
 /// weight (gamma) and bias (beta), and every bias.
@@ -104,6 +108,20 @@ pub fn mixing(config: &Config) -> Mixing {
         prob: a.prob,
         mode,
         partner,
+        variant: Variant {
+            centre: match a.box_centre {
+                BoxCentre::Uniform => Centre::Uniform,
+                BoxCentre::Gaussian => Centre::Gaussian {
+                    sigma: a.centre_sigma,
+                },
+            },
+            box_size: (a.box_size > 0).then_some(a.box_size),
+            targets: match a.targets {
+                TargetRule::Area => Targets::Area,
+                TargetRule::Onehot => Targets::OneHot,
+                TargetRule::Complete => Targets::Complete,
+            },
+        },
     };
     let mixup = Mixup {
         alpha: a.mixup_alpha,
@@ -124,6 +142,16 @@ pub fn mixing(config: &Config) -> Mixing {
             mixup,
             switch_prob: a.switch_prob,
         }),
+    }
+}
+
+/// The share of `prob` that epoch `epoch` (0-based) of `epochs` mixes with: 1, or under
+/// `prob_schedule = "linear"` a ramp from 0 in the first epoch to 1 in the last.
+pub fn prob_factor(schedule: ProbSchedule, epoch: usize, epochs: usize) -> f64 {
+    match schedule {
+        ProbSchedule::Constant => 1.0,
+        ProbSchedule::Linear if epochs <= 1 => 1.0,
+        ProbSchedule::Linear => (epoch as f64 / (epochs - 1) as f64).min(1.0),
     }
 }
 
