@@ -27,7 +27,7 @@ pub use image_folder::ImageFolder;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, Shard, Skipped};
 pub use seed::{Stream, keyed_rng};
 pub use transforms::{
-    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_REDUCTION, Transform,
+    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_REDUCTION, Pad, Transform,
 };
 
 /// The process's peak resident set size in MiB, from `/proc/self/status` (`VmHWM`; Linux,

@@ -450,6 +450,7 @@ mod tests {
             Transform::CifarTrain {
                 size: 8,
                 padding: 2,
+                pad: crate::Pad::Zeros,
             },
             [0.5; 3],
             [0.25; 3],

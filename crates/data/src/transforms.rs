@@ -16,11 +16,30 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// torchvision's ImageNet standard deviation.
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// What fills the border a CIFAR crop pads the image with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pad {
+    /// Black pixels (torchvision's `RandomCrop(padding=4)` default, the reference's).
+    #[default]
+    Zeros,
+    /// The normalisation's mean (rounded to 8-bit pixels): 0 after normalisation.
+    Mean,
+    /// The image mirrored at its edge, the edge not repeated (`padding_mode="reflect"`).
+    Reflect,
+    /// The edge pixel repeated (`padding_mode="edge"`).
+    Edge,
+}
+
 /// A transform from a decoded image to a normalised square image of `size`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transform {
-    /// Zero-pad by `padding`, random `size` crop, random horizontal flip (CIFAR training).
-    CifarTrain { size: usize, padding: usize },
+    /// Pad by `padding` (black unless `pad` says otherwise), random `size` crop, random
+    /// horizontal flip (CIFAR training).
+    CifarTrain {
+        size: usize,
+        padding: usize,
+        pad: Pad,
+    },
     /// The image as it is, resized to `size` if it is not already (CIFAR evaluation).
     CifarEval { size: usize },
     /// torchvision's `RandomResizedCrop(size)` (scale 0.08-1, ratio 3/4-4/3), a random
@@ -76,12 +95,22 @@ impl Transform {
     ) -> Result<(), DataError> {
         let mut color = ColorAugment::default();
         let (square, flip) = match *self {
-            Self::CifarTrain { size, padding } => {
+            Self::CifarTrain { size, padding, pad } => {
                 let image = fit(sample.decode(1)?, size);
                 let top = rng.random_range(0..=2 * padding);
                 let left = rng.random_range(0..=2 * padding);
                 let flip = rng.random_bool(0.5);
-                (padded_crop(&image, padding, top, left, size), flip)
+                let border = Border {
+                    pad,
+                    mean: mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8),
+                };
+                let window = Crop {
+                    padding,
+                    top,
+                    left,
+                    size,
+                };
+                (padded_crop(&image, window, border), flip)
             }
             Self::CifarEval { size } => (fit(sample.decode(1)?, size), false),
             Self::ImageNetTrain {
@@ -337,22 +366,73 @@ fn fit(image: RgbImage, size: usize) -> RgbImage {
     resize_window(&image, whole, size, size)
 }
 
-/// The `size x size` window at `(top, left)` of the image zero-padded by `padding` on each side.
-fn padded_crop(image: &RgbImage, padding: usize, top: usize, left: usize, size: usize) -> RgbImage {
-    let mut pixels = vec![0u8; size * size * 3];
-    for y in 0..size {
-        let src_y = (y + top) as isize - padding as isize;
-        if src_y < 0 || src_y >= image.height as isize {
-            continue;
+/// A `size x size` window at `(top, left)` of an image padded by `padding` on each side.
+#[derive(Clone, Copy, Debug)]
+struct Crop {
+    padding: usize,
+    top: usize,
+    left: usize,
+    size: usize,
+}
+
+/// How the padding is filled, and the mean pixel for [`Pad::Mean`].
+#[derive(Clone, Copy, Debug)]
+struct Border {
+    pad: Pad,
+    mean: [u8; 3],
+}
+
+/// Where padded coordinate `i` (`0 <= i + padding < n + 2 * padding`, shifted so the image is
+/// at `0..n`) reads from, or `None` for a constant fill.
+fn source_index(i: isize, n: usize, pad: Pad) -> Option<usize> {
+    let n = n as isize;
+    if (0..n).contains(&i) {
+        return Some(i as usize);
+    }
+    match pad {
+        Pad::Zeros | Pad::Mean => None,
+        Pad::Edge => Some(i.clamp(0, n - 1) as usize),
+        // Mirror without repeating the edge; a pad wider than the image folds back again.
+        Pad::Reflect => {
+            let period = 2 * (n - 1).max(1);
+            let m = i.rem_euclid(period);
+            Some((if m < n { m } else { period - m }) as usize)
         }
+    }
+}
+
+/// The `crop` window of `image` padded as `border` says.
+fn padded_crop(image: &RgbImage, crop: Crop, border: Border) -> RgbImage {
+    let Crop {
+        padding,
+        top,
+        left,
+        size,
+    } = crop;
+    let fill = match border.pad {
+        Pad::Mean => border.mean,
+        _ => [0; 3],
+    };
+    let mut pixels = Vec::with_capacity(size * size * 3);
+    for y in 0..size {
+        let src_y = source_index(
+            (y + top) as isize - padding as isize,
+            image.height,
+            border.pad,
+        );
         for x in 0..size {
-            let src_x = (x + left) as isize - padding as isize;
-            if src_x < 0 || src_x >= image.width as isize {
-                continue;
+            let src_x = source_index(
+                (x + left) as isize - padding as isize,
+                image.width,
+                border.pad,
+            );
+            match (src_y, src_x) {
+                (Some(sy), Some(sx)) => {
+                    let src = (sy * image.width + sx) * 3;
+                    pixels.extend_from_slice(&image.pixels[src..src + 3]);
+                }
+                _ => pixels.extend_from_slice(&fill),
             }
-            let src = (src_y as usize * image.width + src_x as usize) * 3;
-            let dst = (y * size + x) * 3;
-            pixels[dst..dst + 3].copy_from_slice(&image.pixels[src..src + 3]);
         }
     }
     RgbImage {
@@ -427,6 +507,7 @@ mod tests {
         let train = Transform::CifarTrain {
             size: 32,
             padding: 4,
+            pad: Pad::Zeros,
         };
         assert_eq!(train.map_box([0.0, 0.0, 1.0, 1.0], 32, 32), None);
         // CUB's test transform: 500x375 resized to 256x256, the centre 224 at (16, 16).
@@ -584,6 +665,7 @@ mod tests {
         let transform = Transform::CifarTrain {
             size: 32,
             padding: 4,
+            pad: Pad::Zeros,
         };
         let mut zero_rows_seen = std::collections::BTreeSet::new();
         let mut out = vec![0.0; 3 * 32 * 32];
@@ -606,6 +688,54 @@ mod tests {
         }
         // top offset 0..=8 gives 4..=0 padded rows at the top (and more at the bottom).
         assert_eq!(zero_rows_seen, (0..=4).collect());
+    }
+
+    /// Every pad mode against its definition on a 3x3 image padded by 4 (wider than the
+    /// image, so reflection folds back): numpy's `pad` modes `constant`, `reflect`, `edge`.
+    #[test]
+    fn pad_modes_fill_the_border_as_numpy_pads() {
+        let image = RgbImage {
+            width: 3,
+            height: 3,
+            pixels: (0..9).flat_map(|v| [v as u8 * 10, 1, 2]).collect(),
+        };
+        // numpy.pad(np.arange(3), 4, mode) for the index each padded column reads.
+        let reflect = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2];
+        let edge = [0, 0, 0, 0, 0, 1, 2, 2, 2, 2, 2];
+        let crop = Crop {
+            padding: 4,
+            top: 0,
+            left: 0,
+            size: 11,
+        };
+        for (pad, table) in [
+            (Pad::Reflect, Some(reflect)),
+            (Pad::Edge, Some(edge)),
+            (Pad::Zeros, None),
+            (Pad::Mean, None),
+        ] {
+            let out = padded_crop(
+                &image,
+                crop,
+                Border {
+                    pad,
+                    mean: [7, 8, 9],
+                },
+            );
+            for y in 0..11 {
+                for x in 0..11 {
+                    let got = &out.pixels[(y * 11 + x) * 3..(y * 11 + x) * 3 + 3];
+                    let inside = (4..7).contains(&y) && (4..7).contains(&x);
+                    let want: [u8; 3] = match (table, inside) {
+                        (Some(t), _) => [(t[y] * 3 + t[x]) as u8 * 10, 1, 2],
+                        (None, true) => [((y - 4) * 3 + x - 4) as u8 * 10, 1, 2],
+                        (None, false) if pad == Pad::Mean => [7, 8, 9],
+                        (None, false) => [0, 0, 0],
+                    };
+                    assert_eq!(got, want, "{pad:?} at ({y}, {x})");
+                }
+            }
+        }
     }
 
     #[test]

@@ -106,6 +106,21 @@ pub enum TransformKind {
     Wsol,
 }
 
+/// What fills the 4-pixel border of the `cifar` training crops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PadMode {
+    /// Black (torchvision's RandomCrop default; the reference's).
+    #[default]
+    Zeros,
+    /// The normalisation's mean (0 after normalisation).
+    Mean,
+    /// The image mirrored at its edge.
+    Reflect,
+    /// The edge pixels repeated.
+    Edge,
+}
+
 /// `[data]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +167,10 @@ pub struct DataSection {
     /// the reference).
     #[serde(default)]
     pub lighting: f32,
+    /// `cifar` training transforms: what fills the 4-pixel border before the random crop:
+    /// `zeros` (black, the reference's), `mean`, `reflect` or `edge`.
+    #[serde(default)]
+    pub pad_mode: PadMode,
 }
 
 fn default_image_size() -> usize {

@@ -7,10 +7,10 @@ use rand::seq::SliceRandom;
 
 use cutmix_data::{
     CIFAR_MEAN, CIFAR_STD, Cifar, CifarKind, ColorAugment, Dataset, IMAGENET_MEAN, IMAGENET_STD,
-    ImageFolder, Loader, LoaderConfig, Split, Stream, Transform, keyed_rng, open_cub,
+    ImageFolder, Loader, LoaderConfig, Pad, Split, Stream, Transform, keyed_rng, open_cub,
 };
 
-use crate::config::{Config, DatasetKind, TransformKind};
+use crate::config::{Config, DatasetKind, PadMode, TransformKind};
 
 /// The loaders of a run.
 pub struct Datasets {
@@ -85,7 +85,16 @@ fn transforms(config: &Config) -> (Transform, Transform, [f32; 3], [f32; 3]) {
     let size = data.image_size;
     match data.transform_kind() {
         TransformKind::Cifar => (
-            Transform::CifarTrain { size, padding: 4 },
+            Transform::CifarTrain {
+                size,
+                padding: 4,
+                pad: match data.pad_mode {
+                    PadMode::Zeros => Pad::Zeros,
+                    PadMode::Mean => Pad::Mean,
+                    PadMode::Reflect => Pad::Reflect,
+                    PadMode::Edge => Pad::Edge,
+                },
+            },
             Transform::CifarEval { size },
             CIFAR_MEAN,
             CIFAR_STD,

@@ -297,6 +297,7 @@ fn two_steps(device: &Device) -> (f32, f32) {
         cutmix_data::Transform::CifarTrain {
             size: 32,
             padding: 4,
+            pad: cutmix_data::Pad::Zeros,
         },
         cutmix_data::CIFAR_MEAN,
         cutmix_data::CIFAR_STD,

@@ -199,6 +199,7 @@ fn pipelines(args: &Args) -> Result<(), String> {
         let transform = Transform::CifarTrain {
             size: 32,
             padding: 4,
+            pad: cutmix_data::Pad::Zeros,
         };
         let prepare = |sample: &Sample, index: u64, out: &mut [f32]| {
             let mut rng = keyed_rng(0, Stream::Transform, 0, index);
