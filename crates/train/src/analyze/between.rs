@@ -4,7 +4,12 @@
 
 use serde::Serialize;
 
+use cutmix_data::{Loader, Stream, keyed_rng};
+use rand::RngExt;
+
 use super::occlusion::centred;
+use crate::config::Config;
+use crate::datasets;
 
 /// How a pair is mixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -115,6 +120,26 @@ pub fn between_sweep(
             })
             .collect(),
     })
+}
+
+/// Two loaders over `pairs` random validation images each (0: as many as the validation
+/// split, after `data.val_limit`), drawn with replacement from the config's seed: image `i` of
+/// the first is paired with image `i` of the second.
+pub fn pair_loaders(config: &Config, pairs: usize) -> anyhow::Result<(Loader, Loader)> {
+    let val = datasets::val_dataset(config)?;
+    let pool = datasets::val_subset(config, val.len()).unwrap_or_else(|| (0..val.len()).collect());
+    let count = if pairs == 0 { pool.len() } else { pairs };
+    let mut rng = keyed_rng(config.seed, Stream::Analysis, 2, 0);
+    let mut draw = || -> Vec<usize> {
+        (0..count)
+            .map(|_| pool[rng.random_range(0..pool.len())])
+            .collect()
+    };
+    let (a, b) = (draw(), draw());
+    Ok((
+        datasets::val_loader_over(config, val.clone(), Some(a)),
+        datasets::val_loader_over(config, val, Some(b)),
+    ))
 }
 
 #[cfg(test)]

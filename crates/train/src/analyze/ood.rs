@@ -14,6 +14,8 @@ use rand_distr::{Distribution, Normal};
 
 use cutmix_data::{Cifar, Dataset, ImageFolder, Loader, Stream, keyed_rng};
 
+use cutmix_analysis::ood::{Detection, roc};
+
 use super::attack::{Attacker, Step, stepped};
 use super::{Subject, predictions};
 use crate::config::Config;
@@ -186,6 +188,54 @@ pub fn set_scores(
         }
     }
     Ok(scores)
+}
+
+/// One out-of-distribution set's detection metrics, and its ROC thinned to about 1,000
+/// points (for a figure).
+pub struct SetResult {
+    pub name: String,
+    pub images: usize,
+    pub detection: Detection,
+    pub roc: Vec<(f64, f64)>,
+}
+
+/// Where the scores come from and how they are batched.
+pub struct Scoring<'a> {
+    pub scorer: Scorer<'a>,
+    /// Keys the synthetic sets' draws.
+    pub seed: u64,
+    pub size: usize,
+    pub batch: usize,
+}
+
+impl Scoring<'_> {
+    /// The in-distribution images' count and each set's result against them.
+    pub fn detect(
+        &self,
+        inside: &OodSet,
+        sets: &[(String, OodSet)],
+    ) -> Result<(usize, Vec<SetResult>)> {
+        let scores = |set: &OodSet| set_scores(&self.scorer, set, self.seed, self.size, self.batch);
+        let positive = scores(inside)?;
+        let mut results = Vec::new();
+        for (name, set) in sets {
+            let negative = scores(set)?;
+            let curve = roc(&positive, &negative);
+            let every = (curve.len() / 1000).max(1);
+            results.push(SetResult {
+                name: name.clone(),
+                images: negative.len(),
+                detection: Detection::of(&positive, &negative),
+                roc: curve
+                    .iter()
+                    .step_by(every)
+                    .chain(curve.last())
+                    .map(|p| (p.fpr, p.tpr))
+                    .collect(),
+            });
+        }
+        Ok((positive.len(), results))
+    }
 }
 
 #[cfg(test)]

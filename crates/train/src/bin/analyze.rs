@@ -14,14 +14,13 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 use cutmix_analysis::calibration::{calibration, fit_temperature};
-use cutmix_analysis::ood::{Detection, roc};
-use cutmix_data::{Stream, keyed_rng};
+use cutmix_analysis::ood::Detection;
 use cutmix_models::Model;
 use cutmix_train::analyze::attack::{Attacker, fgsm_sweep};
-use cutmix_train::analyze::between::{Mix, between_sweep};
+use cutmix_train::analyze::between::{Mix, between_sweep, pair_loaders};
 use cutmix_train::analyze::figures::{Lines, panel, write_panels, write_reliability};
 use cutmix_train::analyze::occlusion::{Fill, Occlusion, occlusion_sweep};
-use cutmix_train::analyze::ood::{OodSet, OodSource, Scorer, set_scores};
+use cutmix_train::analyze::ood::{OodSet, OodSource, Scorer, Scoring};
 use cutmix_train::analyze::{Subject, logits_of, percent};
 use cutmix_train::config::{BackendChoice, Config};
 use cutmix_train::{backend, datasets, weights};
@@ -327,8 +326,9 @@ fn occlusion(session: Session, sizes: Vec<usize>, kinds: &[Occlusion], fill: Fil
             .zip(&curves)
             .map(|(kind, lines)| {
                 let title = format!(
-                    "{} occlusion ({fill:?} fill)",
-                    json!(kind).as_str().unwrap_or("")
+                    "{} occlusion ({} fill)",
+                    json!(kind).as_str().unwrap_or(""),
+                    json!(fill).as_str().unwrap_or("")
                 );
                 panel(&title, "hole side (pixels)", "top-1 error (%)", lines)
             })
@@ -344,20 +344,7 @@ fn between(session: Session, pairs: usize, steps: usize) -> Result<()> {
         bail!("--steps {steps}: the lambda sweep needs at least 2 points");
     }
     let lambdas: Vec<f64> = (0..steps).map(|k| k as f64 / (steps - 1) as f64).collect();
-    let config = &session.config;
-    let val = datasets::val_dataset(config)?;
-    let pool = datasets::val_subset(config, val.len()).unwrap_or_else(|| (0..val.len()).collect());
-    let count = if pairs == 0 { pool.len() } else { pairs };
-    let mut rng = keyed_rng(config.seed, Stream::Analysis, 2, 0);
-    let draw = |rng: &mut rand::rngs::StdRng| -> Vec<usize> {
-        use rand::RngExt;
-        (0..count)
-            .map(|_| pool[rng.random_range(0..pool.len())])
-            .collect()
-    };
-    let (a, b) = (draw(&mut rng), draw(&mut rng));
-    let first = datasets::val_loader_over(config, val.clone(), Some(a));
-    let second = datasets::val_loader_over(config, val, Some(b));
+    let (first, second) = pair_loaders(&session.config, pairs)?;
     let methods = [Mix::Mixup, Mix::Cutmix];
     let mut curves: Vec<Lines> = vec![Vec::new(); 2];
     for (name, model) in session.models() {
@@ -433,72 +420,57 @@ fn ood(session: Session, names: &[String], options: OodOptions) -> Result<()> {
         .map(|s| OodSource::parse(s))
         .collect::<Result<_>>()?;
     let val = datasets::build_val(config)?;
-    let synthetic = if options.synthetic_images == 0 {
-        val.total_len()
-    } else {
-        options.synthetic_images
+    let synthetic = match options.synthetic_images {
+        0 => val.total_len(),
+        n => n,
     };
-    let sets: Vec<OodSet> = sources
+    let sets: Vec<(String, OodSet)> = sources
         .iter()
-        .map(|s| OodSet::open(config, s, synthetic))
+        .map(|s| Ok((s.name(), OodSet::open(config, s, synthetic)?)))
         .collect::<Result<_>>()?;
-    let size = session.size();
+    let inside = OodSet::Images(val);
     let mut panels = Vec::new();
     for (name, model) in session.models() {
         let model = model?;
         let subject = session.subject(&model);
         let attacker = Attacker::new(&model, config.model.num_classes);
-        let scorer = Scorer {
-            subject: &subject,
-            attacker: Some(&attacker),
-            temperature: options.temperature,
-            odin_eps: options.odin_eps,
+        let scoring = Scoring {
+            scorer: Scorer {
+                subject: &subject,
+                attacker: Some(&attacker),
+                temperature: options.temperature,
+                odin_eps: options.odin_eps,
+            },
+            seed: config.seed,
+            size: session.size(),
+            batch: config.train.batch_size,
         };
-        let batch = config.train.batch_size;
-        let inside = set_scores(
-            &scorer,
-            &OodSet::Images(datasets::build_val(config)?),
-            config.seed,
-            size,
-            batch,
-        )?;
+        let (in_images, results) = scoring.detect(&inside, &sets)?;
         let mut per_set = serde_json::Map::new();
-        let mut all = Vec::new();
-        let mut roc_lines: Lines = Vec::new();
-        for (source, set) in sources.iter().zip(&sets) {
-            let outside = set_scores(&scorer, set, config.seed, size, batch)?;
-            let detection = Detection::of(&inside, &outside);
-            let mut entry = detection_json(&detection);
-            entry["images"] = json!(outside.len());
-            per_set.insert(source.name(), entry);
-            all.push(detection);
-            let curve = roc(&inside, &outside);
-            let every = (curve.len() / 1000).max(1);
-            let points = curve
-                .iter()
-                .step_by(every)
-                .chain(curve.last())
-                .map(|p| (p.fpr, p.tpr))
-                .collect();
-            roc_lines.push((source.name(), points));
+        for r in &results {
+            let mut entry = detection_json(&r.detection);
+            entry["images"] = json!(r.images);
+            per_set.insert(r.name.clone(), entry);
         }
+        let all: Vec<Detection> = results.iter().map(|r| r.detection).collect();
         println!(
             "{}",
             json!({
                 "analysis": "ood",
                 "weights": name,
-                "in_images": inside.len(),
+                "in_images": in_images,
                 "temperature": options.temperature,
                 "odin_eps": (options.odin_eps as f64 * 1e6).round() / 1e6,
                 "sets": per_set,
                 "mean": detection_json(&Detection::mean(&all)),
             })
         );
+        let curves: Lines = results.into_iter().map(|r| (r.name, r.roc)).collect();
         let mut p = panel(
             &format!("ROC: {name}"),
             "false positive rate (OOD kept)",
             "true positive rate (in-distribution kept)",
-            &roc_lines,
+            &curves,
         );
         p.legend = plotters::prelude::SeriesLabelPosition::LowerRight;
         p.y_range = Some((0.0, 1.0));
@@ -521,6 +493,54 @@ fn calibration_json(c: &cutmix_analysis::calibration::Calibration, images: usize
     })
 }
 
+/// The even-numbered (`parity` 0) or odd-numbered validation images' logits and labels.
+fn every_other(
+    logits: &[f32],
+    labels: &[usize],
+    classes: usize,
+    parity: usize,
+) -> (Vec<f32>, Vec<usize>) {
+    let rows = logits.chunks_exact(classes).zip(labels).enumerate();
+    let chosen: Vec<(&[f32], usize)> = rows
+        .filter(|(i, _)| i % 2 == parity)
+        .map(|(_, (row, &label))| (row, label))
+        .collect();
+    (
+        chosen
+            .iter()
+            .flat_map(|(row, _)| row.iter().copied())
+            .collect(),
+        chosen.iter().map(|(_, label)| *label).collect(),
+    )
+}
+
+/// Temperature scaling fitted on the even-numbered images, the odd-numbered ones before and
+/// after it: `temperature`, `held_out_before`, `held_out_after` added to `line`.
+fn temperature_scaling(
+    line: &mut Value,
+    logits: &[f32],
+    labels: &[usize],
+    classes: usize,
+    bins: usize,
+) -> Result<()> {
+    let (fit_logits, fit_labels) = every_other(logits, labels, classes, 0);
+    let (held_logits, held_labels) = every_other(logits, labels, classes, 1);
+    if held_labels.is_empty() {
+        bail!("--fit-temperature: needs at least 2 validation images");
+    }
+    let t = fit_temperature(&fit_logits, classes, &fit_labels);
+    let held = |t: f64| {
+        calibration_json(
+            &calibration(&held_logits, classes, &held_labels, t, bins),
+            held_labels.len(),
+        )
+    };
+    line["temperature"] = json!((t * 1e4).round() / 1e4);
+    line["held_out_before"] = held(1.0);
+    line["held_out_after"] = held(t);
+    Ok(())
+}
+
 fn calibrate(session: Session, bins: usize, fit: bool) -> Result<()> {
     let val = datasets::build_val(&session.config)?;
     let classes = session.config.model.num_classes;
@@ -533,32 +553,7 @@ fn calibrate(session: Session, bins: usize, fit: bool) -> Result<()> {
         line["weights"] = json!(name);
         line["bins"] = json!(bins);
         if fit {
-            let half = |parity: usize| -> (Vec<f32>, Vec<usize>) {
-                let rows = logits.chunks_exact(classes).zip(&labels).enumerate();
-                let chosen: Vec<_> = rows
-                    .filter(|(i, _)| i % 2 == parity)
-                    .map(|(_, r)| r)
-                    .collect();
-                (
-                    chosen.iter().flat_map(|(l, _)| l.iter().copied()).collect(),
-                    chosen.iter().map(|(_, y)| **y).collect(),
-                )
-            };
-            let (fit_logits, fit_labels) = half(0);
-            let (held_logits, held_labels) = half(1);
-            if fit_labels.is_empty() || held_labels.is_empty() {
-                bail!("--fit-temperature: needs at least 2 validation images");
-            }
-            let t = fit_temperature(&fit_logits, classes, &fit_labels);
-            line["temperature"] = json!((t * 1e4).round() / 1e4);
-            line["held_out_before"] = calibration_json(
-                &calibration(&held_logits, classes, &held_labels, 1.0, bins),
-                held_labels.len(),
-            );
-            line["held_out_after"] = calibration_json(
-                &calibration(&held_logits, classes, &held_labels, t, bins),
-                held_labels.len(),
-            );
+            temperature_scaling(&mut line, &logits, &labels, classes, bins)?;
         }
         println!("{line}");
         figures.push((name, whole));
