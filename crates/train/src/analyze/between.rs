@@ -106,19 +106,7 @@ pub fn between_sweep(
     })?;
     Ok(BetweenSweep {
         pairs,
-        neither: methods
-            .iter()
-            .zip(neither)
-            .map(|(m, counts)| {
-                (
-                    *m,
-                    counts
-                        .into_iter()
-                        .map(|c| c as f64 / pairs.max(1) as f64)
-                        .collect(),
-                )
-            })
-            .collect(),
+        neither: super::rates(methods, neither, pairs),
     })
 }
 

@@ -122,6 +122,17 @@ pub fn each_batch(
     Ok(())
 }
 
+/// Each key's counts as fractions of `total` (0 when `total` is 0).
+pub fn rates<K: Copy>(keys: &[K], counts: Vec<Vec<usize>>, total: usize) -> Vec<(K, Vec<f64>)> {
+    keys.iter()
+        .zip(counts)
+        .map(|(&key, counts)| {
+            let share = |c: usize| c as f64 / total.max(1) as f64;
+            (key, counts.into_iter().map(share).collect())
+        })
+        .collect()
+}
+
 /// Percent with two decimals, as the other tools print them.
 pub fn percent(fraction: f64) -> f64 {
     (fraction * 10000.0).round() / 100.0

@@ -90,19 +90,7 @@ pub fn occlusion_sweep(
     })?;
     Ok(OcclusionSweep {
         images,
-        errors: kinds
-            .iter()
-            .zip(wrong)
-            .map(|(k, counts)| {
-                (
-                    *k,
-                    counts
-                        .into_iter()
-                        .map(|c| c as f64 / images.max(1) as f64)
-                        .collect(),
-                )
-            })
-            .collect(),
+        errors: super::rates(kinds, wrong, images),
     })
 }
 
