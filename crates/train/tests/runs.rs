@@ -1215,7 +1215,7 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
 /// defined by float rounding.
 #[test]
 fn fgsm_and_odin_batches_equal_pytorchs() {
-    use cutmix_train::analyze::attack::{Attacker, Step, stepped};
+    use cutmix_train::analyze::attack::{Attacker, Images, Step, stepped};
 
     let fixtures = fixtures();
     let (_, expected) =
@@ -1262,19 +1262,24 @@ fn fgsm_and_odin_batches_equal_pytorchs() {
         let ours = stepped(&input, &sign, 32, step, mean, std);
         compare(&ours, &floats(name), &floats("grad"), name);
     }
-    let subject_logits = model.valid().forward(burn::tensor::Tensor::<4>::from_data(
-        burn::tensor::TensorData::new(input.clone(), [4, 3, 32, 32]),
-        &Device::flex(),
-    ));
-    let predicted: Vec<usize> = subject_logits
-        .argmax(1)
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&p| p as usize)
-        .collect();
-    let sign = attacker.gradient_sign(&input, 4, 32, &predicted, 1000.0);
+    // ODIN: one forward pass on the frozen model gives the logits (those of evaluation mode),
+    // the predicted classes as targets and the gradient.
+    let eval_logits =
+        cutmix_train::analyze::host(model.valid().forward(burn::tensor::Tensor::<4>::from_data(
+            burn::tensor::TensorData::new(input.clone(), [4, 3, 32, 32]),
+            &Device::flex(),
+        )));
+    let batch = Images {
+        images: &input,
+        n: 4,
+        size: 32,
+    };
+    let predicted = |logits: &[f32]| cutmix_train::analyze::predictions(logits, 10);
+    let (sign, logits) = attacker.gradient_sign_for(batch, predicted, 1000.0);
+    assert!(
+        relative_error(&logits, &eval_logits) < 1e-5,
+        "not evaluation mode"
+    );
     let step = Step {
         eps: -0.0014,
         clip: false,

@@ -48,19 +48,44 @@ impl Attacker {
         targets: &[usize],
         temperature: f32,
     ) -> Vec<f32> {
+        let batch = Images { images, n, size };
+        self.gradient_sign_for(batch, |_| targets.to_vec(), temperature)
+            .0
+    }
+
+    /// [`Attacker::gradient_sign`] with the targets chosen from the images' `[n][classes]`
+    /// logits (ODIN takes the predicted classes), and those logits: one forward pass serves the
+    /// prediction, the targets and the gradient.
+    pub fn gradient_sign_for(
+        &self,
+        batch: Images,
+        targets: impl FnOnce(&[f32]) -> Vec<usize>,
+        temperature: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let Images { images, n, size } = batch;
         let input = Tensor::<4>::from_data(
             TensorData::new(images.to_vec(), [n, 3, size, size]),
             &self.device,
         )
         .require_grad();
-        let logits = self.model.forward(input.clone()).div_scalar(temperature);
-        let loss = cross_entropy_with_logits(logits, one_hot(targets, self.classes, &self.device));
+        let logits = self.model.forward(input.clone());
+        let values = host(logits.clone());
+        let targets = one_hot(&targets(&values), self.classes, &self.device);
+        let loss = cross_entropy_with_logits(logits.div_scalar(temperature), targets);
         let grads = loss.backward();
         let gradient = input
             .grad(&grads)
             .expect("the input takes part in the loss");
-        host(gradient.sign())
+        (host(gradient.sign()), values)
     }
+}
+
+/// A batch of `n` normalised `[3][size][size]` images.
+#[derive(Clone, Copy, Debug)]
+pub struct Images<'a> {
+    pub images: &'a [f32],
+    pub n: usize,
+    pub size: usize,
 }
 
 /// How a perturbation steps.
@@ -112,7 +137,8 @@ pub struct FgsmSweep {
 }
 
 /// FGSM with the true labels at every `eps` (pixel units) over the images of `loader`: one
-/// gradient per batch, then one forward pass per `eps`.
+/// forward and backward pass per batch (its logits are the clean ones), then one forward pass
+/// per `eps`.
 pub fn fgsm_sweep(
     subject: &super::Subject,
     attacker: &Attacker,
@@ -125,8 +151,13 @@ pub fn fgsm_sweep(
         let (n, size) = (batch.len(), batch.size);
         let classes = subject.classes;
         let count = |logits: &[f32]| n - super::top1_wrong(logits, classes, &batch.labels);
-        clean += count(&subject.logits(batch.images.clone(), n, size));
-        let sign = attacker.gradient_sign(&batch.images, n, size, &batch.labels, 1.0);
+        let input = Images {
+            images: &batch.images,
+            n,
+            size,
+        };
+        let (sign, logits) = attacker.gradient_sign_for(input, |_| batch.labels.clone(), 1.0);
+        clean += count(&logits);
         for (e, hits) in eps.iter().zip(&mut right) {
             let step = Step {
                 eps: *e,

@@ -16,7 +16,7 @@ use cutmix_data::{Cifar, Dataset, ImageFolder, Loader, Stream, keyed_rng};
 
 use cutmix_analysis::ood::{Detection, roc};
 
-use super::attack::{Attacker, Step, stepped};
+use super::attack::{Attacker, Images, Step, stepped};
 use super::{Subject, predictions};
 use crate::config::Config;
 use crate::datasets::val_loader_over;
@@ -144,8 +144,13 @@ impl Scorer<'_> {
         let s = self.subject;
         let images = match self.attacker.filter(|_| self.odin_eps > 0.0) {
             Some(attacker) => {
-                let predicted = predictions(&s.logits(images.clone(), n, size), s.classes);
-                let sign = attacker.gradient_sign(&images, n, size, &predicted, self.temperature);
+                let batch = Images {
+                    images: &images,
+                    n,
+                    size,
+                };
+                let predicted = |logits: &[f32]| predictions(logits, s.classes);
+                let (sign, _) = attacker.gradient_sign_for(batch, predicted, self.temperature);
                 let step = Step {
                     eps: -self.odin_eps,
                     clip: false,
