@@ -110,6 +110,8 @@ def main():
     command = [os.path.join(args.bin, "analyze"), args.analysis, "--config", args.config]
     for w in args.weights:
         command += ["--weights", w]
+    for label in args.label:
+        command += ["--label", label]
     if args.figure:
         command += ["--figure", args.figure]
     command += extra

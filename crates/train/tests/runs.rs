@@ -1095,12 +1095,17 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
 
     let fgsm = json(&analyze(&[
         "fgsm",
+        "--label",
+        "fixture",
         "--eps",
         "0,8/255",
         "--figure",
         &figure("fgsm.png"),
     ]));
-    assert_eq!(fgsm["images"], 64);
+    assert_eq!(
+        (fgsm["images"].as_u64(), fgsm["label"].as_str()),
+        (Some(64), Some("fixture"))
+    );
     assert!(is_clean(&fgsm["top1_err"][0]), "{fgsm}");
     assert_eq!(fgsm["eps"][1], 0.031373);
     assert!(
@@ -1186,6 +1191,10 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
         ),
         (vec!["ood", "--ood", &empty_arg], vec!["empty", "no images"]),
         (vec!["between", "--steps", "1"], vec!["--steps 1"]),
+        (
+            vec!["calibration", "--label", "a", "--label", "b"],
+            vec!["--label", "2 labels for 1"],
+        ),
         (vec!["occlusion", "--sizes", "40"], vec!["--sizes", "40"]),
         (
             vec!["calibration", "--set", "model.num_classes=12"],

@@ -43,6 +43,10 @@ struct Common {
     /// compare several (a JSON line each, all on one figure).
     #[arg(long, required = true)]
     weights: Vec<PathBuf>,
+    /// A name per `--weights`, in order, for the figure's legends and the JSON's `label`
+    /// (default: the file's path).
+    #[arg(long)]
+    label: Vec<String>,
     /// Writes the analysis's figure (PNG).
     #[arg(long, value_name = "FILE.png")]
     figure: Option<PathBuf>,
@@ -161,6 +165,13 @@ struct Session {
 
 impl Session {
     fn open(common: Common) -> Result<Self> {
+        if !common.label.is_empty() && common.label.len() != common.weights.len() {
+            bail!(
+                "--label: {} labels for {} --weights files (one each, in order)",
+                common.label.len(),
+                common.weights.len()
+            );
+        }
         let mut config = Config::load(&common.config, &common.sets)?;
         if let Some(backend) = common.backend {
             config.backend = backend;
@@ -174,15 +185,24 @@ impl Session {
         })
     }
 
-    /// Each weights file's model, on an autodiff device (the attacks need input gradients).
-    fn models(&self) -> impl Iterator<Item = (String, Result<Model>)> + '_ {
+    /// Each weights file's label (`--label`, or its path), path and model, on an autodiff
+    /// device (the attacks need input gradients).
+    fn models(&self) -> impl Iterator<Item = (String, String, Result<Model>)> + '_ {
         let device = self.device.clone().autodiff();
-        self.common.weights.iter().map(move |path| {
-            (
-                path.display().to_string(),
-                weights::load_for(&self.config, &device, path),
-            )
-        })
+        self.common
+            .weights
+            .iter()
+            .enumerate()
+            .map(move |(i, path)| {
+                let shown = path.display().to_string();
+                let label = self
+                    .common
+                    .label
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| shown.clone());
+                (label, shown, weights::load_for(&self.config, &device, path))
+            })
     }
 
     fn subject(&self, model: &Model) -> Subject {
@@ -249,7 +269,7 @@ fn fgsm(session: Session, eps: &[f32]) -> Result<()> {
     }
     let val = datasets::build_val(&session.config)?;
     let mut lines: Lines = Vec::new();
-    for (name, model) in session.models() {
+    for (name, path, model) in session.models() {
         let model = model?;
         let attacker = Attacker::new(&model, session.config.model.num_classes);
         let sweep = fgsm_sweep(&session.subject(&model), &attacker, &val, eps)?;
@@ -261,7 +281,8 @@ fn fgsm(session: Session, eps: &[f32]) -> Result<()> {
             "{}",
             json!({
                 "analysis": "fgsm",
-                "weights": name,
+                "weights": path,
+                "label": name,
                 "images": sweep.images,
                 "eps": eps,
                 "top1_acc": percents(&sweep.acc),
@@ -300,11 +321,12 @@ fn occlusion(session: Session, sizes: Vec<usize>, kinds: &[Occlusion], fill: Fil
     }
     let val = datasets::build_val(&session.config)?;
     let mut curves: Vec<Lines> = vec![Vec::new(); kinds.len()];
-    for (name, model) in session.models() {
+    for (name, path, model) in session.models() {
         let sweep = occlusion_sweep(&session.subject(&model?), &val, kinds, &sizes, fill)?;
         let mut line = json!({
             "analysis": "occlusion",
-            "weights": name,
+            "weights": path,
+                "label": name,
             "images": sweep.images,
             "fill": fill,
             "sizes": sizes,
@@ -347,7 +369,7 @@ fn between(session: Session, pairs: usize, steps: usize) -> Result<()> {
     let (first, second) = pair_loaders(&session.config, pairs)?;
     let methods = [Mix::Mixup, Mix::Cutmix];
     let mut curves: Vec<Lines> = vec![Vec::new(); 2];
-    for (name, model) in session.models() {
+    for (name, path, model) in session.models() {
         let sweep = between_sweep(
             &session.subject(&model?),
             (&first, &second),
@@ -356,7 +378,8 @@ fn between(session: Session, pairs: usize, steps: usize) -> Result<()> {
         )?;
         let mut line = json!({
             "analysis": "between",
-            "weights": name,
+            "weights": path,
+                "label": name,
             "pairs": sweep.pairs,
             "lambdas": lambdas,
         });
@@ -430,7 +453,7 @@ fn ood(session: Session, names: &[String], options: OodOptions) -> Result<()> {
         .collect::<Result<_>>()?;
     let inside = OodSet::Images(val);
     let mut panels = Vec::new();
-    for (name, model) in session.models() {
+    for (name, path, model) in session.models() {
         let model = model?;
         let subject = session.subject(&model);
         let attacker = Attacker::new(&model, config.model.num_classes);
@@ -457,7 +480,8 @@ fn ood(session: Session, names: &[String], options: OodOptions) -> Result<()> {
             "{}",
             json!({
                 "analysis": "ood",
-                "weights": name,
+                "weights": path,
+                "label": name,
                 "in_images": in_images,
                 "temperature": options.temperature,
                 "odin_eps": (options.odin_eps as f64 * 1e6).round() / 1e6,
@@ -545,12 +569,13 @@ fn calibrate(session: Session, bins: usize, fit: bool) -> Result<()> {
     let val = datasets::build_val(&session.config)?;
     let classes = session.config.model.num_classes;
     let mut figures = Vec::new();
-    for (name, model) in session.models() {
+    for (name, path, model) in session.models() {
         let (logits, labels) = logits_of(&session.subject(&model?), &val)?;
         let whole = calibration(&logits, classes, &labels, 1.0, bins);
         let mut line = calibration_json(&whole, labels.len());
         line["analysis"] = json!("calibration");
-        line["weights"] = json!(name);
+        line["weights"] = json!(path);
+        line["label"] = json!(name);
         line["bins"] = json!(bins);
         if fit {
             temperature_scaling(&mut line, &logits, &labels, classes, bins)?;
