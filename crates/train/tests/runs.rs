@@ -1142,10 +1142,15 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
     assert!(between["pairs"].as_u64().unwrap() > 30, "{between}");
 
     let cat = mini().join("train/cat").display().to_string();
+    let cifar_file = out.path().join("ood.bin");
+    write_cifar100(&cifar_file, 16, 0);
+    let cifar_arg = cifar_file.display().to_string();
     let ood = json(&analyze(&[
         "ood",
         "--ood",
         "uniform",
+        "--ood",
+        &cifar_arg,
         "--ood",
         &cat,
         "--synthetic-images",
@@ -1155,6 +1160,7 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
     ]));
     assert_eq!(ood["sets"]["uniform"]["images"], 32, "{ood}");
     assert_eq!(ood["sets"]["cat"]["images"], 200, "{ood}");
+    assert_eq!(ood["sets"]["ood.bin"]["images"], 16, "{ood}");
     let auroc = ood["mean"]["auroc"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&auroc), "{ood}");
 
