@@ -64,6 +64,21 @@ interop:
     cargo build --release
     .venv/bin/python scripts/check_torch_interop.py
 
+# Rewrite the committed PyTorch / scikit-learn fixtures the tests compare against (CAMs, FGSM and
+# ODIN batches, OOD metrics with ties, calibration); needs .venv with torch and scikit-learn.
+fixtures:
+    test -x .venv/bin/python || python3 -m venv .venv
+    .venv/bin/python -c "import torch, safetensors, sklearn, scipy" 2>/dev/null || .venv/bin/pip install torch torchvision safetensors numpy scikit-learn scipy
+    .venv/bin/python scripts/check_torch_interop.py --write-cam-fixture
+    .venv/bin/python scripts/check_torch_interop.py --write-fgsm-fixture
+    .venv/bin/python scripts/write_analysis_fixture.py
+
+# One analysis (fgsm, occlusion, between, ood, calibration) over several weights files as the
+# paper's table and one figure: just analysis-table fgsm --config C --weights A --label Baseline ...
+analysis-table *ARGS:
+    cargo build --release --bin analyze
+    python3 scripts/analysis_table.py {{ARGS}}
+
 # Format and lint.
 fmt:
     cargo fmt --all
