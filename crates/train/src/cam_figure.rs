@@ -2,6 +2,7 @@
 //! ground-truth boxes (green) and the box found in its ground-truth class's CAM (red), that CAM
 //! as a heat map over the image, and the predicted class's CAM the same way; with several
 //! weight files, each one's ground-truth-class CAM and box side by side (the paper's Figure 1).
+//! Each cell is captioned with its class: the ground truth's, or the prediction's.
 
 use std::path::Path;
 
@@ -22,6 +23,9 @@ pub struct CamRow {
     pub truth: Vec<PixelBox>,
     /// The box of the ground-truth class's CAM at the threshold, if any.
     pub found: Option<PixelBox>,
+    /// The names (or numbers) of the ground-truth and predicted classes.
+    pub truth_class: String,
+    pub predicted_class: String,
 }
 
 const GAP: u32 = 4;
@@ -48,10 +52,12 @@ fn jet(v: f32) -> [f32; 3] {
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
-/// One cell of the grid: an image, optionally with a CAM over it, and boxes to outline.
+/// One cell of the grid: an image, optionally with a CAM over it, boxes to outline and a
+/// caption.
 struct Cell<'a> {
     map: Option<&'a [f32]>,
     boxes: Vec<(PixelBox, Rgb<u8>)>,
+    caption: String,
 }
 
 /// Writes the grid to `path` (PNG), each cell `size * scale` pixels wide. With one model
@@ -71,6 +77,7 @@ pub fn write(path: &Path, models: &[Vec<CamRow>], size: usize) -> Result<()> {
     let width = columns as u32 * (cell + GAP) + GAP;
     let height = rows as u32 * (cell + GAP) + GAP;
     let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    let mut captions = Vec::new();
     for r in 0..rows {
         let row = &models[0][r];
         let truth: Vec<_> = row.truth.iter().map(|&b| (b, GREEN)).collect();
@@ -80,24 +87,29 @@ pub fn write(path: &Path, models: &[Vec<CamRow>], size: usize) -> Result<()> {
                 Cell {
                     map: None,
                     boxes: truth.iter().copied().chain(found(row)).collect(),
+                    caption: row.truth_class.clone(),
                 },
                 Cell {
                     map: Some(&row.truth_map),
                     boxes: Vec::new(),
+                    caption: format!("CAM {}", row.truth_class),
                 },
                 Cell {
                     map: Some(&row.predicted_map),
                     boxes: Vec::new(),
+                    caption: format!("pred: {}", row.predicted_class),
                 },
             ]
         } else {
             std::iter::once(Cell {
                 map: None,
                 boxes: truth.clone(),
+                caption: row.truth_class.clone(),
             })
             .chain(models.iter().map(|m| Cell {
                 map: Some(&m[r].truth_map),
                 boxes: truth.iter().copied().chain(found(&m[r])).collect(),
+                caption: format!("pred: {}", m[r].predicted_class),
             }))
             .collect()
         };
@@ -125,13 +137,38 @@ pub fn write(path: &Path, models: &[Vec<CamRow>], size: usize) -> Result<()> {
             for &(b, colour) in &c.boxes {
                 outline(&mut canvas, b, (left, top), scale, colour);
             }
+            captions.push((left, top, c.caption.clone()));
         }
     }
+    write_captions(&mut canvas, &captions)?;
     let mut png = Vec::new();
     canvas
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .context("encoding the CAM figure")?;
     write_atomically(path, &png)
+}
+
+/// Each caption in white on a dark strip at the top left of its cell.
+fn write_captions(canvas: &mut RgbImage, captions: &[(u32, u32, String)]) -> Result<()> {
+    use plotters::prelude::*;
+    crate::plots::register_font();
+    let (width, height) = canvas.dimensions();
+    let root = BitMapBackend::with_buffer(canvas.as_mut(), (width, height)).into_drawing_area();
+    let font = (crate::plots::FAMILY, 12).into_font().color(&WHITE);
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        for (left, top, text) in captions {
+            let (w, h) = root.estimate_text_size(text, &font)?;
+            let (x, y) = (*left as i32, *top as i32);
+            root.draw(&Rectangle::new(
+                [(x, y), (x + w as i32 + 4, y + h as i32 + 2)],
+                BLACK.mix(0.6).filled(),
+            ))?;
+            root.draw(&Text::new(text.as_str(), (x + 2, y + 1), font.clone()))?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing the CAM figure's captions: {e}"))
 }
 
 /// A 2-pixel outline of `b` (crop pixels) on the cell at `origin`.

@@ -153,12 +153,21 @@ pub fn localize(
             let truth_map = map(*label);
             let found =
                 boxes_from_map(&truth_map, [size, size], options.threshold, Select::Largest);
+            let name = |class: usize| {
+                folder
+                    .classes()
+                    .get(class)
+                    .cloned()
+                    .unwrap_or_else(|| class.to_string())
+            };
             figure.push(CamRow {
                 image,
                 predicted_map: map(predicted[*i] as usize),
                 truth_map,
                 truth: truth.clone(),
                 found: found.first().copied(),
+                truth_class: name(*label),
+                predicted_class: name(predicted[*i] as usize),
             });
         }
     }

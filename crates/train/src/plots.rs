@@ -14,7 +14,7 @@ use crate::checkpoint::write_atomically;
 use crate::metrics::EpochMetrics;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Line colours, one per series (a colour-blind-safe palette, Okabe and Ito's).
 const PALETTE: [RGBColor; 8] = [
@@ -82,7 +82,7 @@ impl Panel {
     }
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The font is compiled in; it cannot fail to parse.
