@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod cam_figure;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod datasets;
 pub mod ema;

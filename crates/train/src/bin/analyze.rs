@@ -593,7 +593,7 @@ fn calibrate(session: Session, bins: usize, fit: bool) -> Result<()> {
 fn main() -> ExitCode {
     backend::quiet_mesa();
     backend::keep_freed_memory();
-    match run(Args::parse()) {
+    match run(cutmix_train::cli::parse::<Args>()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

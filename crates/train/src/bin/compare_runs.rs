@@ -58,7 +58,7 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = cutmix_train::cli::parse::<Args>();
     if let Err(e) = run(&args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

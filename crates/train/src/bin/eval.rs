@@ -88,7 +88,7 @@ fn run(args: Args) -> Result<()> {
 fn main() -> ExitCode {
     cutmix_train::backend::quiet_mesa();
     cutmix_train::backend::keep_freed_memory();
-    match run(Args::parse()) {
+    match run(cutmix_train::cli::parse::<Args>()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -28,7 +28,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = cutmix_train::cli::parse::<Args>();
     let out = args
         .out
         .clone()

@@ -153,7 +153,7 @@ fn round2(v: f64) -> f64 {
 fn main() -> ExitCode {
     cutmix_train::backend::quiet_mesa();
     cutmix_train::backend::keep_freed_memory();
-    match run(Args::parse()) {
+    match run(cutmix_train::cli::parse::<Args>()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -183,7 +183,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match run(Args::parse(), &world) {
+    let code = match run(cutmix_train::cli::parse::<Args>(), &world) {
         Ok(code) => code,
         Err(error) if world.size() > 1 => {
             if error.downcast_ref::<EveryRank>().is_some() {
