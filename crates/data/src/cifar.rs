@@ -276,11 +276,22 @@ impl Dataset for Cifar {
             height: SIDE,
             pixels,
         };
+        Ok((Sample::Pixels(image), self.label_of(index)))
+    }
+
+    fn label(&self, index: usize) -> Option<usize> {
+        Some(self.label_of(index))
+    }
+}
+
+impl Cifar {
+    /// Example `index`'s label: fine, or coarse with [`Cifar::with_coarse_labels`].
+    fn label_of(&self, index: usize) -> usize {
         let label = match (&self.coarse_labels, self.coarse) {
             (Some(coarse), true) => coarse[index],
             _ => self.labels[index],
         };
-        Ok((Sample::Pixels(image), usize::from(label)))
+        usize::from(label)
     }
 }
 
@@ -313,9 +324,11 @@ mod tests {
         assert_eq!(label, 99);
         assert_eq!(&image.pixels[..3], &[99, 100, 101]);
         assert_eq!(image.pixels.len(), PIXELS);
+        assert_eq!(data.label(1), Some(99));
         let coarse = data.with_coarse_labels().unwrap();
         assert_eq!(coarse.num_classes(), 20);
         assert_eq!(coarse.get(1).unwrap().1, 19);
+        assert_eq!(coarse.label(1), Some(19));
     }
 
     #[test]

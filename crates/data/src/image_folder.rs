@@ -289,6 +289,10 @@ impl Dataset for ImageFolder {
         let file = Encoded::read(&self.path(index))?;
         Ok((Sample::File(file), self.labels[index] as usize))
     }
+
+    fn label(&self, index: usize) -> Option<usize> {
+        Some(self.labels[index] as usize)
+    }
 }
 
 #[cfg(test)]

@@ -59,4 +59,10 @@ pub trait Dataset: Send + Sync {
     fn num_classes(&self) -> usize;
     /// Example `index` (its pixels, or its file to decode) and its label.
     fn get(&self, index: usize) -> Result<(Sample, usize), DataError>;
+    /// Example `index`'s label without reading the example, when the dataset holds its labels
+    /// (CIFAR files and image folders do); `None` otherwise.
+    fn label(&self, index: usize) -> Option<usize> {
+        let _ = index;
+        None
+    }
 }

@@ -53,7 +53,8 @@ pub fn mix(a: &mut [f32], b: &[f32], size: usize, lam: f64, how: Mix) {
 /// The rate (a fraction) of predicting neither class of a pair, per method and lambda.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BetweenSweep {
-    /// Pairs of different classes counted (pairs of one class are drawn but not counted).
+    /// Pairs of different classes counted (pairs of one class, drawn only from datasets that
+    /// do not hold their labels, are not counted).
     pub pairs: usize,
     pub neither: Vec<(Mix, Vec<f64>)>,
 }
@@ -110,20 +111,33 @@ pub fn between_sweep(
     })
 }
 
-/// Two loaders over `pairs` random validation images each (0: as many as the validation
-/// split, after `data.val_limit`), drawn with replacement from the config's seed: image `i` of
-/// the first is paired with image `i` of the second.
+/// Two loaders over `pairs` random validation pairs (0: as many as the validation split, after
+/// `data.val_limit`), drawn from the config's seed: image `i` of the first is paired with image
+/// `i` of the second. When the dataset knows its labels without reading images (CIFAR, image
+/// folders, CUB) every pair is of two classes; otherwise pairs of one class are drawn too, and
+/// [`between_sweep`] does not count them.
 pub fn pair_loaders(config: &Config, pairs: usize) -> anyhow::Result<(Loader, Loader)> {
     let val = datasets::val_dataset(config)?;
     let pool = datasets::val_subset(config, val.len()).unwrap_or_else(|| (0..val.len()).collect());
     let count = if pairs == 0 { pool.len() } else { pairs };
+    let classes: std::collections::BTreeSet<_> = pool.iter().map(|&i| val.label(i)).collect();
+    anyhow::ensure!(
+        classes.len() != 1 || classes.contains(&None),
+        "in-between pairs need validation images of two classes at least"
+    );
     let mut rng = keyed_rng(config.seed, Stream::Analysis, 2, 0);
-    let mut draw = || -> Vec<usize> {
-        (0..count)
-            .map(|_| pool[rng.random_range(0..pool.len())])
-            .collect()
-    };
-    let (a, b) = (draw(), draw());
+    let (mut a, mut b) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    while a.len() < count {
+        let (i, j) = (
+            pool[rng.random_range(0..pool.len())],
+            pool[rng.random_range(0..pool.len())],
+        );
+        let same = matches!((val.label(i), val.label(j)), (Some(x), Some(y)) if x == y);
+        if !same {
+            a.push(i);
+            b.push(j);
+        }
+    }
     Ok((
         datasets::val_loader_over(config, val.clone(), Some(a)),
         datasets::val_loader_over(config, val, Some(b)),

@@ -96,7 +96,7 @@ enum Analysis {
     Between {
         #[command(flatten)]
         common: Common,
-        /// Pairs drawn (0: as many as validation images); pairs of one class are not counted.
+        /// Pairs of images of two classes (0: as many as validation images).
         #[arg(long, default_value_t = 0)]
         pairs: usize,
         /// Lambdas: this many points evenly over [0, 1].
