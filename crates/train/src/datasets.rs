@@ -160,7 +160,7 @@ pub fn val_loader_over(
     val: Arc<dyn Dataset>,
     indices: Option<Vec<usize>>,
 ) -> Loader {
-    let (_, transform, mean, std) = transforms(config);
+    let (transform, mean, std) = eval_transform(config);
     Loader::new(
         val,
         indices,
@@ -293,7 +293,7 @@ pub fn val_images_with_files(config: &Config) -> Result<ValImages> {
         .clone()
         .unwrap_or_else(|| (0..folder.len()).collect());
     let loader = val_loader_over(config, folder.clone(), indices);
-    let (_, transform, mean, std) = transforms(config);
+    let (transform, mean, std) = eval_transform(config);
     Ok(ValImages {
         folder,
         order,

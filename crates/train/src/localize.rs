@@ -89,13 +89,7 @@ pub fn localize(
     let mut figure = Vec::new();
     let mut next = 0;
     for batch in loader.epoch(0) {
-        let batch = batch?;
-        if !batch.skipped.is_empty() {
-            bail!(
-                "{}: unreadable; localization needs every validation image (set data.strict = true to stop at the first)",
-                batch.skipped[0].path.display()
-            );
-        }
+        let batch = crate::analyze::readable(batch?)?;
         let pixels = 3 * size * size;
         let wanted = options
             .figure_images

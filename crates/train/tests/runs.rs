@@ -996,6 +996,21 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The tensors of a PyTorch-written fixture file.
+fn pytorch_fixture(file: &str) -> cutmix_models::StateDict {
+    cutmix_models::read_weights(&fixtures().join(file))
+        .unwrap()
+        .1
+}
+
+/// The PyTorch-written CIFAR ResNet-8 (`cifar_resnet8.pth.tar`) on `device`.
+fn pytorch_resnet8(device: &Device) -> cutmix_models::Model {
+    let file = fixtures().join("cifar_resnet8.pth.tar");
+    cutmix_train::weights::load(resnet8(5, device), &file)
+        .unwrap()
+        .0
+}
+
 /// Files PyTorch wrote (scripts/check_torch_interop.py --write-fixture): a CIFAR ResNet-8 with
 /// every weight and BatchNorm statistic random, saved as the reference saves checkpoints
 /// (`{"state_dict": {"module.conv1.weight": ...}, "epoch": ...}`) in PyTorch's ZIP format and
@@ -1006,8 +1021,7 @@ fn reference_style_pytorch_checkpoints_load_and_give_pytorchs_logits() {
     use burn::tensor::{Tensor, TensorData};
 
     let fixtures = fixtures();
-    let (_, expected) =
-        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_logits.safetensors")).unwrap();
+    let expected = pytorch_fixture("cifar_resnet8_logits.safetensors");
     let floats = |name: &str| fixture_floats(&expected, name);
     let device = Device::flex();
     for file in ["cifar_resnet8.pth.tar", "cifar_resnet8_legacy.pth.tar"] {
@@ -1232,14 +1246,9 @@ fn analyze_runs_every_analysis_and_names_bad_input() {
 fn fgsm_and_odin_batches_equal_pytorchs() {
     use cutmix_train::analyze::attack::{Attacker, Images, Step, stepped};
 
-    let fixtures = fixtures();
-    let (_, expected) =
-        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_fgsm.safetensors")).unwrap();
+    let expected = pytorch_fixture("cifar_resnet8_fgsm.safetensors");
     let floats = |name: &str| fixture_floats(&expected, name);
-    let device = Device::flex().autodiff();
-    let (model, _) =
-        cutmix_train::weights::load(resnet8(5, &device), &fixtures.join("cifar_resnet8.pth.tar"))
-            .unwrap();
+    let model = pytorch_resnet8(&Device::flex().autodiff());
     let attacker = Attacker::new(&model, 10);
     let input = floats("input");
     let labels: Vec<usize> = floats("labels").iter().map(|&v| v as usize).collect();
@@ -1271,7 +1280,12 @@ fn fgsm_and_odin_batches_equal_pytorchs() {
             "{what}: the step moved only {moved} values"
         );
     };
-    let sign = attacker.gradient_sign(&input, 4, 32, &labels, 1.0);
+    let batch = Images {
+        images: &input,
+        n: 4,
+        size: 32,
+    };
+    let (sign, _) = attacker.gradient_sign_for(batch, |_| labels.clone(), 1.0);
     for (eps, name) in [(8.0 / 255.0, "fgsm_8"), (2.0 / 255.0, "fgsm_2")] {
         let step = Step { eps, clip: true };
         let ours = stepped(&input, &sign, 32, step, mean, std);
@@ -1284,11 +1298,6 @@ fn fgsm_and_odin_batches_equal_pytorchs() {
             burn::tensor::TensorData::new(input.clone(), [4, 3, 32, 32]),
             &Device::flex(),
         )));
-    let batch = Images {
-        images: &input,
-        n: 4,
-        size: 32,
-    };
     let predicted = |logits: &[f32]| cutmix_train::analyze::predictions(logits, 10);
     let (sign, logits) = attacker.gradient_sign_for(batch, predicted, 1000.0);
     assert!(
@@ -1311,15 +1320,10 @@ fn class_activation_maps_equal_pytorchs() {
     use burn::module::Module;
     use burn::tensor::{Tensor, TensorData};
 
-    let fixtures = fixtures();
-    let (_, expected) =
-        cutmix_models::read_weights(&fixtures.join("cifar_resnet8_cams.safetensors")).unwrap();
+    let expected = pytorch_fixture("cifar_resnet8_cams.safetensors");
     let floats = |name: &str| fixture_floats(&expected, name);
     let device = Device::flex();
-    let (model, _) =
-        cutmix_train::weights::load(resnet8(5, &device), &fixtures.join("cifar_resnet8.pth.tar"))
-            .unwrap();
-    let model = model.valid();
+    let model = pytorch_resnet8(&device).valid();
     let input = Tensor::<4>::from_data(TensorData::new(floats("input"), [2, 3, 32, 32]), &device);
     let features = model.features(input);
     let [n, channels, h, w] = features.dims();

@@ -37,25 +37,10 @@ impl Attacker {
     }
 
     /// The sign (-1, 0 or 1) of the gradient of the mean cross-entropy of
-    /// `logits / temperature` against `targets` with respect to `n` normalised
-    /// `[3][size][size]` images: also the sign of the gradient in pixel units, since
-    /// normalisation divides by a positive standard deviation.
-    pub fn gradient_sign(
-        &self,
-        images: &[f32],
-        n: usize,
-        size: usize,
-        targets: &[usize],
-        temperature: f32,
-    ) -> Vec<f32> {
-        let batch = Images { images, n, size };
-        self.gradient_sign_for(batch, |_| targets.to_vec(), temperature)
-            .0
-    }
-
-    /// [`Attacker::gradient_sign`] with the targets chosen from the images' `[n][classes]`
-    /// logits (ODIN takes the predicted classes), and those logits: one forward pass serves the
-    /// prediction, the targets and the gradient.
+    /// `logits / temperature` with respect to the images (also its sign in pixel units, since
+    /// normalisation divides by a positive standard deviation), against targets chosen from the
+    /// images' `[n][classes]` logits (FGSM: the true labels; ODIN: the predicted classes); and
+    /// those logits. One forward pass serves the prediction, the targets and the gradient.
     pub fn gradient_sign_for(
         &self,
         batch: Images,

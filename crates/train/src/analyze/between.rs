@@ -74,14 +74,7 @@ pub fn between_sweep(
         let b = partners
             .next()
             .ok_or_else(|| anyhow::anyhow!("the two pair loaders differ in length"))??;
-        anyhow::ensure!(
-            b.skipped.is_empty(),
-            "{}: unreadable",
-            b.skipped
-                .first()
-                .map(|s| s.path.display().to_string())
-                .unwrap_or_default()
-        );
+        let b = super::readable(b)?;
         let (n, size) = (a.len(), a.size);
         let keep: Vec<bool> = a
             .labels

@@ -45,11 +45,16 @@ impl Subject {
         }
     }
 
-    /// `[n][classes]` logits of `n` normalised `[3][size][size]` images.
-    pub fn logits(&self, images: Vec<f32>, n: usize, size: usize) -> Vec<f32> {
+    /// The logits tensor of `n` normalised `[3][size][size]` images, on the device.
+    fn forward(&self, images: Vec<f32>, n: usize, size: usize) -> Tensor<2> {
         let input =
             Tensor::<4>::from_data(TensorData::new(images, [n, 3, size, size]), &self.device);
-        host(self.model.forward(input))
+        self.model.forward(input)
+    }
+
+    /// `[n][classes]` logits of `n` normalised `[3][size][size]` images.
+    pub fn logits(&self, images: Vec<f32>, n: usize, size: usize) -> Vec<f32> {
+        host(self.forward(images, n, size))
     }
 
     /// `[n][classes]` softmax probabilities of `logits / temperature`, on the device.
@@ -60,12 +65,8 @@ impl Subject {
         size: usize,
         temperature: f32,
     ) -> Vec<f32> {
-        let input =
-            Tensor::<4>::from_data(TensorData::new(images, [n, 3, size, size]), &self.device);
-        host(softmax(
-            self.model.forward(input).div_scalar(temperature),
-            1,
-        ))
+        let logits = self.forward(images, n, size);
+        host(softmax(logits.div_scalar(temperature), 1))
     }
 
     /// The normalised value of a black pixel, per channel.
@@ -98,6 +99,19 @@ pub fn predictions(logits: &[f32], classes: usize) -> Vec<usize> {
         .collect()
 }
 
+/// `batch`, or an error naming its first unreadable image: an analysis compares the same
+/// images across settings and files, so it cannot skip one.
+pub fn readable(batch: Batch) -> Result<Batch> {
+    if let Some(skipped) = batch.skipped.first() {
+        bail!(
+            "{}: unreadable ({}); the analyses need every image (remove it, or set data.strict = true to stop at the first)",
+            skipped.path.display(),
+            skipped.reason
+        );
+    }
+    Ok(batch)
+}
+
 /// Every batch of `loader` (a progress bar on the terminal, labelled `what`); an unreadable
 /// image is an error, since an analysis compares the same images across settings and files.
 pub fn each_batch(
@@ -107,15 +121,7 @@ pub fn each_batch(
 ) -> Result<()> {
     let bar = progress_bar(loader.num_batches(), format!("  {what}"));
     for batch in loader.epoch(0) {
-        let batch = batch?;
-        if let Some(skipped) = batch.skipped.first() {
-            bail!(
-                "{}: unreadable ({}); the analyses need every image (remove it, or set data.strict = true to stop at the first)",
-                skipped.path.display(),
-                skipped.reason
-            );
-        }
-        visit(batch)?;
+        visit(readable(batch?)?)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
