@@ -2,7 +2,8 @@
 //! a fused BatchNorm training forward and backward (optionally with the ReLU after it), a
 //! one-pass BatchNorm (+ ReLU) for evaluation, and conv2d (forward, input gradient, weight
 //! gradient) as im2col + GEMMs that write in place, the weight gradient over chunks of the
-//! batch. [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
+//! batch or, for stride-1 convolutions on larger maps, as dot products of shifted rows
+//! ([`rows_dot`]). [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
 //! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
 //! variance), not Burn's. [`cpu`] says which CPU and which GEMM instruction set run.
@@ -12,6 +13,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod cpu;
 mod flex;
+pub mod rows_dot;
 
 use burn::backend::backend_extension;
 use burn::backend::ops::{ConvOptions, ModuleOps};

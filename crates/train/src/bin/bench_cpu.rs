@@ -297,10 +297,11 @@ fn print_times(name: &str, fields: &str, batch: usize, times: &[f64]) {
     let median = cutmix_train::bench::median(times);
     let steps: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
     println!(
-        "{{\"model\": \"{name}\", {fields}\"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}, \"gemm\": \"{}\"}}",
+        "{{\"model\": \"{name}\", {fields}\"batch\": {batch}, \"steps_ms\": [{}], \"median_ms\": {median:.1}, \"peak_rss_mib\": {:.1}, \"gemm\": \"{}\", \"rows_dot\": \"{}\"}}",
         steps.join(", "),
         peak_rss_mib().unwrap_or(0.0),
-        cutmix_kernels::cpu::gemm_isa()
+        cutmix_kernels::cpu::gemm_isa(),
+        cutmix_kernels::rows_dot::Kernel::detect().name()
     );
 }
 
