@@ -26,7 +26,7 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::rows_dot::{self, Rows, Sums};
+mod grid;
 
 /// The geometry of a 2-D convolution without groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,16 +71,6 @@ impl ConvShape {
     /// dilation, a kernel wider than one pixel) rather than clipping each tap.
     fn unfolds_padded(&self) -> bool {
         self.stride == [1, 1] && self.dilation == [1, 1] && self.kernel != [1, 1]
-    }
-
-    /// Whether the weight gradient runs as dot products of shifted rows
-    /// ([`shifted_weight_grad`]): stride 1 and a kernel wider than one pixel, as the padded
-    /// unfold, on maps where the padded grid is at most 30% larger than the output (16x16 and
-    /// up for a 3x3 kernel; on 8x8 maps the grid is 56% larger and the GEMM as fast).
-    fn shifts_weight_grad(&self) -> bool {
-        let [oh, ow] = self.output;
-        let grid = (oh + self.kernel[0] - 1) * (ow + self.kernel[1] - 1);
-        self.unfolds_padded() && grid * 10 <= self.output_pixels() * 13
     }
 
     /// Whether `cols` is the input itself (1x1, stride 1, no padding).
@@ -161,6 +151,9 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
         s.out_channels * s.rows(),
         "conv weight length"
     );
+    if s.batch * s.output_len() > 0 && s.forward_runs_on_grid() {
+        return grid::forward(x, weight, s);
+    }
     let mut output = vec![0f32; s.batch * s.output_len()];
     if output.is_empty() {
         return output;
@@ -230,6 +223,9 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
         s.batch * s.output_len(),
         "conv output gradient length"
     );
+    if s.batch * s.input_len() > 0 && s.output_pixels() > 0 && s.input_grad_runs_on_grid() {
+        return grid::input_grad(weight, output_grad, s);
+    }
     let mut x_grad = vec![0f32; s.batch * s.input_len()];
     if x_grad.is_empty() || s.output_pixels() == 0 {
         return x_grad;
@@ -281,8 +277,8 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
     if s.batch == 0 || s.output_pixels() == 0 {
         return vec![0.0; weight_len];
     }
-    if s.shifts_weight_grad() {
-        return shifted_weight_grad(x, output_grad, s);
+    if s.runs_on_grid() {
+        return grid::weight_grad(x, output_grad, s);
     }
 
     let (tasks, parallelism) = split(s.batch);
@@ -327,104 +323,6 @@ fn sum(partials: Vec<Vec<f32>>) -> Vec<f32> {
         }
     }
     grad
-}
-
-/// The floats of every row's block kept in cache while [`Sums::add`] runs over it (512 KiB, an
-/// L2 cache, for all the rows of `a` and `b` together; blocks of a quarter of that measured
-/// 10-40% slower on the AMD EPYC here).
-const SHIFTED_BLOCK_FLOATS: usize = 1 << 17;
-
-/// [`weight_grad`] for [`ConvShape::shifts_weight_grad`]: the batch in one task per thread, each
-/// laying its items on the padded grid and summing the dot products of every output-gradient
-/// channel with every shifted input channel.
-fn shifted_weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
-    let (tasks, _) = split(s.batch);
-    let per_task = s.batch.div_ceil(tasks);
-    let kernel = rows_dot::Kernel::detect();
-    let partials: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|task| {
-            let items = task * per_task..((task + 1) * per_task).min(s.batch);
-            let grid = ShiftedGrid::new(x, output_grad, s, items);
-            let mut sums = Sums::new(s.out_channels, s.rows(), kernel);
-            let block = SHIFTED_BLOCK_FLOATS / (s.in_channels + s.out_channels);
-            sums.add(grid.rows(), block);
-            sums.finish()
-        })
-        .collect();
-    sum(partials)
-}
-
-/// A run of batch items on the padded grid of [`shifted_weight_grad`]: the input and the output
-/// gradient channel-major (`[channel, item, grid rows, grid columns]`, each channel `len`
-/// floats), and the row starts of every output-gradient channel and every input tap.
-struct ShiftedGrid {
-    input: Vec<f32>,
-    output_grad: Vec<f32>,
-    grad_rows: Vec<usize>,
-    tap_rows: Vec<usize>,
-    len: usize,
-}
-
-impl ShiftedGrid {
-    fn new(x: &[f32], output_grad: &[f32], s: ConvShape, items: std::ops::Range<usize>) -> Self {
-        let [h, w] = s.input;
-        let [oh, ow] = s.output;
-        let [kh, kw] = s.kernel;
-        let [ph, pw] = s.padding;
-        let (rows, width) = (oh + kh - 1, ow + kw - 1);
-        let plane = rows * width;
-        let len = items.len() * plane;
-        // The last tap's rows read `(kh - 1) * width + kw - 1` past the last channel's end.
-        let mut input = vec![0f32; s.in_channels * len + (kh - 1) * width + kw - 1];
-        let mut grad = vec![0f32; s.out_channels * len];
-        for (i, n) in items.enumerate() {
-            for ci in 0..s.in_channels {
-                let channel = &x[(n * s.in_channels + ci) * h * w..][..h * w];
-                let grid = &mut input[ci * len + i * plane..][..plane];
-                // Grid row r is input row r - ph, column j input column j - pw.
-                let cols = w.min(width.saturating_sub(pw));
-                for (ih, src) in channel
-                    .chunks_exact(w)
-                    .enumerate()
-                    .take(rows.saturating_sub(ph))
-                {
-                    let start = (ih + ph) * width + pw;
-                    grid[start..start + cols].copy_from_slice(&src[..cols]);
-                }
-            }
-            for co in 0..s.out_channels {
-                let channel = &output_grad[(n * s.out_channels + co) * oh * ow..][..oh * ow];
-                let grid = &mut grad[co * len + i * plane..][..plane];
-                for (r, src) in channel.chunks_exact(ow).enumerate() {
-                    grid[r * width..r * width + ow].copy_from_slice(src);
-                }
-            }
-        }
-        let taps = kh * kw;
-        ShiftedGrid {
-            input,
-            output_grad: grad,
-            grad_rows: (0..s.out_channels).map(|co| co * len).collect(),
-            tap_rows: (0..s.rows())
-                .map(|r| (r / taps) * len + (r % taps / kw) * width + r % kw)
-                .collect(),
-            len,
-        }
-    }
-
-    /// `grad[co, (ci, kh, kw)] = sum over the grid of dy[co] · x[ci] shifted by (kh, kw)`: a
-    /// grid point outside the output is zero in the output gradient, so what the shifted row
-    /// reads there (padding, the next row or item) adds nothing.
-    fn rows(&self) -> Rows<'_> {
-        Rows {
-            a: &self.output_grad,
-            a_rows: &self.grad_rows,
-            b: &self.input,
-            b_rows: &self.tap_rows,
-            len: self.len,
-        }
-    }
 }
 
 /// Adds the gradient of batch items `items` to `grad` (overwrites it when `first`).
@@ -824,7 +722,7 @@ mod tests {
             (1, 2, 3, [3, 4], [5, 5], [1, 1], [(4, 1), (3, 2)], [1, 1]),
             (3, 16, 8, [8, 8], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             (2, 8, 8, [16, 16], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
-            // the shifted-row weight gradient: uneven padding on a 5x3 kernel, 5 output
+            // on the grid: uneven padding on a 5x3 kernel, 5 output
             // channels (a partial tile of 4) and 8 rows (a partial tile of 3), the end padding
             // larger than the start
             (2, 3, 5, [30, 26], [5, 3], [1, 1], [(2, 1), (0, 2)], [1, 1]),
@@ -855,10 +753,10 @@ mod tests {
         }
     }
 
-    /// The weight gradient takes the shifted rows on ResNet's 16x16 and larger stride-1 maps
-    /// (and on some of the cases above), the chunked GEMM elsewhere.
+    /// The grid takes ResNet's 16x16 and larger stride-1 maps (and some of the cases above),
+    /// im2col + GEMM the rest.
     #[test]
-    fn the_weight_gradient_shifts_rows_where_the_grid_is_small() {
+    fn convolutions_run_on_the_grid_where_it_is_small() {
         let shape = |side: usize, kernel: usize, stride: usize| ConvShape {
             batch: 2,
             in_channels: 4,
@@ -871,12 +769,26 @@ mod tests {
             dilation: [1; 2],
         };
         for side in [16, 32, 56] {
-            assert!(shape(side, 3, 1).shifts_weight_grad(), "{side}x{side} 3x3");
+            assert!(shape(side, 3, 1).runs_on_grid(), "{side}x{side} 3x3");
+            assert!(
+                shape(side, 3, 1).input_grad_runs_on_grid(),
+                "{side}x{side} 3x3"
+            );
         }
-        assert!(!shape(8, 3, 1).shifts_weight_grad(), "8x8 3x3");
-        assert!(!shape(32, 3, 2).shifts_weight_grad(), "stride 2");
-        assert!(!shape(56, 1, 1).shifts_weight_grad(), "1x1");
-        assert!(!shape(224, 7, 2).shifts_weight_grad(), "7x7/2 stem");
+        assert!(shape(32, 3, 1).forward_runs_on_grid(), "4 channels");
+        let wide = ConvShape {
+            out_channels: 64,
+            ..shape(32, 3, 1)
+        };
+        assert!(wide.runs_on_grid(), "the weight gradient at any width");
+        assert!(
+            !wide.forward_runs_on_grid() && !wide.input_grad_runs_on_grid(),
+            "64 channels"
+        );
+        assert!(!shape(8, 3, 1).runs_on_grid(), "8x8 3x3");
+        assert!(!shape(32, 3, 2).runs_on_grid(), "stride 2");
+        assert!(!shape(56, 1, 1).runs_on_grid(), "1x1");
+        assert!(!shape(224, 7, 2).runs_on_grid(), "7x7/2 stem");
     }
 
     #[test]

@@ -223,6 +223,149 @@ impl Tiles<'_> {
     }
 }
 
+/// Output rows per register tile of [`combine`].
+const COMBINE_ROWS: usize = 6;
+/// Positions per register tile of [`combine`] (two AVX2 registers).
+const COMBINE_SPAN: usize = 16;
+
+/// The weighted sums of rows, `out[i][k] = sum over r of weights[i][r] · b[b_rows[r] + k]` for
+/// `k < len`: a matrix product whose right operand's rows are offsets into one buffer (a
+/// convolution's shifted input channels), `[m, len]` row-major, with `weights` `[m, rows]`.
+/// Each of `b`'s rows must be readable for `len` rounded up to 16 values.
+pub fn combine(
+    weights: &[f32],
+    m: usize,
+    b: &[f32],
+    b_rows: &[usize],
+    len: usize,
+    kernel: Kernel,
+) -> Vec<f32> {
+    let rows = b_rows.len();
+    assert_eq!(weights.len(), m * rows, "weights [m, rows]");
+    let span = len.next_multiple_of(COMBINE_SPAN);
+    assert!(
+        b_rows.iter().all(|&s| s + span <= b.len()),
+        "a row of b runs past its buffer"
+    );
+    // The weights packed [tile][row][COMBINE_ROWS], zero in a last tile's missing rows.
+    let tiles = m.div_ceil(COMBINE_ROWS);
+    let mut packed = vec![0f32; tiles * rows * COMBINE_ROWS];
+    for (i, row) in weights.chunks_exact(rows.max(1)).enumerate().take(m) {
+        let (tile, lane) = (i / COMBINE_ROWS, i % COMBINE_ROWS);
+        for (r, &w) in row.iter().enumerate() {
+            packed[(tile * rows + r) * COMBINE_ROWS + lane] = w;
+        }
+    }
+    let total = tiles * COMBINE_ROWS * span;
+    let mut out = match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma if rows > 0 => {
+            assert_eq!(Kernel::detect(), Kernel::Avx2Fma, "AVX2 + FMA on this CPU");
+            let mut out = Vec::with_capacity(total);
+            // SAFETY: the CPU has AVX2 and FMA (checked above); every row of b holds `span`
+            // values (checked above); `packed` and `out` are sized for `tiles` whole tiles, and
+            // the kernel writes every value of `out` (its first block of rows stores without
+            // loading), so all `total` are initialised.
+            unsafe {
+                combine_avx2(&packed, b, b_rows, span, out.as_mut_ptr());
+                out.set_len(total);
+            }
+            out
+        }
+        _ => {
+            let mut out = vec![0f32; total];
+            if rows > 0 {
+                combine_portable(&packed, b, b_rows, span, &mut out);
+            }
+            out
+        }
+    };
+    out.truncate(m * span);
+    if span != len {
+        // Drop each row's last `span - len` values.
+        for i in 1..m {
+            out.copy_within(i * span..i * span + len, i * len);
+        }
+        out.truncate(m * len);
+    }
+    out
+}
+
+/// [`combine`] over packed weights and whole tiles, in plain Rust.
+fn combine_portable(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, out: &mut [f32]) {
+    let rows = b_rows.len();
+    for (tile, weights) in packed.chunks_exact(rows * COMBINE_ROWS).enumerate() {
+        let out = &mut out[tile * COMBINE_ROWS * span..][..COMBINE_ROWS * span];
+        for (w, &start) in weights.chunks_exact(COMBINE_ROWS).zip(b_rows) {
+            let row = &b[start..start + span];
+            for (lane, &weight) in w.iter().enumerate() {
+                for (o, &x) in out[lane * span..(lane + 1) * span].iter_mut().zip(row) {
+                    *o += weight * x;
+                }
+            }
+        }
+    }
+}
+
+/// Rows of `b` per block of [`combine_avx2`], and positions per block: a block of rows' block
+/// of positions (a few KiB) stays in L1 while every tile of output rows runs over it.
+const COMBINE_BLOCK_ROWS: usize = 64;
+const COMBINE_BLOCK_SPAN: usize = 256;
+
+/// [`combine_portable`] in AVX2 registers: 6 output rows by 16 positions, 12 accumulators, over
+/// blocks of rows and positions.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; every row of `b` must hold `span` (a multiple of 16) values;
+/// `packed` must hold whole tiles and `out` address `tiles * COMBINE_ROWS * span` writable
+/// values (uninitialised: every one is written before it is read).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
+    use std::arch::x86_64::*;
+    let rows = b_rows.len();
+    let tiles = packed.len() / (rows * COMBINE_ROWS);
+    let pb = b.as_ptr();
+    for r0 in (0..rows).step_by(COMBINE_BLOCK_ROWS) {
+        let block_rows = &b_rows[r0..(r0 + COMBINE_BLOCK_ROWS).min(rows)];
+        for k0 in (0..span).step_by(COMBINE_BLOCK_SPAN) {
+            let k1 = (k0 + COMBINE_BLOCK_SPAN).min(span);
+            for tile in 0..tiles {
+                let weights = packed[(tile * rows + r0) * COMBINE_ROWS..].as_ptr();
+                for k in (k0..k1).step_by(COMBINE_SPAN) {
+                    // SAFETY: `b_rows[r] + k + 16 <= span` values of each row, the packed
+                    // weights of this tile and its output rows are in bounds (the caller's
+                    // contract).
+                    unsafe {
+                        let at = |lane: usize| po.add((tile * COMBINE_ROWS + lane) * span + k);
+                        let mut acc = [[_mm256_setzero_ps(); 2]; COMBINE_ROWS];
+                        if r0 > 0 {
+                            for (lane, sums) in acc.iter_mut().enumerate() {
+                                *sums =
+                                    [_mm256_loadu_ps(at(lane)), _mm256_loadu_ps(at(lane).add(8))];
+                            }
+                        }
+                        for (r, &start) in block_rows.iter().enumerate() {
+                            let p = pb.add(start + k);
+                            let (x0, x1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                            let w = weights.add(r * COMBINE_ROWS);
+                            for (lane, sums) in acc.iter_mut().enumerate() {
+                                let weight = _mm256_broadcast_ss(&*w.add(lane));
+                                sums[0] = _mm256_fmadd_ps(weight, x0, sums[0]);
+                                sums[1] = _mm256_fmadd_ps(weight, x1, sums[1]);
+                            }
+                        }
+                        for (lane, sums) in acc.iter().enumerate() {
+                            _mm256_storeu_ps(at(lane), sums[0]);
+                            _mm256_storeu_ps(at(lane).add(8), sums[1]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +420,33 @@ mod tests {
                         assert!(
                             (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
                             "{kernel:?} {m}x{n} len {len}: [{i}, {j}] {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Both kernels' weighted sums of rows against f64, with a partial tile of 6 output rows,
+    /// a length that is not a multiple of 16, overlapping rows.
+    #[test]
+    fn combine_matches_f64_sums() {
+        for (m, rows, len) in [(7, 5, 37usize), (6, 9, 16), (1, 1, 3), (13, 20, 100)] {
+            let weights = values(m * rows, 3);
+            let b = values(rows * 4 + len.next_multiple_of(16) + 3, 4);
+            let b_rows: Vec<usize> = (0..rows).map(|r| r * 4 + r % 3).collect();
+            for kernel in [Kernel::detect(), Kernel::Portable] {
+                let got = combine(&weights, m, &b, &b_rows, len, kernel);
+                assert_eq!(got.len(), m * len);
+                for i in 0..m {
+                    for k in 0..len {
+                        let want: f64 = (0..rows)
+                            .map(|r| weights[i * rows + r] as f64 * b[b_rows[r] + k] as f64)
+                            .sum();
+                        let g = got[i * len + k] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{kernel:?} {m}x{rows} len {len}: [{i}, {k}] {g} vs {want}"
                         );
                     }
                 }

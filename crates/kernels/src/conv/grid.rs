@@ -1,0 +1,271 @@
+//! Stride-1 convolutions without unfolding, on a padded grid.
+//!
+//! A run of batch items is laid channel-major on a grid of `oh + kh - 1` rows by
+//! `ow + kw - 1` columns per item (the input with its padding; `[channel, item, row, column]`,
+//! each channel one flat row of `len` floats). Read from offset `kh * (ow + kw - 1) + kw`, a
+//! channel's row is that channel shifted by tap `(kh, kw)`: at grid point `(r, c)` it holds
+//! input `(r + kh - ph, c + kw - pw)`. So, with `j` running over the grid points:
+//! - forward: `y[co][j] = sum over (ci, tap) of W[co, ci, tap] · x[ci][j + shift(tap)]`, a
+//!   [`rows_dot::combine`], read back at the points with `r < oh`, `c < ow`;
+//! - input gradient: the forward pass of the output gradient laid on the input's grid (at
+//!   `kh - 1 - ph`, `kw - 1 - pw`) by the flipped, transposed weight;
+//! - weight gradient: `dW[co, ci, tap] = sum over j of dy[co][j] · x[ci][j + shift(tap)]`, a
+//!   [`rows_dot::Sums`], with the output gradient laid on the same grid, zero outside its
+//!   `oh x ow`, so what a shifted row reads there (padding, the next row or item) adds nothing.
+//!
+//! The grid is larger than the map it holds (by 27% at 16x16 for a 3x3 kernel, 13% at 32x32,
+//! 56% at 8x8), so this runs where it is at most 30% larger ([`ConvShape::runs_on_grid`]).
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{ConvShape, split, sum};
+use crate::rows_dot::{self, Rows, Sums};
+
+/// The floats of every row's block kept in cache while [`Sums::add`] runs over it (512 KiB, an
+/// L2 cache, for all the rows of `a` and `b` together; blocks of a quarter of that measured
+/// 10-40% slower on the AMD EPYC here).
+const BLOCK_FLOATS: usize = 1 << 17;
+
+/// The forward pass and the input gradient run on the grid up to this many output channels:
+/// there the im2col GEMM (16 output rows, or an inner dimension of 16) ran at a third of its
+/// speed on wider layers, and the grid 1.1-1.5x faster on CIFAR's 16-channel 32x32 layers;
+/// from 32 channels up the GEMM was 5-25% faster (the grid's extra points cost more than the
+/// copies it saves). The weight gradient's GEMM transposes its operand at any width, so it
+/// runs on the grid at every width.
+const FEW_CHANNELS: usize = 24;
+
+/// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
+const SLACK: usize = 16;
+
+/// Whether a map of `pixels` points on a grid of `grid` points is worth the grid's extra work.
+fn small_grid(grid: usize, pixels: usize) -> bool {
+    grid * 10 <= pixels * 13
+}
+
+impl ConvShape {
+    fn grid(&self) -> [usize; 2] {
+        [0, 1].map(|d| self.output[d] + self.kernel[d] - 1)
+    }
+
+    /// Whether the forward pass and the weight gradient run on the grid: stride 1, no dilation,
+    /// a kernel wider than one pixel, the padded input within the grid (end padding not
+    /// negative), a grid at most 30% larger than the output.
+    pub(super) fn runs_on_grid(&self) -> bool {
+        let grid = self.grid();
+        self.unfolds_padded()
+            && (0..2).all(|d| self.padding[d] + self.input[d] <= grid[d])
+            && small_grid(grid[0] * grid[1], self.output_pixels())
+    }
+
+    /// Whether the forward pass runs on the grid: as the weight gradient, with at most
+    /// [`FEW_CHANNELS`] output channels.
+    pub(super) fn forward_runs_on_grid(&self) -> bool {
+        self.out_channels <= FEW_CHANNELS && self.runs_on_grid()
+    }
+
+    /// The convolution whose forward pass is this one's input gradient (for stride 1): of the
+    /// output gradient, channels swapped, padded by `k - 1 - p`; none where `p >= k`.
+    fn transposed(&self) -> Option<ConvShape> {
+        let padding = [0, 1].map(|d| (self.kernel[d] - 1).checked_sub(self.padding[d]));
+        Some(ConvShape {
+            in_channels: self.out_channels,
+            out_channels: self.in_channels,
+            input: self.output,
+            output: self.input,
+            padding: [padding[0]?, padding[1]?],
+            ..*self
+        })
+    }
+
+    /// Whether the input gradient runs on the input's grid: the [`Self::transposed`]
+    /// convolution runs on its grid, and its GEMM's inner dimension (the output channels) is at
+    /// most [`FEW_CHANNELS`].
+    pub(super) fn input_grad_runs_on_grid(&self) -> bool {
+        self.out_channels <= FEW_CHANNELS
+            && self.unfolds_padded()
+            && self.transposed().is_some_and(|t| t.runs_on_grid())
+    }
+}
+
+/// Items `items` of `[batch, channels, h, w]` values laid channel-major on a grid of
+/// `[rows, width]` points per item, each map at `(top, left)`, zero elsewhere: `channels` rows
+/// of `items.len() * rows * width` floats, then [`SLACK`] plus `tail` zeros.
+struct Grid {
+    values: Vec<f32>,
+    /// One channel's floats.
+    len: usize,
+    width: usize,
+}
+
+impl Grid {
+    fn lay(
+        src: &[f32],
+        [channels, h, w]: [usize; 3],
+        items: Range<usize>,
+        [rows, width]: [usize; 2],
+        [top, left]: [usize; 2],
+        tail: usize,
+    ) -> Grid {
+        let len = items.len() * rows * width;
+        // Built in order, so only the padding is written with zeros (not the whole grid first).
+        let mut values = Vec::with_capacity(channels * len + tail + SLACK);
+        let zeros = |values: &mut Vec<f32>, count: usize| values.resize(values.len() + count, 0.0);
+        for c in 0..channels {
+            for n in items.clone() {
+                let map = &src[(n * channels + c) * h * w..][..h * w];
+                zeros(&mut values, top * width);
+                for src_row in map.chunks_exact(w) {
+                    zeros(&mut values, left);
+                    values.extend_from_slice(src_row);
+                    zeros(&mut values, width - left - w);
+                }
+                zeros(&mut values, (rows - top - h) * width);
+            }
+        }
+        zeros(&mut values, tail + SLACK);
+        Grid { values, len, width }
+    }
+
+    /// The start of each `(channel, kh, kw)` row: the channel shifted by the tap.
+    fn tap_rows(&self, channels: usize, [kh, kw]: [usize; 2]) -> Vec<usize> {
+        let taps = kh * kw;
+        (0..channels * taps)
+            .map(|r| (r / taps) * self.len + (r % taps / kw) * self.width + r % kw)
+            .collect()
+    }
+
+    /// The rows of each channel (the unshifted channels).
+    fn channel_rows(&self, channels: usize) -> Vec<usize> {
+        (0..channels).map(|c| c * self.len).collect()
+    }
+}
+
+/// How far the last tap's row reaches past the last channel's end.
+fn reach([kh, kw]: [usize; 2], width: usize) -> usize {
+    (kh - 1) * width + kw - 1
+}
+
+/// Writes `on_grid` (`[channels, items, rows, width]`) at the points `r < h`, `c < w` into
+/// `out` (`[items, channels, h, w]`), every value of it.
+fn read_back(
+    on_grid: &[f32],
+    [channels, h, w]: [usize; 3],
+    width: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let plane_len = h * w;
+    let items = out.len() / (channels * plane_len).max(1);
+    let len = on_grid.len() / channels.max(1);
+    let plane = len / items.max(1);
+    for (i, item) in out.chunks_exact_mut(channels * plane_len).enumerate() {
+        for (c, map) in item.chunks_exact_mut(plane_len).enumerate() {
+            let grid = &on_grid[c * len + i * plane..];
+            for (y, row) in map.chunks_exact_mut(w).enumerate() {
+                for (o, &v) in row.iter_mut().zip(&grid[y * width..y * width + w]) {
+                    o.write(v);
+                }
+            }
+        }
+    }
+}
+
+/// The batch cut into one run of items per thread.
+fn runs(batch: usize) -> Vec<Range<usize>> {
+    let (tasks, _) = split(batch);
+    let per_task = batch.div_ceil(tasks);
+    (0..tasks)
+        .map(|t| t * per_task..((t + 1) * per_task).min(batch))
+        .filter(|run| !run.is_empty())
+        .collect()
+}
+
+/// The output of `s` (`[batch, out_channels, oh, ow]`) of `x` by `weight`
+/// (`[out_channels, rows]`), for [`ConvShape::runs_on_grid`].
+fn convolve(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
+    let total = s.batch * s.output_len();
+    let mut out = Vec::with_capacity(total);
+    let grid = s.grid();
+    let kernel = rows_dot::Kernel::detect();
+    let runs = runs(s.batch);
+    let per_run = runs[0].len() * s.output_len();
+    out.spare_capacity_mut()[..total]
+        .par_chunks_mut(per_run)
+        .zip(runs)
+        .for_each(|(out, items)| {
+            let channels = [s.in_channels, s.input[0], s.input[1]];
+            let reach = reach(s.kernel, grid[1]);
+            let laid = Grid::lay(x, channels, items, grid, s.padding, reach);
+            let rows = laid.tap_rows(s.in_channels, s.kernel);
+            let y = rows_dot::combine(
+                weight,
+                s.out_channels,
+                &laid.values,
+                &rows,
+                laid.len,
+                kernel,
+            );
+            read_back(&y, [s.out_channels, s.output[0], s.output[1]], grid[1], out);
+        });
+    // SAFETY: the runs' chunks cover the `total` values and `read_back` wrote every one.
+    unsafe { out.set_len(total) };
+    out
+}
+
+/// [`super::forward`] on the grid.
+pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
+    convolve(x, weight, s)
+}
+
+/// [`super::input_grad`] on the input's grid: the output gradient convolved
+/// ([`ConvShape::transposed`]) by the weight flipped in both spatial dimensions with its
+/// channel axes swapped.
+pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
+    let taps = s.kernel[0] * s.kernel[1];
+    // flipped[ci, co, a, b] = weight[co, ci, kh - 1 - a, kw - 1 - b]
+    let mut flipped = vec![0f32; weight.len()];
+    for co in 0..s.out_channels {
+        for ci in 0..s.in_channels {
+            for tap in 0..taps {
+                flipped[(ci * s.out_channels + co) * taps + tap] =
+                    weight[(co * s.in_channels + ci) * taps + taps - 1 - tap];
+            }
+        }
+    }
+    let transposed = s.transposed().expect("input_grad_runs_on_grid");
+    convolve(output_grad, &flipped, transposed)
+}
+
+/// [`super::weight_grad`] on the grid: one run of items per thread, each summing the dot
+/// products of every output-gradient channel with every shifted input channel.
+pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
+    let grid = s.grid();
+    let kernel = rows_dot::Kernel::detect();
+    let partials: Vec<Vec<f32>> = runs(s.batch)
+        .into_par_iter()
+        .map(|items| {
+            let channels = [s.in_channels, s.input[0], s.input[1]];
+            let reach = reach(s.kernel, grid[1]);
+            let input = Grid::lay(x, channels, items.clone(), grid, s.padding, reach);
+            let channels = [s.out_channels, s.output[0], s.output[1]];
+            let dy = Grid::lay(output_grad, channels, items, grid, [0, 0], 0);
+            let mut sums = Sums::new(s.out_channels, s.rows(), kernel);
+            let (a_rows, b_rows) = (
+                dy.channel_rows(s.out_channels),
+                input.tap_rows(s.in_channels, s.kernel),
+            );
+            let rows = Rows {
+                a: &dy.values,
+                a_rows: &a_rows,
+                b: &input.values,
+                b_rows: &b_rows,
+                len: dy.len,
+            };
+            sums.add(rows, BLOCK_FLOATS / (s.in_channels + s.out_channels));
+            sums.finish()
+        })
+        .collect();
+    sum(partials)
+}
