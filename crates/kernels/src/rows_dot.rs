@@ -310,7 +310,7 @@ fn combine_portable(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, ou
 /// Rows of `b` per block of [`combine_avx2`], and positions per block: a block of rows' block
 /// of positions (a few KiB) stays in L1 while every tile of output rows runs over it.
 const COMBINE_BLOCK_ROWS: usize = 64;
-const COMBINE_BLOCK_SPAN: usize = 256;
+const COMBINE_BLOCK_SPAN: usize = COMBINE_SPAN * 16;
 
 /// [`combine_portable`] in AVX2 registers: 6 output rows by 16 positions, 12 accumulators, over
 /// blocks of rows and positions.
@@ -323,6 +323,7 @@ const COMBINE_BLOCK_SPAN: usize = 256;
 #[target_feature(enable = "avx2,fma")]
 unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
     use std::arch::x86_64::*;
+    const VECTORS: usize = COMBINE_SPAN / 8;
     let rows = b_rows.len();
     let tiles = packed.len() / (rows * COMBINE_ROWS);
     let pb = b.as_ptr();
@@ -338,26 +339,29 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize,
                     // contract).
                     unsafe {
                         let at = |lane: usize| po.add((tile * COMBINE_ROWS + lane) * span + k);
-                        let mut acc = [[_mm256_setzero_ps(); 2]; COMBINE_ROWS];
+                        let mut acc = [[_mm256_setzero_ps(); VECTORS]; COMBINE_ROWS];
                         if r0 > 0 {
                             for (lane, sums) in acc.iter_mut().enumerate() {
                                 *sums =
-                                    [_mm256_loadu_ps(at(lane)), _mm256_loadu_ps(at(lane).add(8))];
+                                    std::array::from_fn(|v| _mm256_loadu_ps(at(lane).add(8 * v)));
                             }
                         }
                         for (r, &start) in block_rows.iter().enumerate() {
                             let p = pb.add(start + k);
-                            let (x0, x1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                            let x: [__m256; VECTORS] =
+                                std::array::from_fn(|v| _mm256_loadu_ps(p.add(8 * v)));
                             let w = weights.add(r * COMBINE_ROWS);
                             for (lane, sums) in acc.iter_mut().enumerate() {
                                 let weight = _mm256_broadcast_ss(&*w.add(lane));
-                                sums[0] = _mm256_fmadd_ps(weight, x0, sums[0]);
-                                sums[1] = _mm256_fmadd_ps(weight, x1, sums[1]);
+                                for (sum, &x) in sums.iter_mut().zip(&x) {
+                                    *sum = _mm256_fmadd_ps(weight, x, *sum);
+                                }
                             }
                         }
                         for (lane, sums) in acc.iter().enumerate() {
-                            _mm256_storeu_ps(at(lane), sums[0]);
-                            _mm256_storeu_ps(at(lane).add(8), sums[1]);
+                            for (v, &sum) in sums.iter().enumerate() {
+                                _mm256_storeu_ps(at(lane).add(8 * v), sum);
+                            }
                         }
                     }
                 }
