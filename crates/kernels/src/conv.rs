@@ -14,11 +14,11 @@
 //!   unfolded inputs sit side by side, so each GEMM's inner dimension is a chunk's pixels
 //!   rather than one image's (Burn's default convolves the input by the output gradient with
 //!   batch and channels swapped, which flex runs as one small GEMM per input channel).
-//!   Stride-1 convolutions on maps of 16x16 and up skip the unfolding: with the input
-//!   zero-padded to `[in_channels, batch, oh + kh - 1, ow + kw - 1]` and the output gradient
-//!   laid on the same grid (zero outside its `oh x ow`), tap `(kh, kw)` of input channel `ci`
-//!   is the padded channel read from offset `kh * (ow + kw - 1) + kw`, so every weight is a dot
-//!   product of two such rows ([`crate::rows_dot`]), and no row is copied per tap.
+//!
+//! Stride-1 convolutions on maps of 16x16 and up skip the unfolding ([`grid`]): the input is
+//! zero-padded to a grid where each kernel tap is the same channel read from a shifted
+//! offset. The weight gradient at any width and, for layers with few output channels, the
+//! forward pass and input gradient are then products of shifted rows ([`crate::rows_dot`]).
 //!
 //! 1x1 convolutions with stride 1 and no padding skip the unfolding: `cols_n` is `x_n`.
 //! Batch items run in parallel; with fewer items than threads the GEMM itself takes the threads.
@@ -151,13 +151,13 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
         s.out_channels * s.rows(),
         "conv weight length"
     );
-    if s.batch * s.output_len() > 0 && s.forward_runs_on_grid() {
+    if s.batch * s.output_len() == 0 {
+        return Vec::new();
+    }
+    if s.forward_runs_on_grid() {
         return grid::forward(x, weight, s);
     }
     let mut output = vec![0f32; s.batch * s.output_len()];
-    if output.is_empty() {
-        return output;
-    }
     let (_, parallelism) = split(s.batch);
     let (rows, pixels) = (s.rows(), s.output_pixels());
     output
@@ -223,13 +223,13 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
         s.batch * s.output_len(),
         "conv output gradient length"
     );
-    if s.batch * s.input_len() > 0 && s.output_pixels() > 0 && s.input_grad_runs_on_grid() {
+    if s.batch * s.input_len() == 0 || s.output_pixels() == 0 {
+        return vec![0f32; s.batch * s.input_len()];
+    }
+    if s.input_grad_runs_on_grid() {
         return grid::input_grad(weight, output_grad, s);
     }
     let mut x_grad = vec![0f32; s.batch * s.input_len()];
-    if x_grad.is_empty() || s.output_pixels() == 0 {
-        return x_grad;
-    }
     let (_, parallelism) = split(s.batch);
     let (rows, pixels) = (s.rows(), s.output_pixels());
     x_grad

@@ -2,7 +2,7 @@
 //! a fused BatchNorm training forward and backward (optionally with the ReLU after it), a
 //! one-pass BatchNorm (+ ReLU) for evaluation, and conv2d (forward, input gradient, weight
 //! gradient) as im2col + GEMMs that write in place, the weight gradient over chunks of the
-//! batch or, for stride-1 convolutions on larger maps, as dot products of shifted rows
+//! batch; stride-1 convolutions on larger maps skip im2col and run as products of shifted rows
 //! ([`rows_dot`]). [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
 //! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch

@@ -1,12 +1,11 @@
-//! Dot products of every pair of rows of two sets, `g[i][j] = sum over k of a_i[k] · b_j[k]`,
-//! where each row is a start offset into a flat buffer: the reduction a convolution's weight
-//! gradient is made of, with `a`'s rows the output gradient's channels and `b`'s the input's
-//! channels shifted by each kernel tap (see `conv::weight_grad`). Rows may overlap, so a tap's
-//! row costs no copy.
-//!
-//! The sums run in 8-lane registers, a tile of 4 `a` rows by 3 `b` rows at a time (12
-//! accumulators, 7 loads per 12 fused multiply-adds), over a block of the rows' length at a
-//! time so that every row's block stays in cache; the lanes are added up once, at the end.
+//! Products of rows given as start offsets into a flat buffer, so rows may overlap and a
+//! convolution's input channel shifted by a kernel tap costs no copy (see `conv::grid`):
+//! - [`Sums`]: dot products of every pair of rows of two sets, `g[i][j] = sum over k of
+//!   a_i[k] · b_j[k]` (a weight gradient: output-gradient channels by shifted input channels),
+//!   in 8-lane registers, a tile of 4 `a` rows by 3 `b` rows at a time (12 accumulators, 7
+//!   loads per 12 fused multiply-adds), over a block of the rows' length at a time so that
+//!   every row's block stays in cache; the lanes are added up once, at the end;
+//! - [`combine`]: weighted sums of rows (a forward pass: weights by shifted input channels).
 
 use std::ops::Range;
 
@@ -69,7 +68,13 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// Sums to be added with `kernel`, which must run on this CPU.
     pub fn new(m: usize, n: usize, kernel: Kernel) -> Sums {
+        assert!(
+            kernel == Kernel::Portable || kernel == Kernel::detect(),
+            "{} on this CPU",
+            kernel.name()
+        );
         let padded = m.next_multiple_of(TILE_A) * n.next_multiple_of(TILE_B);
         Sums {
             m,
@@ -112,8 +117,7 @@ impl Sums {
             match self.kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2Fma => {
-                    assert_eq!(Kernel::detect(), Kernel::Avx2Fma, "AVX2 + FMA on this CPU");
-                    // SAFETY: the CPU has AVX2 and FMA (checked above), every row holds
+                    // SAFETY: the CPU has AVX2 and FMA (checked in `new`), every row holds
                     // `rows.len >= span.end` values (checked above) and `partial` holds every
                     // padded pair's lanes.
                     unsafe { tiles.add_avx2(span, &mut self.partial) }

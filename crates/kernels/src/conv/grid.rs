@@ -84,9 +84,7 @@ impl ConvShape {
     /// convolution runs on its grid, and its GEMM's inner dimension (the output channels) is at
     /// most [`FEW_CHANNELS`].
     pub(super) fn input_grad_runs_on_grid(&self) -> bool {
-        self.out_channels <= FEW_CHANNELS
-            && self.unfolds_padded()
-            && self.transposed().is_some_and(|t| t.runs_on_grid())
+        self.out_channels <= FEW_CHANNELS && self.transposed().is_some_and(|t| t.runs_on_grid())
     }
 }
 
@@ -182,9 +180,9 @@ fn runs(batch: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// The output of `s` (`[batch, out_channels, oh, ow]`) of `x` by `weight`
-/// (`[out_channels, rows]`), for [`ConvShape::runs_on_grid`].
-fn convolve(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
+/// [`super::forward`] on the grid: the output of `s` (`[batch, out_channels, oh, ow]`) of `x`
+/// by `weight` (`[out_channels, rows]`), for [`ConvShape::runs_on_grid`].
+pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
     let total = s.batch * s.output_len();
     let mut out = Vec::with_capacity(total);
     let grid = s.grid();
@@ -214,11 +212,6 @@ fn convolve(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
     out
 }
 
-/// [`super::forward`] on the grid.
-pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
-    convolve(x, weight, s)
-}
-
 /// [`super::input_grad`] on the input's grid: the output gradient convolved
 /// ([`ConvShape::transposed`]) by the weight flipped in both spatial dimensions with its
 /// channel axes swapped.
@@ -235,7 +228,7 @@ pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> V
         }
     }
     let transposed = s.transposed().expect("input_grad_runs_on_grid");
-    convolve(output_grad, &flipped, transposed)
+    forward(output_grad, &flipped, transposed)
 }
 
 /// [`super::weight_grad`] on the grid: one run of items per thread, each summing the dot
