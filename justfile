@@ -11,6 +11,11 @@ build:
 test:
     cargo test --release
 
+# On an AVX-512 CPU, the CPU kernels' tests once more on their AVX2 + FMA path, under valgrind
+# (`apt-get install valgrind`), after `just test`.
+test-avx2-path:
+    scripts/test_avx2_path.sh
+
 # The data-parallel (MPI) build's tests: two ranks under mpirun. Needs Open MPI and libclang
 # (`apt-get install libopenmpi-dev openmpi-bin libclang-dev`). The feature changes what some of
 # Burn's dependencies are built with, so its first build compiles Burn again (about 25 minutes).

@@ -71,7 +71,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 isa = sorted({r["gemm"] for rows in load("rust").values() for r in rows})
 dots = sorted({r.get("rows_dot", "?") for rows in load("rust").values() for r in rows})
 print(f"\nCPU: {cpu}, {os.cpu_count()} cores; our matrix kernels ran {', '.join(isa)} (gemm, chosen at run time), "
-      f"weight-gradient dot products {', '.join(dots)}")
+      f"padded-grid kernels {', '.join(dots)}")
 print(f"\ntraining step on the CPU: median ms over all timed steps (min-max), peak RSS")
 print(f"{header} {'RSS ours':>9} {'RSS torch':>9}")
 ratios = table(load("rust"), load("torch"), rss=True)

@@ -44,12 +44,13 @@ pub fn model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-/// One line for logs and benchmarks: `AMD EPYC, matrix kernels avx2+fma, weight-gradient
-/// dot products avx2+fma` (the GEMMs' instruction set, then [`crate::rows_dot`]'s). (Not the
-/// thread count: asking for it would start rayon's pool before a data-parallel run sizes it.)
+/// One line for logs and benchmarks: `AMD EPYC, matrix kernels avx512f, padded-grid kernels
+/// avx512f` (the GEMMs' instruction set, then [`crate::rows_dot`]'s, which the padded-grid
+/// convolutions run on). (Not the thread count: asking for it would start rayon's pool before
+/// a data-parallel run sizes it.)
 pub fn describe() -> String {
     format!(
-        "{}, matrix kernels {}, weight-gradient dot products {}",
+        "{}, matrix kernels {}, padded-grid kernels {}",
         model(),
         gemm_isa(),
         crate::rows_dot::Kernel::detect().name()

@@ -2,10 +2,14 @@
 //! convolution's input channel shifted by a kernel tap costs no copy (see `conv::grid`):
 //! - [`Sums`]: dot products of every pair of rows of two sets, `g[i][j] = sum over k of
 //!   a_i[k] · b_j[k]` (a weight gradient: output-gradient channels by shifted input channels),
-//!   in 8-lane registers, a tile of 4 `a` rows by 3 `b` rows at a time (12 accumulators, 7
-//!   loads per 12 fused multiply-adds), over a block of the rows' length at a time so that
-//!   every row's block stays in cache; the lanes are added up once, at the end;
+//!   in vector registers, a tile of rows of `a` by rows of `b` at a time (AVX2: 4 x 3, 12
+//!   accumulators, 7 loads per 12 fused multiply-adds; AVX-512: 4 x 6, 24 accumulators, 10
+//!   loads per 24), over a block of the rows' length at a time so that every row's block stays
+//!   in cache; the lanes are added up once, at the end;
 //! - [`combine`]: weighted sums of rows (a forward pass: weights by shifted input channels).
+//!
+//! Each runs the widest [`Kernel`] the CPU has, chosen at run time, so one binary runs at full
+//! width on AVX-512 and on AVX2-only machines; the tests run every kernel the CPU has.
 
 use std::ops::Range;
 
@@ -13,36 +17,104 @@ use std::ops::Range;
 const TILE_A: usize = 4;
 /// Rows of `b` per register tile.
 const TILE_B: usize = 3;
-/// Lanes of a partial sum (one AVX2 register of f32).
+/// Lanes of a partial sum (one AVX2 register of f32; the AVX-512 kernel folds its 16 into 8
+/// at the end of each block).
 const LANES: usize = 8;
+/// Rows of `a` and of `b` per AVX-512 register tile: 24 accumulators of the 32 registers, 10
+/// loads per 24 fused multiply-adds.
+const WIDE_TILE_A: usize = 4;
+const WIDE_TILE_B: usize = 4;
+/// Lanes of an AVX-512 register of f32.
+const WIDE: usize = 16;
 
-/// The instructions [`Sums::add`] runs on.
+/// The instructions [`Sums::add`] and [`combine`] run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// 256-bit registers and fused multiply-add (x86-64 with AVX2 and FMA, AVX-512 machines too).
+    /// 512-bit registers (x86-64 with AVX-512F): 16 lanes, masked loads for a row's tail.
+    Avx512,
+    /// 256-bit registers and fused multiply-add (x86-64 with AVX2 and FMA).
     Avx2Fma,
-    /// Plain Rust (every other CPU), summed in the same lane order (a multiply and an add: a
-    /// fused multiply-add without the instruction is a slow library call).
+    /// Plain Rust (every other CPU), summed in the same lane order as [`Kernel::Avx2Fma`] (a
+    /// multiply and an add: a fused multiply-add without the instruction is a slow library
+    /// call).
     Portable,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs: AVX-512 where it has it (the run-time test `gemm`
+    /// makes for its own micro-kernels), except on AMD's Zen 4, which runs a 512-bit
+    /// instruction as two 256-bit halves (there the AVX-512 kernels measured 5-12% slower than
+    /// the AVX2 ones on [`Sums`], BENCHMARKS.md); AVX2 + FMA where it has those; plain Rust.
     pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Kernel::Avx2Fma;
+        Kernel::available()
+            .into_iter()
+            .find(|&kernel| kernel != Kernel::Avx512 || !split_512_bit())
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Every kernel this CPU runs, fastest first (the equivalence tests run each).
+    pub fn available() -> Vec<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2Fma, Kernel::Portable]
+            .into_iter()
+            .filter(|kernel| kernel.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the kernel's instructions.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        Kernel::Portable
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Avx512 => "avx512f",
             Kernel::Avx2Fma => "avx2+fma",
             Kernel::Portable => "portable",
         }
     }
+
+    /// Rows of `a` and of `b` per register tile of [`Sums::add`].
+    fn sums_tile(self) -> [usize; 2] {
+        match self {
+            Kernel::Avx512 => [WIDE_TILE_A, WIDE_TILE_B],
+            Kernel::Avx2Fma | Kernel::Portable => [TILE_A, TILE_B],
+        }
+    }
+}
+
+/// Whether the CPU is an AMD Zen 4 (family 19h with AVX-512), which splits 512-bit vector
+/// instructions into two 256-bit halves (Zen 5, family 1Ah, and Intel's cores do not).
+fn split_512_bit() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        let vendor = __cpuid(0);
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx]
+            .map(u32::to_le_bytes)
+            .concat()
+            == b"AuthenticAMD";
+        let eax = __cpuid(1).eax;
+        let base = (eax >> 8) & 0xf;
+        let family = if base == 0xf {
+            base + ((eax >> 20) & 0xff)
+        } else {
+            base
+        };
+        amd && family == 0x19
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// One product's operands: the rows of `a` and of `b` by their start offsets, each row `len`
@@ -62,20 +134,17 @@ pub struct Sums {
     m: usize,
     n: usize,
     kernel: Kernel,
-    /// `[m rounded up to TILE_A, n rounded up to TILE_B, LANES]`: a tile's missing rows repeat
-    /// the last row and their sums are dropped.
+    /// `[m rounded up to the kernel's tile of a, n rounded up to its tile of b, LANES]`: a
+    /// tile's missing rows repeat the last row and their sums are dropped.
     partial: Vec<f32>,
 }
 
 impl Sums {
     /// Sums to be added with `kernel`, which must run on this CPU.
     pub fn new(m: usize, n: usize, kernel: Kernel) -> Sums {
-        assert!(
-            kernel == Kernel::Portable || kernel == Kernel::detect(),
-            "{} on this CPU",
-            kernel.name()
-        );
-        let padded = m.next_multiple_of(TILE_A) * n.next_multiple_of(TILE_B);
+        assert!(kernel.runs_here(), "{} on this CPU", kernel.name());
+        let [tile_a, tile_b] = kernel.sums_tile();
+        let padded = m.next_multiple_of(tile_a) * n.next_multiple_of(tile_b);
         Sums {
             m,
             n,
@@ -105,23 +174,24 @@ impl Sums {
             );
             padded
         };
+        let [tile_a, tile_b] = self.kernel.sums_tile();
         let tiles = Tiles {
             a: rows.a,
-            a_rows: &padded(rows.a_rows, TILE_A),
+            a_rows: &padded(rows.a_rows, tile_a),
             b: rows.b,
-            b_rows: &padded(rows.b_rows, TILE_B),
+            b_rows: &padded(rows.b_rows, tile_b),
         };
         let block = block.max(LANES) / LANES * LANES;
         for start in (0..rows.len).step_by(block) {
             let span = start..(start + block).min(rows.len);
             match self.kernel {
+                // SAFETY (both): the CPU has the instructions (checked in `new`), every row
+                // holds `rows.len >= span.end` values (checked above) and `partial` holds every
+                // padded pair's lanes, the rows padded to the kernel's tiles.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2Fma => {
-                    // SAFETY: the CPU has AVX2 and FMA (checked in `new`), every row holds
-                    // `rows.len >= span.end` values (checked above) and `partial` holds every
-                    // padded pair's lanes.
-                    unsafe { tiles.add_avx2(span, &mut self.partial) }
-                }
+                Kernel::Avx512 => unsafe { tiles.add_avx512(span, &mut self.partial) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2Fma => unsafe { tiles.add_avx2(span, &mut self.partial) },
                 _ => tiles.add_portable(span, &mut self.partial),
             }
         }
@@ -129,7 +199,7 @@ impl Sums {
 
     /// The sums, `[m, n]` row-major.
     pub fn finish(self) -> Vec<f32> {
-        let stride = self.n.next_multiple_of(TILE_B);
+        let stride = self.n.next_multiple_of(self.kernel.sums_tile()[1]);
         let mut g = vec![0f32; self.m * self.n];
         for (i, row) in g.chunks_exact_mut(self.n.max(1)).enumerate().take(self.m) {
             for (j, sum) in row.iter_mut().enumerate() {
@@ -225,6 +295,64 @@ impl Tiles<'_> {
             }
         }
     }
+
+    /// [`Tiles::add_avx2`] in AVX-512 registers: a 4 x 6 tile of 16-lane accumulators, each
+    /// started from its pair's 8 partial lanes and folded back into them (lanes `l` and
+    /// `l + 8` added) at the end; the last `span.len() % 16` values by masked loads.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every row must hold `span.end` values; the rows must be
+    /// padded to whole 4 x 6 tiles and `partial` hold `LANES` values per pair of them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_avx512(&self, span: Range<usize>, partial: &mut [f32]) {
+        use std::arch::x86_64::*;
+        const A: usize = WIDE_TILE_A;
+        const B: usize = WIDE_TILE_B;
+        let n = self.b_rows.len();
+        let (pa, pb, sums) = (self.a.as_ptr(), self.b.as_ptr(), partial.as_mut_ptr());
+        for tile_i in 0..self.a_rows.len() / A {
+            let i0 = tile_i * A;
+            // SAFETY (this block and the loop's): the offsets address rows of `len` values
+            // inside `a` and `b`; the masked loads read only `k < span.end <= len`; each pair's
+            // lanes lie in `partial`.
+            let ra: [*const f32; A] =
+                std::array::from_fn(|r| unsafe { pa.add(self.a_rows[i0 + r]) });
+            for tile_j in 0..n / B {
+                let j0 = tile_j * B;
+                let rb: [*const f32; B] =
+                    std::array::from_fn(|c| unsafe { pb.add(self.b_rows[j0 + c]) });
+                let at = |r: usize, c: usize| unsafe { sums.add(((i0 + r) * n + j0 + c) * LANES) };
+                unsafe {
+                    let mut acc: [[__m512; B]; A] = std::array::from_fn(|r| {
+                        std::array::from_fn(|c| _mm512_zextps256_ps512(_mm256_loadu_ps(at(r, c))))
+                    });
+                    let mut k = span.start;
+                    while k < span.end {
+                        let left = span.end - k;
+                        let mask: __mmask16 = if left >= WIDE { !0 } else { (1u16 << left) - 1 };
+                        let vb: [__m512; B] =
+                            std::array::from_fn(|c| _mm512_maskz_loadu_ps(mask, rb[c].add(k)));
+                        for r in 0..A {
+                            let va = _mm512_maskz_loadu_ps(mask, ra[r].add(k));
+                            for c in 0..B {
+                                acc[r][c] = _mm512_fmadd_ps(va, vb[c], acc[r][c]);
+                            }
+                        }
+                        k += WIDE;
+                    }
+                    for r in 0..A {
+                        for c in 0..B {
+                            let wide = _mm512_castps_pd(acc[r][c]);
+                            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(wide));
+                            let low = _mm512_castps512_ps256(acc[r][c]);
+                            _mm256_storeu_ps(at(r, c), _mm256_add_ps(low, high));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Output rows per register tile of [`combine`].
@@ -263,15 +391,19 @@ pub fn combine(
     let total = tiles * COMBINE_ROWS * span;
     let mut out = match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2Fma if rows > 0 => {
-            assert_eq!(Kernel::detect(), Kernel::Avx2Fma, "AVX2 + FMA on this CPU");
+        Kernel::Avx512 | Kernel::Avx2Fma if rows > 0 => {
+            assert!(kernel.runs_here(), "{} on this CPU", kernel.name());
             let mut out = Vec::with_capacity(total);
-            // SAFETY: the CPU has AVX2 and FMA (checked above); every row of b holds `span`
-            // values (checked above); `packed` and `out` are sized for `tiles` whole tiles, and
-            // the kernel writes every value of `out` (its first block of rows stores without
-            // loading), so all `total` are initialised.
+            // SAFETY: the CPU has the kernel's instructions (checked above); every row of b
+            // holds `span` values (checked above); `packed` and `out` are sized for `tiles`
+            // whole tiles, and the kernel writes every value of `out` (its first block of rows
+            // stores without loading), so all `total` are initialised.
             unsafe {
-                combine_avx2(&packed, b, b_rows, span, out.as_mut_ptr());
+                if kernel == Kernel::Avx512 {
+                    combine_avx512(&packed, b, b_rows, span, out.as_mut_ptr());
+                } else {
+                    combine_avx2(&packed, b, b_rows, span, out.as_mut_ptr());
+                }
                 out.set_len(total);
             }
             out
@@ -374,6 +506,69 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize,
     }
 }
 
+/// [`combine_avx2`] in AVX-512 registers: 6 output rows by 32 positions, 12 accumulators; a
+/// row's last 16 positions, where 32 are not left, by masked loads and stores.
+///
+/// # Safety
+/// As [`combine_avx2`], with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
+    use std::arch::x86_64::*;
+    const STEP: usize = 2 * WIDE;
+    let rows = b_rows.len();
+    let tiles = packed.len() / (rows * COMBINE_ROWS);
+    let pb = b.as_ptr();
+    for r0 in (0..rows).step_by(COMBINE_BLOCK_ROWS) {
+        let block_rows = &b_rows[r0..(r0 + COMBINE_BLOCK_ROWS).min(rows)];
+        for k0 in (0..span).step_by(COMBINE_BLOCK_SPAN) {
+            let k1 = (k0 + COMBINE_BLOCK_SPAN).min(span);
+            for tile in 0..tiles {
+                let weights = packed[(tile * rows + r0) * COMBINE_ROWS..].as_ptr();
+                for k in (k0..k1).step_by(STEP) {
+                    // `span` is a multiple of 16: the second register's 16 positions are there
+                    // unless this is the row's last 16.
+                    let masks: [__mmask16; 2] = [!0, if k1 - k >= STEP { !0 } else { 0 }];
+                    // SAFETY: the masks keep every access to `b_rows[r] + k + 16 * v < span`
+                    // values of each row and to this tile's output rows; the packed weights of
+                    // this tile are in bounds (the caller's contract).
+                    unsafe {
+                        let at = |lane: usize, v: usize| {
+                            po.add((tile * COMBINE_ROWS + lane) * span + k + WIDE * v)
+                        };
+                        let mut acc = [[_mm512_setzero_ps(); 2]; COMBINE_ROWS];
+                        if r0 > 0 {
+                            for (lane, sums) in acc.iter_mut().enumerate() {
+                                *sums = std::array::from_fn(|v| {
+                                    _mm512_maskz_loadu_ps(masks[v], at(lane, v))
+                                });
+                            }
+                        }
+                        for (r, &start) in block_rows.iter().enumerate() {
+                            let p = pb.add(start + k);
+                            let x: [__m512; 2] = std::array::from_fn(|v| {
+                                _mm512_maskz_loadu_ps(masks[v], p.add(WIDE * v))
+                            });
+                            let w = weights.add(r * COMBINE_ROWS);
+                            for (lane, sums) in acc.iter_mut().enumerate() {
+                                let weight = _mm512_set1_ps(*w.add(lane));
+                                for (sum, &x) in sums.iter_mut().zip(&x) {
+                                    *sum = _mm512_fmadd_ps(weight, x, *sum);
+                                }
+                            }
+                        }
+                        for (lane, sums) in acc.iter().enumerate() {
+                            for (v, &sum) in sums.iter().enumerate() {
+                                _mm512_mask_storeu_ps(at(lane, v), masks[v], sum);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,17 +585,19 @@ mod tests {
             .collect()
     }
 
-    /// Both kernels against f64 sums, with row counts that leave partial tiles, overlapping
+    /// Every kernel this CPU runs (AVX-512, AVX2 + FMA, portable) against f64 sums, with row counts that leave partial tiles, overlapping
     /// rows, lengths that leave a tail under 8, blocks smaller than a row, and two `add`s into
     /// the same sums.
     #[test]
     fn both_kernels_match_f64_sums() {
-        let kernels = [Kernel::detect(), Kernel::Portable];
+        let kernels = Kernel::available();
+        println!("rows_dot kernels on this CPU: {kernels:?}");
         for (m, n, len, block) in [
             (5, 7, 61, 16),
             (4, 3, 8, 8),
             (1, 1, 3, 64),
             (9, 13, 300, 1000),
+            (8, 12, 64, 32),
         ] {
             let a = values(m * 11 + len, 1);
             let b = values(n * 5 + len + 2, 2);
@@ -414,7 +611,7 @@ mod tests {
                 b_rows: &b_rows,
                 len,
             };
-            for kernel in kernels {
+            for &kernel in &kernels {
                 let mut sums = Sums::new(m, n, kernel);
                 sums.add(rows, block);
                 sums.add(rows, block);
@@ -435,15 +632,23 @@ mod tests {
         }
     }
 
-    /// Both kernels' weighted sums of rows against f64, with a partial tile of 6 output rows,
-    /// a length that is not a multiple of 16, overlapping rows.
+    /// Every kernel's weighted sums of rows against f64, with a partial tile of 6 output rows,
+    /// lengths that are not a multiple of 16 (or of 32), overlapping rows, several blocks of
+    /// rows and of positions.
     #[test]
     fn combine_matches_f64_sums() {
-        for (m, rows, len) in [(7, 5, 37usize), (6, 9, 16), (1, 1, 3), (13, 20, 100)] {
+        for (m, rows, len) in [
+            (7, 5, 37usize),
+            (6, 9, 16),
+            (1, 1, 3),
+            (13, 20, 100),
+            // More rows than a block of rows and more positions than a block of positions.
+            (8, 70, 300),
+        ] {
             let weights = values(m * rows, 3);
             let b = values(rows * 4 + len.next_multiple_of(16) + 3, 4);
             let b_rows: Vec<usize> = (0..rows).map(|r| r * 4 + r % 3).collect();
-            for kernel in [Kernel::detect(), Kernel::Portable] {
+            for kernel in Kernel::available() {
                 let got = combine(&weights, m, &b, &b_rows, len, kernel);
                 assert_eq!(got.len(), m * len);
                 for i in 0..m {
