@@ -341,11 +341,11 @@ impl Tiles<'_> {
                         }
                         k += WIDE;
                     }
-                    for r in 0..A {
-                        for c in 0..B {
-                            let wide = _mm512_castps_pd(acc[r][c]);
+                    for (r, sums) in acc.iter().enumerate() {
+                        for (c, &sum) in sums.iter().enumerate() {
+                            let wide = _mm512_castps_pd(sum);
                             let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(wide));
-                            let low = _mm512_castps512_ps256(acc[r][c]);
+                            let low = _mm512_castps512_ps256(sum);
                             _mm256_storeu_ps(at(r, c), _mm256_add_ps(low, high));
                         }
                     }
