@@ -75,31 +75,30 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// `(sum of dy, sum of dy · (x - m))` over one plane, in eight f32 lanes each, returned as
-/// f64, where `dy` is the output gradient `g`, through the ReLU whose output was `out` when
-/// `RELU` is set (`out` is not read otherwise).
+/// f64.
 #[inline]
-fn gradient_sums<const RELU: bool>(g: &[f32], out: &[f32], x: &[f32], m: f32) -> (f64, f64) {
+fn gradient_sums(dy: &[f32], x: &[f32], m: f32) -> (f64, f64) {
     let (mut sum, mut centred) = ([0f32; 8], [0f32; 8]);
-    let dy = |g: f32, out: f32| if RELU { relu_grad(out, g) } else { g };
-    let whole = g.len() / 8 * 8;
-    let chunks = g[..whole]
-        .chunks_exact(8)
-        .zip(out[..whole].chunks_exact(8))
-        .zip(x[..whole].chunks_exact(8));
-    for ((g, out), x) in chunks {
+    let whole = dy.len() / 8 * 8;
+    for (dy, x) in dy[..whole].chunks_exact(8).zip(x[..whole].chunks_exact(8)) {
         for lane in 0..8 {
-            let dy = dy(g[lane], out[lane]);
-            sum[lane] += dy;
-            centred[lane] += dy * (x[lane] - m);
+            sum[lane] += dy[lane];
+            centred[lane] += dy[lane] * (x[lane] - m);
         }
     }
-    for k in whole..g.len() {
-        let dy = dy(g[k], out[k]);
-        sum[0] += dy;
-        centred[0] += dy * (x[k] - m);
+    for k in whole..dy.len() {
+        sum[0] += dy[k];
+        centred[0] += dy[k] * (x[k] - m);
     }
     let total = |lanes: [f32; 8]| lanes.iter().map(|&l| l as f64).sum::<f64>();
     (total(sum), total(centred))
+}
+
+/// A channel's plane of the input gradient in [`backward`]: the masked output gradient already
+/// written into it (with a ReLU), or not yet written.
+enum Plane<'a> {
+    Written(&'a mut [f32]),
+    Unwritten(&'a mut [MaybeUninit<f32>]),
 }
 
 /// The outputs of [`forward`].
@@ -231,25 +230,45 @@ pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backwar
     }
     let count = shape.count().max(1) as f64;
 
-    // One task per channel: both sums in one pass over the output gradient (through the ReLU,
-    // where there is one, on the fly) and the input, then the channel's input gradient while
-    // its planes are still in cache.
+    // One task per channel, over its planes while they are still in cache: the output gradient
+    // through the ReLU (where there is one) into the input gradient's planes, both sums in one
+    // pass over that and the input, then the input gradient (in place over the masked one).
     let mut x_grad = Vec::with_capacity(x.len());
     let planes = PlaneWriter::new(&mut x_grad.spare_capacity_mut()[..x.len()], shape);
     let grads: Vec<(f32, f32)> = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
             let m = mean[c];
-            let plane_sums = |n| {
-                let range = shape.plane(n, c);
-                let (g, x) = (&output_grad[range.clone()], &x[range.clone()]);
-                match relu_output {
-                    Some(out) => gradient_sums::<true>(g, &out[range], x, m),
-                    None => gradient_sums::<false>(g, g, x, m),
-                }
+            // SAFETY: each task takes only its own channel's planes, each once.
+            let dx = (0..shape.batch).map(|n| unsafe { planes.plane(n, c) });
+            let mut dx: Vec<Plane> = match relu_output {
+                Some(out) => dx
+                    .enumerate()
+                    .map(|(n, dx)| {
+                        let range = shape.plane(n, c);
+                        let (out, g) = (&out[range.clone()], &output_grad[range]);
+                        for ((d, &o), &g) in dx.iter_mut().zip(out).zip(g) {
+                            d.write(relu_grad(o, g));
+                        }
+                        // SAFETY: every value of the plane was written just above.
+                        Plane::Written(unsafe {
+                            &mut *(dx as *mut [MaybeUninit<f32>] as *mut [f32])
+                        })
+                    })
+                    .collect(),
+                None => dx.map(Plane::Unwritten).collect(),
             };
-            let (sum_dy, sum_dy_centred) = (0..shape.batch)
-                .map(plane_sums)
+            let (sum_dy, sum_dy_centred) = dx
+                .iter()
+                .enumerate()
+                .map(|(n, plane)| {
+                    let range = shape.plane(n, c);
+                    let dy: &[f32] = match plane {
+                        Plane::Written(dy) => dy,
+                        Plane::Unwritten(_) => &output_grad[range.clone()],
+                    };
+                    gradient_sums(dy, &x[range], m)
+                })
                 .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
             let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
             let k1 = gamma[c] as f64 * inv_std;
@@ -257,19 +276,17 @@ pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backwar
             let k3 = -k1 * sum_dy / count;
             let (k1, k2, k3) = (k1 as f32, k2 as f32, k3 as f32);
             let value = |dy: f32, x: f32| k1 * dy + k2 * (x - m) + k3;
-            for n in 0..shape.batch {
+            for (n, plane) in dx.iter_mut().enumerate() {
                 let range = shape.plane(n, c);
-                let (x, g) = (&x[range.clone()], &output_grad[range.clone()]);
-                // SAFETY: each task writes only its own channel's planes.
-                let dx = unsafe { planes.plane(n, c) };
-                match relu_output {
-                    Some(out) => {
-                        for (((d, &x), &g), &o) in dx.iter_mut().zip(x).zip(g).zip(&out[range]) {
-                            d.write(value(relu_grad(o, g), x));
+                let x = &x[range.clone()];
+                match plane {
+                    Plane::Written(dx) => {
+                        for (d, &x) in dx.iter_mut().zip(x) {
+                            *d = value(*d, x);
                         }
                     }
-                    None => {
-                        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    Plane::Unwritten(dx) => {
+                        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(&output_grad[range]) {
                             d.write(value(g, x));
                         }
                     }
