@@ -20,6 +20,9 @@
 //! offset. The weight gradient at any width and, for layers with few output channels, the
 //! forward pass and input gradient are then products of shifted rows ([`crate::rows_dot`]).
 //!
+//! Maps of fewer than 64 pixels run the forward pass and input gradient a group of batch items
+//! per GEMM ([`small`]), so the GEMM's tiles are not one map's few pixels wide.
+//!
 //! 1x1 convolutions with stride 1 and no padding skip the unfolding: `cols_n` is `x_n`.
 //! Batch items run in parallel; with fewer items than threads the GEMM itself takes the threads.
 
@@ -27,6 +30,7 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 mod grid;
+mod small;
 
 /// The geometry of a 2-D convolution without groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +161,9 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     if s.forward_runs_on_grid() {
         return grid::forward(x, weight, s);
     }
+    if s.runs_in_groups() {
+        return small::forward(x, weight, s);
+    }
     let mut output = vec![0f32; s.batch * s.output_len()];
     let (_, parallelism) = split(s.batch);
     let (rows, pixels) = (s.rows(), s.output_pixels());
@@ -228,6 +235,9 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     }
     if s.input_grad_runs_on_grid() {
         return grid::input_grad(weight, output_grad, s);
+    }
+    if s.runs_in_groups() {
+        return small::input_grad(weight, output_grad, s);
     }
     let mut x_grad = vec![0f32; s.batch * s.input_len()];
     let (_, parallelism) = split(s.batch);
@@ -728,6 +738,11 @@ mod tests {
             (2, 3, 5, [30, 26], [5, 3], [1, 1], [(2, 1), (0, 2)], [1, 1]),
             (3, 2, 5, [24, 24], [2, 2], [1, 1], [(1, 0), (0, 1)], [1, 1]),
             (1, 4, 3, [20, 17], [3, 3], [1, 1], [(0, 2), (1, 1)], [1, 1]),
+            // in groups of items (maps under 64 pixels): ResNet-18's 4x4 on CIFAR in uneven
+            // groups, a 1x1 on 7x7 maps, many groups of 2x2 maps
+            (5, 8, 6, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            (5, 6, 4, [7, 7], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            (40, 3, 4, [2, 2], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
@@ -754,7 +769,7 @@ mod tests {
     }
 
     /// The grid takes ResNet's 16x16 and larger stride-1 maps (and some of the cases above),
-    /// im2col + GEMM the rest.
+    /// im2col + GEMM the rest, in groups of items on maps under 64 pixels.
     #[test]
     fn convolutions_run_on_the_grid_where_it_is_small() {
         let shape = |side: usize, kernel: usize, stride: usize| ConvShape {
@@ -786,6 +801,9 @@ mod tests {
             "64 channels"
         );
         assert!(!shape(8, 3, 1).runs_on_grid(), "8x8 3x3");
+        assert!(!shape(8, 3, 1).runs_in_groups(), "8x8 3x3: 64 pixels");
+        assert!(shape(4, 3, 1).runs_in_groups(), "4x4 3x3");
+        assert!(shape(14, 3, 2).runs_in_groups(), "7x7 outputs");
         assert!(!shape(32, 3, 2).runs_on_grid(), "stride 2");
         assert!(!shape(56, 1, 1).runs_on_grid(), "1x1");
         assert!(!shape(224, 7, 2).runs_on_grid(), "7x7/2 stem");
