@@ -3,8 +3,8 @@
 //! - [`Sums`]: dot products of every pair of rows of two sets, `g[i][j] = sum over k of
 //!   a_i[k] · b_j[k]` (a weight gradient: output-gradient channels by shifted input channels),
 //!   in vector registers, a tile of rows of `a` by rows of `b` at a time (AVX2: 4 x 3, 12
-//!   accumulators, 7 loads per 12 fused multiply-adds; AVX-512: 4 x 6, 24 accumulators, 10
-//!   loads per 24), over a block of the rows' length at a time so that every row's block stays
+//!   accumulators, 7 loads per 12 fused multiply-adds; AVX-512: 4 x 4, 16 accumulators, 8
+//!   loads per 16), over a block of the rows' length at a time so that every row's block stays
 //!   in cache; the lanes are added up once, at the end;
 //! - [`combine`]: weighted sums of rows (a forward pass: weights by shifted input channels).
 //!
@@ -20,8 +20,9 @@ const TILE_B: usize = 3;
 /// Lanes of a partial sum (one AVX2 register of f32; the AVX-512 kernel folds its 16 into 8
 /// at the end of each block).
 const LANES: usize = 8;
-/// Rows of `a` and of `b` per AVX-512 register tile: 24 accumulators of the 32 registers, 10
-/// loads per 24 fused multiply-adds.
+/// Rows of `a` and of `b` per AVX-512 register tile: 16 accumulators of the 32 registers, 8
+/// loads per 16 fused multiply-adds (a 4 x 6 tile, 24 accumulators and 6 loaded rows, spilled
+/// registers and ran 1.3-1.7x slower on a Zen 5 EPYC).
 const WIDE_TILE_A: usize = 4;
 const WIDE_TILE_B: usize = 4;
 /// Lanes of an AVX-512 register of f32.
@@ -46,10 +47,14 @@ impl Kernel {
     /// instruction as two 256-bit halves (there the AVX-512 kernels measured 5-12% slower than
     /// the AVX2 ones on [`Sums`], BENCHMARKS.md); AVX2 + FMA where it has those; plain Rust.
     pub fn detect() -> Kernel {
-        Kernel::available()
-            .into_iter()
-            .find(|&kernel| kernel != Kernel::Avx512 || !split_512_bit())
-            .unwrap_or(Kernel::Portable)
+        // Looked up once: `cpuid` traps to the hypervisor on a virtual machine.
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            Kernel::available()
+                .into_iter()
+                .find(|&kernel| kernel != Kernel::Avx512 || !split_512_bit())
+                .unwrap_or(Kernel::Portable)
+        })
     }
 
     /// Every kernel this CPU runs, fastest first (the equivalence tests run each).
@@ -296,13 +301,13 @@ impl Tiles<'_> {
         }
     }
 
-    /// [`Tiles::add_avx2`] in AVX-512 registers: a 4 x 6 tile of 16-lane accumulators, each
+    /// [`Tiles::add_avx2`] in AVX-512 registers: a 4 x 4 tile of 16-lane accumulators, each
     /// started from its pair's 8 partial lanes and folded back into them (lanes `l` and
     /// `l + 8` added) at the end; the last `span.len() % 16` values by masked loads.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every row must hold `span.end` values; the rows must be
-    /// padded to whole 4 x 6 tiles and `partial` hold `LANES` values per pair of them.
+    /// padded to whole 4 x 4 tiles and `partial` hold `LANES` values per pair of them.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn add_avx512(&self, span: Range<usize>, partial: &mut [f32]) {

@@ -68,12 +68,15 @@ struct Args {
 
 /// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
 /// stride.
-pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 8] = [
+pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 11] = [
     (64, 16, 32, 16, 3, 1),   // CIFAR ResNet-20, layer1
     (64, 32, 16, 32, 3, 1),   // CIFAR ResNet-20, layer2
     (64, 64, 8, 64, 3, 1),    // CIFAR ResNet-20, layer3
     (64, 64, 32, 64, 3, 1),   // ResNet-18 CIFAR stem, layer1
     (64, 128, 16, 128, 3, 1), // ResNet-18 CIFAR stem, layer2
+    (64, 64, 32, 128, 3, 2),  // ResNet-18 CIFAR stem, layer2's first (stride 2)
+    (64, 256, 8, 256, 3, 1),  // ResNet-18 CIFAR stem, layer3
+    (64, 512, 4, 512, 3, 1),  // ResNet-18 CIFAR stem, layer4
     (8, 3, 224, 64, 7, 2),    // ResNet-50 stem
     (8, 64, 56, 64, 3, 1),    // ResNet-50 layer1 3x3
     (8, 256, 56, 64, 1, 1),   // ResNet-50 layer1 1x1 reduce
