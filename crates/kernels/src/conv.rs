@@ -17,9 +17,9 @@
 //!
 //! Stride-1 convolutions on maps of 16x16 and up skip the unfolding ([`grid`]): the input is
 //! zero-padded to a grid where each kernel tap is the same channel read from a shifted
-//! offset. The weight gradient at any width (where those products run AVX2: with AVX-512 the
-//! GEMM is faster) and, for layers with few output channels, the forward pass and input
-//! gradient are then products of shifted rows ([`crate::rows_dot`]).
+//! offset. The weight gradient (at any width where those products run AVX2; with AVX-512 the
+//! GEMM is faster on wide layers) and, for layers with few output channels, the forward pass
+//! and input gradient are then products of shifted rows ([`crate::rows_dot`]).
 //!
 //! Maps of fewer than 64 pixels run the forward pass and input gradient a group of batch items
 //! per GEMM ([`small`]), so the GEMM's tiles are not one map's few pixels wide.
@@ -843,6 +843,7 @@ mod tests {
             "the weight gradient on the grid with {} dot products",
             dot_products.name()
         );
+        assert!(shape(32, 3, 1).weight_grad_runs_on_grid(), "4 channels");
         assert!(
             !wide.forward_runs_on_grid() && !wide.input_grad_runs_on_grid(),
             "64 channels"

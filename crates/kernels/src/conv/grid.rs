@@ -33,8 +33,8 @@ const BLOCK_FLOATS: usize = 1 << 17;
 /// there the im2col GEMM (16 output rows, or an inner dimension of 16) ran at a third of its
 /// speed on wider layers, and the grid 1.1-1.5x faster on CIFAR's 16-channel 32x32 layers;
 /// from 32 channels up the GEMM was 5-25% faster (the grid's extra points cost more than the
-/// copies it saves). The weight gradient runs on the grid at every width where its dot
-/// products run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
+/// copies it saves). The weight gradient runs on the grid with these few channels and, where its
+/// dot products run AVX2, at every width ([`ConvShape::weight_grad_runs_on_grid`]).
 const FEW_CHANNELS: usize = 24;
 
 /// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
@@ -61,12 +61,16 @@ impl ConvShape {
     }
 
     /// Whether the weight gradient runs on the grid: where [`ConvShape::runs_on_grid`] and the
-    /// grid's dot products run AVX2 (or plain Rust). With AVX-512 dot products (Intel, Zen 5)
-    /// im2col + GEMM was as fast on CIFAR's 16- and 32-channel layers and 1.2-1.8x faster from
-    /// 64 channels up on a Zen 5 EPYC (`gemm`'s AVX-512 kernels reach 80% of its peak there,
-    /// the dot products, two unaligned loads per two fused multiply-adds, about half).
+    /// grid's dot products run AVX2 (or plain Rust), or the layer has at most
+    /// [`FEW_CHANNELS`] output channels. With AVX-512 dot products (Intel, Zen 5) im2col +
+    /// GEMM was 1.1x faster on CIFAR's 32-channel 16x16 layers and 1.2-1.8x from 64 channels
+    /// up on a Zen 5 EPYC (`gemm`'s AVX-512 kernels reach 80% of its peak there, the dot
+    /// products, two unaligned loads per two fused multiply-adds, about half), the grid 1.3x
+    /// faster with 16 output channels (a GEMM 16 columns wide spends its time packing).
     pub(super) fn weight_grad_runs_on_grid(&self) -> bool {
-        self.runs_on_grid() && rows_dot::Kernel::detect() != rows_dot::Kernel::Avx512
+        self.runs_on_grid()
+            && (self.out_channels <= FEW_CHANNELS
+                || rows_dot::Kernel::detect() != rows_dot::Kernel::Avx512)
     }
 
     /// Whether the forward pass runs on the grid: where [`ConvShape::runs_on_grid`], with at most
