@@ -448,7 +448,9 @@ fn unfold_rows(
             unfold_rows_padded(image, s, padded, (cols, depth, column), output_rows)
         });
     } else {
-        unfold_rows_clipped(image, s, cols, depth, column, output_rows);
+        PADDED.with_borrow_mut(|phases| {
+            unfold_rows_clipped(image, s, phases, (cols, depth, column), output_rows)
+        });
     }
 }
 
@@ -520,13 +522,16 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`unfold_rows`] for any stride and dilation, bounds computed per kernel tap.
+/// [`unfold_rows`] for any stride and dilation, bounds computed per kernel tap. With a column
+/// stride above 1 the input rows the output rows read are first split into their `sw` phases
+/// (`phases`: `[in_channels, sw, rows, ceil(w / sw)]`, phase `p` of a row holding its columns
+/// `p, p + sw, ...`), so that each tap's row is a plain copy rather than one value at a time
+/// (which took most of the 7x7/2 stem's weight gradient).
 fn unfold_rows_clipped(
     image: &[f32],
     s: ConvShape,
-    cols: &mut [f32],
-    depth: usize,
-    column: usize,
+    phases: &mut Vec<f32>,
+    (cols, depth, column): (&mut [f32], usize, usize),
     output_rows: std::ops::Range<usize>,
 ) {
     let [h, w] = s.input;
@@ -535,6 +540,26 @@ fn unfold_rows_clipped(
     let [sh, sw] = s.stride;
     let [ph, pw] = s.padding;
     let [dh, dw] = s.dilation;
+    // The input rows these output rows read, and each row's phases.
+    let reach = |oh: usize| (oh * sh + (kh_len - 1) * dh + 1).saturating_sub(ph).min(h);
+    let first_row = (output_rows.start * sh).saturating_sub(ph).min(h);
+    let band = reach(output_rows.end.max(1) - 1).max(first_row) - first_row;
+    let phase_len = w.div_ceil(sw);
+    if sw > 1 {
+        phases.clear();
+        phases.resize(s.in_channels * sw * band * phase_len, 0.0);
+        for (ci, split) in phases.chunks_exact_mut(sw * band * phase_len).enumerate() {
+            let channel = &image[ci * h * w..(ci + 1) * h * w];
+            for (p, phase) in split.chunks_exact_mut(band * phase_len).enumerate() {
+                for (r, row) in phase.chunks_exact_mut(phase_len).enumerate() {
+                    let input_row = &channel[(first_row + r) * w..][..w];
+                    for (v, &x) in row.iter_mut().zip(input_row.iter().skip(p).step_by(sw)) {
+                        *v = x;
+                    }
+                }
+            }
+        }
+    }
     for ci in 0..s.in_channels {
         let channel = &image[ci * h * w..(ci + 1) * h * w];
         for kh in 0..kh_len {
@@ -549,18 +574,17 @@ fn unfold_rows_clipped(
                         continue;
                     }
                     let ih = oh * sh + kh * dh - ph;
-                    let input_row = &channel[ih * w..(ih + 1) * w];
                     out_row[..ow_low].fill(0.0);
                     out_row[ow_high..].fill(0.0);
                     let first = ow_low * sw + kw * dw - pw;
-                    if sw == 1 {
-                        out_row[ow_low..ow_high]
-                            .copy_from_slice(&input_row[first..first + ow_high - ow_low]);
+                    let len = ow_high - ow_low;
+                    let src = if sw == 1 {
+                        &channel[ih * w + first..][..len]
                     } else {
-                        for (o, ow) in out_row[ow_low..ow_high].iter_mut().zip(0..) {
-                            *o = input_row[first + ow * sw];
-                        }
-                    }
+                        let phase = (ci * sw + first % sw) * band + ih - first_row;
+                        &phases[phase * phase_len + first / sw..][..len]
+                    };
+                    out_row[ow_low..ow_high].copy_from_slice(src);
                 }
             }
         }
@@ -776,6 +800,19 @@ mod tests {
             // last one short; a 16x16 map alone is 256 pixels too
             (70, 2, 3, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             (1, 2, 3, [16, 16], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            // a 7x7/2 stem over several forward tiles (8, of 15 output rows), its rows split
+            // into phases per tile; an odd width, stride 3
+            (
+                1,
+                3,
+                2,
+                [230, 229],
+                [7, 7],
+                [2, 2],
+                [(3, 3), (3, 3)],
+                [1, 1],
+            ),
+            (2, 2, 3, [13, 14], [3, 4], [2, 3], [(1, 0), (2, 1)], [1, 2]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
