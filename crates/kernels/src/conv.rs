@@ -546,19 +546,7 @@ fn unfold_rows_clipped(
     let band = reach(output_rows.end.max(1) - 1).max(first_row) - first_row;
     let phase_len = w.div_ceil(sw);
     if sw > 1 {
-        phases.clear();
-        phases.resize(s.in_channels * sw * band * phase_len, 0.0);
-        for (ci, split) in phases.chunks_exact_mut(sw * band * phase_len).enumerate() {
-            let channel = &image[ci * h * w..(ci + 1) * h * w];
-            for (p, phase) in split.chunks_exact_mut(band * phase_len).enumerate() {
-                for (r, row) in phase.chunks_exact_mut(phase_len).enumerate() {
-                    let input_row = &channel[(first_row + r) * w..][..w];
-                    for (v, &x) in row.iter_mut().zip(input_row.iter().skip(p).step_by(sw)) {
-                        *v = x;
-                    }
-                }
-            }
-        }
+        split_phases(image, s, first_row..first_row + band, phases);
     }
     for ci in 0..s.in_channels {
         let channel = &image[ci * h * w..(ci + 1) * h * w];
@@ -585,6 +573,33 @@ fn unfold_rows_clipped(
                         &phases[phase * phase_len + first / sw..][..len]
                     };
                     out_row[ow_low..ow_high].copy_from_slice(src);
+                }
+            }
+        }
+    }
+}
+
+/// Input rows `rows` of every channel of `image`, each split into its `sw` column phases, into
+/// `phases` (`[in_channels, sw, rows, ceil(w / sw)]`; phase `p` holds columns `p, p + sw, ...`).
+fn split_phases(image: &[f32], s: ConvShape, rows: std::ops::Range<usize>, phases: &mut Vec<f32>) {
+    let [h, w] = s.input;
+    let sw = s.stride[1];
+    let phase_len = w.div_ceil(sw);
+    phases.clear();
+    if rows.is_empty() || phase_len == 0 {
+        return; // no tap reads an input row
+    }
+    phases.resize(s.in_channels * sw * rows.len() * phase_len, 0.0);
+    for (ci, split) in phases
+        .chunks_exact_mut(sw * rows.len() * phase_len)
+        .enumerate()
+    {
+        let channel = &image[ci * h * w..(ci + 1) * h * w];
+        for (p, phase) in split.chunks_exact_mut(rows.len() * phase_len).enumerate() {
+            for (r, row) in phase.chunks_exact_mut(phase_len).enumerate() {
+                let input_row = &channel[(rows.start + r) * w..][..w];
+                for (v, &x) in row.iter_mut().zip(input_row.iter().skip(p).step_by(sw)) {
+                    *v = x;
                 }
             }
         }
@@ -813,6 +828,8 @@ mod tests {
                 [1, 1],
             ),
             (2, 2, 3, [13, 14], [3, 4], [2, 3], [(1, 0), (2, 1)], [1, 2]),
+            // stride 2 with padding wider than the image: output rows that read no input row
+            (2, 2, 3, [2, 3], [3, 3], [2, 2], [(4, 4), (4, 4)], [1, 1]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
