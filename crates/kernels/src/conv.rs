@@ -448,8 +448,8 @@ fn unfold_rows(
             unfold_rows_padded(image, s, padded, (cols, depth, column), output_rows)
         });
     } else {
-        PADDED.with_borrow_mut(|phases| {
-            unfold_rows_clipped(image, s, phases, (cols, depth, column), output_rows)
+        PADDED.with_borrow_mut(|buffer| {
+            unfold_rows_clipped(image, s, buffer, (cols, depth, column), output_rows)
         });
     }
 }
@@ -523,14 +523,13 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 }
 
 /// [`unfold_rows`] for any stride and dilation, bounds computed per kernel tap. With a column
-/// stride above 1 the input rows the output rows read are first split into their `sw` phases
-/// (`phases`: `[in_channels, sw, rows, ceil(w / sw)]`, phase `p` of a row holding its columns
-/// `p, p + sw, ...`), so that each tap's row is a plain copy rather than one value at a time
+/// stride above 1 the input rows the output rows read are first split into their [`Phases`]
+/// (in `buffer`), so that each tap's row is a plain copy rather than one value at a time
 /// (which took most of the 7x7/2 stem's weight gradient).
 fn unfold_rows_clipped(
     image: &[f32],
     s: ConvShape,
-    phases: &mut Vec<f32>,
+    buffer: &mut Vec<f32>,
     (cols, depth, column): (&mut [f32], usize, usize),
     output_rows: std::ops::Range<usize>,
 ) {
@@ -540,14 +539,13 @@ fn unfold_rows_clipped(
     let [sh, sw] = s.stride;
     let [ph, pw] = s.padding;
     let [dh, dw] = s.dilation;
-    // The input rows these output rows read, and each row's phases.
-    let reach = |oh: usize| (oh * sh + (kh_len - 1) * dh + 1).saturating_sub(ph).min(h);
-    let first_row = (output_rows.start * sh).saturating_sub(ph).min(h);
-    let band = reach(output_rows.end.max(1) - 1).max(first_row) - first_row;
-    let phase_len = w.div_ceil(sw);
-    if sw > 1 {
-        split_phases(image, s, first_row..first_row + band, phases);
-    }
+    // The input rows these output rows read, split into their phases.
+    let phases = (sw > 1).then(|| {
+        let reach = |oh: usize| (oh * sh + (kh_len - 1) * dh + 1).saturating_sub(ph).min(h);
+        let first_row = (output_rows.start * sh).saturating_sub(ph).min(h);
+        let end_row = reach(output_rows.end.max(1) - 1).max(first_row);
+        Phases::split(image, s, first_row..end_row, buffer)
+    });
     for ci in 0..s.in_channels {
         let channel = &image[ci * h * w..(ci + 1) * h * w];
         for kh in 0..kh_len {
@@ -566,11 +564,9 @@ fn unfold_rows_clipped(
                     out_row[ow_high..].fill(0.0);
                     let first = ow_low * sw + kw * dw - pw;
                     let len = ow_high - ow_low;
-                    let src = if sw == 1 {
-                        &channel[ih * w + first..][..len]
-                    } else {
-                        let phase = (ci * sw + first % sw) * band + ih - first_row;
-                        &phases[phase * phase_len + first / sw..][..len]
+                    let src = match &phases {
+                        Some(phases) => phases.row(ci, ih, first, len),
+                        None => &channel[ih * w + first..][..len],
                     };
                     out_row[ow_low..ow_high].copy_from_slice(src);
                 }
@@ -579,30 +575,58 @@ fn unfold_rows_clipped(
     }
 }
 
-/// Input rows `rows` of every channel of `image`, each split into its `sw` column phases, into
-/// `phases` (`[in_channels, sw, rows, ceil(w / sw)]`; phase `p` holds columns `p, p + sw, ...`).
-fn split_phases(image: &[f32], s: ConvShape, rows: std::ops::Range<usize>, phases: &mut Vec<f32>) {
-    let [h, w] = s.input;
-    let sw = s.stride[1];
-    let phase_len = w.div_ceil(sw);
-    phases.clear();
-    if rows.is_empty() || phase_len == 0 {
-        return; // no tap reads an input row
-    }
-    phases.resize(s.in_channels * sw * rows.len() * phase_len, 0.0);
-    for (ci, split) in phases
-        .chunks_exact_mut(sw * rows.len() * phase_len)
-        .enumerate()
-    {
-        let channel = &image[ci * h * w..(ci + 1) * h * w];
-        for (p, phase) in split.chunks_exact_mut(rows.len() * phase_len).enumerate() {
-            for (r, row) in phase.chunks_exact_mut(phase_len).enumerate() {
-                let input_row = &channel[(rows.start + r) * w..][..w];
-                for (v, &x) in row.iter_mut().zip(input_row.iter().skip(p).step_by(sw)) {
-                    *v = x;
+/// Input rows `rows` of every channel of an image, each split into its column phases for a
+/// column stride `stride`: `[in_channels, stride, rows, ceil(w / stride)]`, phase `p` of a row
+/// holding its columns `p, p + stride, ...`.
+struct Phases<'a> {
+    values: &'a [f32],
+    rows: std::ops::Range<usize>,
+    /// Values per phase of a row.
+    len: usize,
+    stride: usize,
+}
+
+impl<'a> Phases<'a> {
+    /// Splits rows `rows` of every channel of `image` (`[in_channels, h, w]`) into `buffer`.
+    fn split(
+        image: &[f32],
+        s: ConvShape,
+        rows: std::ops::Range<usize>,
+        buffer: &'a mut Vec<f32>,
+    ) -> Phases<'a> {
+        let [h, w] = s.input;
+        let stride = s.stride[1];
+        let len = w.div_ceil(stride);
+        buffer.clear();
+        let per_channel = stride * rows.len() * len;
+        buffer.resize(s.in_channels * per_channel, 0.0);
+        if per_channel > 0 {
+            for (ci, split) in buffer.chunks_exact_mut(per_channel).enumerate() {
+                let channel = &image[ci * h * w..(ci + 1) * h * w];
+                for (p, phase) in split.chunks_exact_mut(rows.len() * len).enumerate() {
+                    for (r, row) in phase.chunks_exact_mut(len).enumerate() {
+                        let input_row = &channel[(rows.start + r) * w..][..w];
+                        let columns = input_row.iter().skip(p).step_by(stride);
+                        for (v, &x) in row.iter_mut().zip(columns) {
+                            *v = x;
+                        }
+                    }
                 }
             }
         }
+        Phases {
+            values: buffer,
+            rows,
+            len,
+            stride,
+        }
+    }
+
+    /// Columns `first, first + stride, ...` (`count` of them) of input row `ih` of channel `ci`.
+    fn row(&self, ci: usize, ih: usize, first: usize, count: usize) -> &[f32] {
+        let phase =
+            (ci * self.stride + first % self.stride) * self.rows.len() + ih - self.rows.start;
+        &self.values[phase * self.len + first / self.stride..][..count]
     }
 }
 
