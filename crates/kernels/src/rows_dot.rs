@@ -302,8 +302,9 @@ impl Tiles<'_> {
     }
 
     /// [`Tiles::add_avx2`] in AVX-512 registers: a 4 x 4 tile of 16-lane accumulators, each
-    /// started from its pair's 8 partial lanes and folded back into them (lanes `l` and
-    /// `l + 8` added) at the end; the last `span.len() % 16` values by masked loads.
+    /// started from zero and folded into its pair's 8 partial lanes (lanes `l` and `l + 8`
+    /// added, then the sum to lane `l`) at the end; the last `span.len() % 16` values by masked
+    /// loads.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every row must hold `span.end` values; the rows must be
@@ -329,29 +330,39 @@ impl Tiles<'_> {
                     std::array::from_fn(|c| unsafe { pb.add(self.b_rows[j0 + c]) });
                 let at = |r: usize, c: usize| unsafe { sums.add(((i0 + r) * n + j0 + c) * LANES) };
                 unsafe {
-                    let mut acc: [[__m512; B]; A] = std::array::from_fn(|r| {
-                        std::array::from_fn(|c| _mm512_zextps256_ps512(_mm256_loadu_ps(at(r, c))))
-                    });
-                    let mut k = span.start;
-                    while k < span.end {
-                        let left = span.end - k;
-                        let mask: __mmask16 = if left >= WIDE { !0 } else { (1u16 << left) - 1 };
+                    // From zero, not from the partial sums: those are 8 lanes, and widening
+                    // them is a 256-bit instruction, which without AVX512VL can only use the
+                    // first 16 vector registers. The accumulators then get only those 16, one
+                    // of them spills to the stack, and its store-to-load round trip every
+                    // iteration halved this loop's speed (measured on an Intel Xeon).
+                    let mut acc = [[_mm512_setzero_ps(); B]; A];
+                    let mut step = |k: usize, mask: __mmask16| {
                         let vb: [__m512; B] =
                             std::array::from_fn(|c| _mm512_maskz_loadu_ps(mask, rb[c].add(k)));
-                        for r in 0..A {
+                        for (r, sums) in acc.iter_mut().enumerate() {
                             let va = _mm512_maskz_loadu_ps(mask, ra[r].add(k));
-                            for c in 0..B {
-                                acc[r][c] = _mm512_fmadd_ps(va, vb[c], acc[r][c]);
+                            for (sum, &vb) in sums.iter_mut().zip(&vb) {
+                                *sum = _mm512_fmadd_ps(va, vb, *sum);
                             }
                         }
-                        k += WIDE;
+                    };
+                    let whole = span.end - (span.len() % WIDE);
+                    for k in (span.start..whole).step_by(WIDE) {
+                        step(k, !0);
+                    }
+                    if whole < span.end {
+                        step(whole, (1u16 << (span.end - whole)) - 1);
                     }
                     for (r, sums) in acc.iter().enumerate() {
                         for (c, &sum) in sums.iter().enumerate() {
                             let wide = _mm512_castps_pd(sum);
                             let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(wide));
                             let low = _mm512_castps512_ps256(sum);
-                            _mm256_storeu_ps(at(r, c), _mm256_add_ps(low, high));
+                            let folded = _mm256_add_ps(low, high);
+                            _mm256_storeu_ps(
+                                at(r, c),
+                                _mm256_add_ps(_mm256_loadu_ps(at(r, c)), folded),
+                            );
                         }
                     }
                 }
