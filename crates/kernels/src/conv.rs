@@ -937,7 +937,7 @@ mod tests {
         }
         assert!(shape(32, 3, 1).forward_runs_on_grid(), "4 channels");
         let wide = ConvShape {
-            out_channels: 64,
+            out_channels: 128,
             ..shape(32, 3, 1)
         };
         assert!(wide.runs_on_grid(), "the weight gradient at any width");
@@ -949,8 +949,13 @@ mod tests {
             dot_products.name()
         );
         assert!(shape(32, 3, 1).weight_grad_runs_on_grid(), "4 channels");
+        let sixty_four = ConvShape {
+            out_channels: 64,
+            ..shape(56, 3, 1)
+        };
+        assert!(sixty_four.weight_grad_runs_on_grid(), "64 channels");
         assert!(
-            !wide.forward_runs_on_grid() && !wide.input_grad_runs_on_grid(),
+            !sixty_four.forward_runs_on_grid() && !sixty_four.input_grad_runs_on_grid(),
             "64 channels"
         );
         assert!(!shape(8, 3, 1).runs_on_grid(), "8x8 3x3");

@@ -33,9 +33,12 @@ const BLOCK_FLOATS: usize = 1 << 17;
 /// there the im2col GEMM (16 output rows, or an inner dimension of 16) ran at a third of its
 /// speed on wider layers, and the grid 1.1-1.5x faster on CIFAR's 16-channel 32x32 layers;
 /// from 32 channels up the GEMM was 5-25% faster (the grid's extra points cost more than the
-/// copies it saves). The weight gradient runs on the grid with these few channels and, where its
-/// dot products run AVX2, at every width ([`ConvShape::weight_grad_runs_on_grid`]).
+/// copies it saves).
 const FEW_CHANNELS: usize = 24;
+
+/// The weight gradient runs on the grid up to this many output channels where its dot products
+/// run AVX-512, and at every width where they run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
+const WEIGHT_GRAD_CHANNELS: usize = 64;
 
 /// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
 const SLACK: usize = 16;
@@ -62,14 +65,14 @@ impl ConvShape {
 
     /// Whether the weight gradient runs on the grid: where [`ConvShape::runs_on_grid`] and the
     /// grid's dot products run AVX2 (or plain Rust), or the layer has at most
-    /// [`FEW_CHANNELS`] output channels. With AVX-512 dot products (Intel, Zen 5) im2col +
-    /// GEMM was 1.1x faster on CIFAR's 32-channel 16x16 layers and 1.2-1.8x from 64 channels
-    /// up on a Zen 5 EPYC (`gemm`'s AVX-512 kernels reach 80% of its peak there, the dot
-    /// products, two unaligned loads per two fused multiply-adds, about half), the grid 1.3x
-    /// faster with 16 output channels (a GEMM 16 columns wide spends its time packing).
+    /// [`WEIGHT_GRAD_CHANNELS`] output channels. With AVX-512 dot products, on an Intel Xeon
+    /// (2 threads, the grid against im2col + GEMM): 8x64x56x56 8.9 against 13.2 ms,
+    /// 64x48x32x32 15.1-15.7 against 16.1, 64x64x32x32 and 64x32x16x16 even, but 64x128x16x16
+    /// 28.5 against 18.6 and 8x128x28x28 10.3 against 7.6 (over 64 rows of `a` and 576 of `b`
+    /// the dot products' partial sums outgrow the L2 cache).
     pub(super) fn weight_grad_runs_on_grid(&self) -> bool {
         self.runs_on_grid()
-            && (self.out_channels <= FEW_CHANNELS
+            && (self.out_channels <= WEIGHT_GRAD_CHANNELS
                 || rows_dot::Kernel::detect() != rows_dot::Kernel::Avx512)
     }
 
