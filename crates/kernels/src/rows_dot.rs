@@ -89,6 +89,14 @@ impl Kernel {
         }
     }
 
+    /// Output rows per register tile of [`combine`].
+    fn combine_rows(self) -> usize {
+        match self {
+            Kernel::Avx512 => WIDE_COMBINE_ROWS,
+            Kernel::Avx2Fma | Kernel::Portable => COMBINE_ROWS,
+        }
+    }
+
     /// Rows of `a` and of `b` per register tile of [`Sums::add`].
     fn sums_tile(self) -> [usize; 2] {
         match self {
@@ -371,8 +379,12 @@ impl Tiles<'_> {
     }
 }
 
-/// Output rows per register tile of [`combine`].
+/// Output rows per register tile of [`combine`] (AVX2 and plain Rust).
 const COMBINE_ROWS: usize = 6;
+/// Output rows per AVX-512 register tile of [`combine`]: 8 rows by 3 registers, 24
+/// accumulators, 11 loads per 24 fused multiply-adds (6 by 2 took 8 per 12, and a 16-channel
+/// layer ran 18 rows for its 16).
+const WIDE_COMBINE_ROWS: usize = 8;
 /// Positions per register tile of [`combine`] (two AVX2 registers).
 const COMBINE_SPAN: usize = 16;
 
@@ -395,16 +407,17 @@ pub fn combine(
         b_rows.iter().all(|&s| s + span <= b.len()),
         "a row of b runs past its buffer"
     );
-    // The weights packed [tile][row][COMBINE_ROWS], zero in a last tile's missing rows.
-    let tiles = m.div_ceil(COMBINE_ROWS);
-    let mut packed = vec![0f32; tiles * rows * COMBINE_ROWS];
+    // The weights packed [tile][row][tile_rows], zero in a last tile's missing rows.
+    let tile_rows = kernel.combine_rows();
+    let tiles = m.div_ceil(tile_rows);
+    let mut packed = vec![0f32; tiles * rows * tile_rows];
     for (i, row) in weights.chunks_exact(rows.max(1)).enumerate().take(m) {
-        let (tile, lane) = (i / COMBINE_ROWS, i % COMBINE_ROWS);
+        let (tile, lane) = (i / tile_rows, i % tile_rows);
         for (r, &w) in row.iter().enumerate() {
-            packed[(tile * rows + r) * COMBINE_ROWS + lane] = w;
+            packed[(tile * rows + r) * tile_rows + lane] = w;
         }
     }
-    let total = tiles * COMBINE_ROWS * span;
+    let total = tiles * tile_rows * span;
     let mut out = match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 | Kernel::Avx2Fma if rows > 0 => {
@@ -522,37 +535,42 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize,
     }
 }
 
-/// [`combine_avx2`] in AVX-512 registers: 6 output rows by 32 positions, 12 accumulators; a
-/// row's last 16 positions, where 32 are not left, by masked loads and stores.
+/// [`combine_avx2`] in AVX-512 registers: 8 output rows by 48 positions, 24 accumulators; a
+/// block's last 16 or 32 positions, where 48 are not left, by masked loads and stores.
 ///
 /// # Safety
-/// As [`combine_avx2`], with AVX-512F.
+/// As [`combine_avx2`], with AVX-512F and `packed` in tiles of [`WIDE_COMBINE_ROWS`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
     use std::arch::x86_64::*;
-    const STEP: usize = 2 * WIDE;
+    const ROWS: usize = WIDE_COMBINE_ROWS;
+    const VECTORS: usize = 3;
+    const STEP: usize = VECTORS * WIDE;
+    /// Five steps, about [`COMBINE_BLOCK_SPAN`].
+    const BLOCK_SPAN: usize = 5 * STEP;
     let rows = b_rows.len();
-    let tiles = packed.len() / (rows * COMBINE_ROWS);
+    let tiles = packed.len() / (rows * ROWS);
     let pb = b.as_ptr();
     for r0 in (0..rows).step_by(COMBINE_BLOCK_ROWS) {
         let block_rows = &b_rows[r0..(r0 + COMBINE_BLOCK_ROWS).min(rows)];
-        for k0 in (0..span).step_by(COMBINE_BLOCK_SPAN) {
-            let k1 = (k0 + COMBINE_BLOCK_SPAN).min(span);
+        for k0 in (0..span).step_by(BLOCK_SPAN) {
+            let k1 = (k0 + BLOCK_SPAN).min(span);
             for tile in 0..tiles {
-                let weights = packed[(tile * rows + r0) * COMBINE_ROWS..].as_ptr();
+                let weights = packed[(tile * rows + r0) * ROWS..].as_ptr();
                 for k in (k0..k1).step_by(STEP) {
-                    // `span` is a multiple of 16: the second register's 16 positions are there
-                    // unless this is the row's last 16.
-                    let masks: [__mmask16; 2] = [!0, if k1 - k >= STEP { !0 } else { 0 }];
+                    // `span` and the block are multiples of 16: register `v`'s 16 positions
+                    // are there unless the block ends before them.
+                    let masks: [__mmask16; VECTORS] =
+                        std::array::from_fn(|v| if k + WIDE * v < k1 { !0 } else { 0 });
                     // SAFETY: the masks keep every access to `b_rows[r] + k + 16 * v < span`
                     // values of each row and to this tile's output rows; the packed weights of
                     // this tile are in bounds (the caller's contract).
                     unsafe {
                         let at = |lane: usize, v: usize| {
-                            po.add((tile * COMBINE_ROWS + lane) * span + k + WIDE * v)
+                            po.add((tile * ROWS + lane) * span + k + WIDE * v)
                         };
-                        let mut acc = [[_mm512_setzero_ps(); 2]; COMBINE_ROWS];
+                        let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
                         if r0 > 0 {
                             for (lane, sums) in acc.iter_mut().enumerate() {
                                 *sums = std::array::from_fn(|v| {
@@ -562,10 +580,10 @@ unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], span: usiz
                         }
                         for (r, &start) in block_rows.iter().enumerate() {
                             let p = pb.add(start + k);
-                            let x: [__m512; 2] = std::array::from_fn(|v| {
+                            let x: [__m512; VECTORS] = std::array::from_fn(|v| {
                                 _mm512_maskz_loadu_ps(masks[v], p.add(WIDE * v))
                             });
-                            let w = weights.add(r * COMBINE_ROWS);
+                            let w = weights.add(r * ROWS);
                             for (lane, sums) in acc.iter_mut().enumerate() {
                                 let weight = _mm512_set1_ps(*w.add(lane));
                                 for (sum, &x) in sums.iter_mut().zip(&x) {
@@ -648,9 +666,9 @@ mod tests {
         }
     }
 
-    /// Every kernel's weighted sums of rows against f64, with a partial tile of 6 output rows,
-    /// lengths that are not a multiple of 16 (or of 32), overlapping rows, several blocks of
-    /// rows and of positions.
+    /// Every kernel's weighted sums of rows against f64, with partial tiles of 6 and of 8 output
+    /// rows, lengths that are not a multiple of 16 (or of 48), overlapping rows, several blocks
+    /// of rows and of positions.
     #[test]
     fn combine_matches_f64_sums() {
         for (m, rows, len) in [
@@ -660,6 +678,10 @@ mod tests {
             (13, 20, 100),
             // More rows than a block of rows and more positions than a block of positions.
             (8, 70, 300),
+            // Two whole AVX-512 tiles (a 16-channel layer), a block ending 16 positions into a
+            // step; three tiles, the last of one row, with a second block of a whole step.
+            (16, 66, 200),
+            (17, 9, 288),
         ] {
             let weights = values(m * rows, 3);
             let b = values(rows * 4 + len.next_multiple_of(16) + 3, 4);
