@@ -33,8 +33,23 @@ const BLOCK_FLOATS: usize = 1 << 17;
 /// there the im2col GEMM (16 output rows, or an inner dimension of 16) ran at a third of its
 /// speed on wider layers, and the grid 1.1-1.5x faster on CIFAR's 16-channel 32x32 layers;
 /// from 32 channels up the GEMM was 5-25% faster (the grid's extra points cost more than the
-/// copies it saves).
+/// copies it saves). On AMD EPYCs with AVX2.
 const FEW_CHANNELS: usize = 24;
+
+/// ... and this many where [`rows_dot::combine`] runs AVX-512 (8 output rows per register
+/// tile): on an Intel Xeon CIFAR's 32-channel 16x16 layers ran 1.1-1.2x faster on the grid
+/// than through the GEMM (forward 1.26-1.36 against 1.48-1.52 ms), 48 channels at 32x32 even
+/// or slower.
+const FEW_CHANNELS_AVX512: usize = 32;
+
+/// [`FEW_CHANNELS`] or [`FEW_CHANNELS_AVX512`], by the kernel this CPU runs.
+fn few_channels() -> usize {
+    if rows_dot::Kernel::detect() == rows_dot::Kernel::Avx512 {
+        FEW_CHANNELS_AVX512
+    } else {
+        FEW_CHANNELS
+    }
+}
 
 /// The weight gradient runs on the grid up to this many output channels where its dot products
 /// run AVX-512, and at every width where they run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
@@ -77,9 +92,9 @@ impl ConvShape {
     }
 
     /// Whether the forward pass runs on the grid: where [`ConvShape::runs_on_grid`], with at most
-    /// [`FEW_CHANNELS`] output channels.
+    /// [`few_channels`] output channels.
     pub(super) fn forward_runs_on_grid(&self) -> bool {
-        self.out_channels <= FEW_CHANNELS && self.runs_on_grid()
+        self.out_channels <= few_channels() && self.runs_on_grid()
     }
 
     /// The convolution whose forward pass is this one's input gradient (for stride 1): of the
@@ -98,9 +113,9 @@ impl ConvShape {
 
     /// Whether the input gradient runs on the input's grid: the [`Self::transposed`]
     /// convolution runs on its grid, and its GEMM's inner dimension (the output channels) is at
-    /// most [`FEW_CHANNELS`].
+    /// most [`few_channels`].
     pub(super) fn input_grad_runs_on_grid(&self) -> bool {
-        self.out_channels <= FEW_CHANNELS && self.transposed().is_some_and(|t| t.runs_on_grid())
+        self.out_channels <= few_channels() && self.transposed().is_some_and(|t| t.runs_on_grid())
     }
 }
 
