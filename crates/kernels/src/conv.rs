@@ -390,9 +390,32 @@ fn accumulate_chunk(
     parallelism: Parallelism,
 ) {
     let pixels = s.output_pixels();
+    let rows = s.rows();
+    if s.is_pointwise() && pixels >= MIN_DEPTH && row_stride(pixels) == pixels {
+        // The input is its own unfolding and one image is deep enough: a GEMM per image
+        // straight from the tensors, without copying either (ResNet-50's 1x1 layers at 56x56
+        // and 28x28; maps of a multiple of 256 pixels keep the copies at a padded stride).
+        for (i, n) in items.enumerate() {
+            let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
+            let plane = &output_grad[n * s.output_len()..(n + 1) * s.output_len()];
+            // SAFETY: grad is [out_channels, rows] row-major, the image [rows, pixels] and the
+            // output gradient [out_channels, pixels] row-major (the image read as its
+            // transpose); grad is a buffer of its own.
+            unsafe {
+                matmul(
+                    [rows, s.out_channels, pixels],
+                    (grad.as_mut_ptr(), [1, rows]),
+                    !(first && i == 0),
+                    (image.as_ptr(), [pixels, 1]),
+                    (plane.as_ptr(), [1, pixels]),
+                    parallelism,
+                );
+            }
+        }
+        return;
+    }
     let depth = items.len() * pixels; // the GEMM's inner dimension
     let stride = row_stride(depth);
-    let rows = s.rows();
     cols.resize(rows * stride, 0.0);
     dy.resize(s.out_channels * stride, 0.0);
 
@@ -881,6 +904,10 @@ mod tests {
             (2, 2, 3, [13, 14], [3, 4], [2, 3], [(1, 0), (2, 1)], [1, 2]),
             // stride 2 with padding wider than the image: output rows that read no input row
             (2, 2, 3, [2, 3], [3, 3], [2, 2], [(4, 4), (4, 4)], [1, 1]),
+            // a 1x1 weight gradient straight from the tensors (323 pixels per image), and one
+            // at 256 pixels through the copies
+            (3, 5, 4, [17, 19], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            (2, 3, 2, [16, 16], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
