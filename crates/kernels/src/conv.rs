@@ -176,7 +176,8 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     if s.runs_in_groups() {
         return small::forward(x, weight, s);
     }
-    let mut output = vec![0f32; s.batch * s.output_len()];
+    let total = s.batch * s.output_len();
+    let mut output = Vec::with_capacity(total);
     let (_, parallelism) = split(s.batch);
     let pixels = s.output_pixels();
     // Stride 1 unfolds along the kernel's width only; other shapes unfold every tap.
@@ -188,10 +189,11 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     } else {
         (Vec::new(), s.rows())
     };
-    output
+    output.spare_capacity_mut()[..total]
         .par_chunks_mut(s.output_len())
         .enumerate()
         .for_each_init(Vec::new, |cols, (n, out)| {
+            let out = zeroed(out);
             let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
             if s.is_pointwise() {
                 // SAFETY: out is [out_channels, pixels], weight [out_channels, rows] and the
@@ -239,6 +241,8 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
                 }
             }
         });
+    // SAFETY: every image's output was zeroed (then written) above.
+    unsafe { output.set_len(total) };
     output
 }
 
@@ -264,7 +268,8 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     if s.runs_in_groups() {
         return small::input_grad(weight, output_grad, s);
     }
-    let mut x_grad = vec![0f32; s.batch * s.input_len()];
+    let total = s.batch * s.input_len();
+    let mut x_grad = Vec::with_capacity(total);
     let (_, parallelism) = split(s.batch);
     let (rows, pixels) = (s.rows(), s.output_pixels());
     let weight_rows = if s.unfolds_padded() {
@@ -272,10 +277,11 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     } else {
         Vec::new()
     };
-    x_grad
+    x_grad.spare_capacity_mut()[..total]
         .par_chunks_mut(s.input_len())
         .enumerate()
         .for_each_init(Vec::new, |dcols, (n, dx)| {
+            let dx = zeroed(dx);
             let dy = &output_grad[n * s.output_len()..(n + 1) * s.output_len()];
             if s.unfolds_padded() {
                 shifted::input_grad_image(&weight_rows, dy, s, dcols, dx, parallelism);
@@ -305,7 +311,18 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
                 fold(dcols, s, dx);
             }
         });
+    // SAFETY: every image's gradient was zeroed (then written) above.
+    unsafe { x_grad.set_len(total) };
     x_grad
+}
+
+/// Zeroes `values` and returns them as floats: done by the thread that then fills them, while
+/// they are in its cache (a `vec![0.0; n]` of the whole output is one thread's memset first,
+/// 1.4% of ResNet-50's step).
+fn zeroed(values: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    values.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every value was just written; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(values as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// The gradient of the weight, `[out_channels, in_channels, kernel_h, kernel_w]` row-major.
