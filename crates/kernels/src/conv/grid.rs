@@ -29,6 +29,12 @@ use crate::rows_dot::{self, Rows, Sums};
 /// 10-40% slower on the AMD EPYC here).
 const BLOCK_FLOATS: usize = 1 << 17;
 
+/// ... but at most this many values of each row per block: on an Intel Xeon CIFAR's 16-channel
+/// 32x32 weight gradient (4096 values a row by [`BLOCK_FLOATS`]) ran 2.23-2.25 -> 1.75-1.90 ms
+/// with 2048, while wider layers, at 2048 and under already, were even or slower with half
+/// their blocks.
+const MAX_BLOCK: usize = 2048;
+
 /// The forward pass and the input gradient run on the grid up to this many output channels:
 /// there the im2col GEMM (16 output rows, or an inner dimension of 16) ran at a third of its
 /// speed on wider layers, and the grid 1.1-1.5x faster on CIFAR's 16-channel 32x32 layers;
@@ -287,7 +293,8 @@ pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f
                 b_rows: &b_rows,
                 len: dy.len,
             };
-            sums.add(rows, BLOCK_FLOATS / (s.in_channels + s.out_channels));
+            let block = (BLOCK_FLOATS / (s.in_channels + s.out_channels)).min(MAX_BLOCK);
+            sums.add(rows, block);
             sums.finish()
         })
         .collect();
