@@ -182,10 +182,7 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     let pixels = s.output_pixels();
     // Stride 1 unfolds along the kernel's width only; other shapes unfold every tap.
     let (weight_rows, rows) = if s.unfolds_padded() {
-        (
-            shifted::by_kernel_row(weight, s),
-            s.in_channels * s.kernel[1],
-        )
+        (shifted::by_kernel_row(weight, s), shifted::unfolded_rows(s))
     } else {
         (Vec::new(), s.rows())
     };

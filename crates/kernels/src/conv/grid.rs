@@ -89,8 +89,8 @@ impl ConvShape {
     /// [`WEIGHT_GRAD_CHANNELS`] output channels. With AVX-512 dot products, on an Intel Xeon
     /// (2 threads, the grid against im2col + GEMM): 8x64x56x56 8.9 against 13.2 ms,
     /// 64x48x32x32 15.1-15.7 against 16.1, 64x64x32x32 and 64x32x16x16 even, but 64x128x16x16
-    /// 28.5 against 18.6 and 8x128x28x28 10.3 against 7.6 (over 64 rows of `a` and 576 of `b`
-    /// the dot products' partial sums outgrow the L2 cache).
+    /// 28.5 against 18.6 and 8x128x28x28 10.3 against 7.6 (why the grid falls behind there was
+    /// not measured).
     pub(super) fn weight_grad_runs_on_grid(&self) -> bool {
         self.runs_on_grid()
             && (self.out_channels <= WEIGHT_GRAD_CHANNELS

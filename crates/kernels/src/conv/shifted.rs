@@ -38,7 +38,7 @@ pub(super) fn by_kernel_row(weight: &[f32], s: ConvShape) -> Vec<f32> {
 }
 
 /// Rows of the width-unfolded buffer: one per `(ci, kw)`.
-fn unfolded_rows(s: ConvShape) -> usize {
+pub(super) fn unfolded_rows(s: ConvShape) -> usize {
     s.in_channels * s.kernel[1]
 }
 

@@ -48,8 +48,8 @@ impl ConvShape {
     /// slower in larger groups).
     fn input_grad_group(&self) -> usize {
         if self.unfolds_padded() {
-            let threads = rayon::current_num_threads().max(1);
-            self.batch.div_ceil(threads.min(self.batch).max(1))
+            let (tasks, _) = split(self.batch);
+            self.batch.div_ceil(tasks)
         } else {
             self.group()
         }
