@@ -894,6 +894,9 @@ mod tests {
             (2, 3, 5, [30, 26], [5, 3], [1, 1], [(2, 1), (0, 2)], [1, 1]),
             (3, 2, 5, [24, 24], [2, 2], [1, 1], [(1, 0), (0, 1)], [1, 1]),
             (1, 4, 3, [20, 17], [3, 3], [1, 1], [(0, 2), (1, 1)], [1, 1]),
+            // padding wider than the kernel's reach: an output larger than its input, the
+            // grid's gaps set by the output
+            (2, 3, 4, [20, 18], [3, 3], [1, 1], [(2, 2), (2, 1)], [1, 1]),
             // in groups of items (maps under 64 pixels): ResNet-18's 4x4 on CIFAR in uneven
             // groups, a 1x1 on 7x7 maps, many groups of 2x2 maps
             (5, 8, 6, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),

@@ -1,20 +1,25 @@
 //! Stride-1 convolutions without unfolding, on a padded grid.
 //!
-//! A run of batch items is laid channel-major on a grid of `oh + kh - 1` rows by
-//! `ow + kw - 1` columns per item (the input with its padding; `[channel, item, row, column]`,
-//! each channel one flat row of `len` floats). Read from offset `kh * (ow + kw - 1) + kw`, a
-//! channel's row is that channel shifted by tap `(kh, kw)`: at grid point `(r, c)` it holds
-//! input `(r + kh - ph, c + kw - pw)`. So, with `j` running over the grid points:
+//! A run of batch items is laid channel-major on a grid of lines `w + gw` wide, each input row
+//! followed by `gw` zeros and each item's `h` rows by `gh` zero lines, where the gap is the
+//! widest padding of its dimension (`max(begin, end)`): the zeros after one row are the end
+//! padding of that row and the start padding of the next, the zero lines after one item the
+//! bottom padding of that item and the top padding of the next (`[channel, item, line, column]`,
+//! each channel one flat row of `len` floats, after `ph` lines and `pw` zeros that pad the
+//! first item's top). Read from offset `kh * (w + gw) + kw`, a channel's row is that channel
+//! shifted by tap `(kh, kw)`: at grid point `(r, c)` it holds input `(r + kh - ph, c + kw - pw)`.
+//! So, with `j` running over the grid points:
 //! - forward: `y[co][j] = sum over (ci, tap) of W[co, ci, tap] · x[ci][j + shift(tap)]`, a
 //!   [`rows_dot::combine`], read back at the points with `r < oh`, `c < ow`;
-//! - input gradient: the forward pass of the output gradient laid on the input's grid (at
-//!   `kh - 1 - ph`, `kw - 1 - pw`) by the flipped, transposed weight;
+//! - input gradient: the forward pass of the output gradient laid on the input's grid (padded
+//!   by `kh - 1 - ph`, `kw - 1 - pw`) by the flipped, transposed weight;
 //! - weight gradient: `dW[co, ci, tap] = sum over j of dy[co][j] · x[ci][j + shift(tap)]`, a
 //!   [`rows_dot::Sums`], with the output gradient laid on the same grid, zero outside its
 //!   `oh x ow`, so what a shifted row reads there (padding, the next row or item) adds nothing.
 //!
-//! The grid is larger than the map it holds (by 27% at 16x16 for a 3x3 kernel, 13% at 32x32,
-//! 56% at 8x8), so this runs where it is at most 30% larger ([`ConvShape::runs_on_grid`]).
+//! The grid is larger than the map it holds (for a 3x3 kernel by 6% at 32x32, 13% at 16x16,
+//! 27% at 8x8, 56% at 4x4), so this runs where it is at most 25% larger
+//! ([`ConvShape::runs_on_grid`]).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -64,23 +69,45 @@ const WEIGHT_GRAD_CHANNELS: usize = 64;
 /// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
 const SLACK: usize = 16;
 
-/// Whether a map of `pixels` points on a grid of `grid` points is worth the grid's extra work.
+/// Whether a map of `pixels` points on a grid of `grid` points is worth the grid's extra work:
+/// at most 25% more points. CIFAR's 8x8 maps (27% more with a 3x3 kernel) ran slower there on
+/// an Intel Xeon, the 64-channel weight gradient 1.23 -> 1.54 ms against im2col + GEMM.
 fn small_grid(grid: usize, pixels: usize) -> bool {
-    grid * 10 <= pixels * 13
+    grid * 4 <= pixels * 5
 }
 
 impl ConvShape {
+    /// The zeros after each row and each item's rows ([`Grid`]): the wider of the two paddings
+    /// of each dimension, and at least what the output reaches past the input.
+    fn gap(&self) -> [usize; 2] {
+        [0, 1].map(|d| {
+            let end = (self.output[d] + self.kernel[d] - 1)
+                .saturating_sub(self.padding[d] + self.input[d]);
+            self.padding[d]
+                .max(end)
+                .max(self.output[d].saturating_sub(self.input[d]))
+        })
+    }
+
+    /// An item's lines and their width on the grid.
     fn grid(&self) -> [usize; 2] {
-        [0, 1].map(|d| self.output[d] + self.kernel[d] - 1)
+        let gap = self.gap();
+        [0, 1].map(|d| self.input[d] + gap[d])
+    }
+
+    /// The zeros before a grid's first channel: the first item's top and left padding.
+    fn lead(&self) -> usize {
+        self.padding[0] * self.grid()[1] + self.padding[1]
     }
 
     /// Whether the forward pass and the weight gradient run on the grid: stride 1, no dilation,
-    /// a kernel wider than one pixel, the padded input within the grid (end padding not
-    /// negative), a grid at most 30% larger than the output.
+    /// a kernel wider than one pixel, the end padding not negative (the kernel reads every
+    /// input row and column), a grid at most 25% larger than the output.
     pub(super) fn runs_on_grid(&self) -> bool {
         let grid = self.grid();
         self.unfolds_padded()
-            && (0..2).all(|d| self.padding[d] + self.input[d] <= grid[d])
+            && (0..2)
+                .all(|d| self.padding[d] + self.input[d] <= self.output[d] + self.kernel[d] - 1)
             && small_grid(grid[0] * grid[1], self.output_pixels())
     }
 
@@ -126,8 +153,8 @@ impl ConvShape {
 }
 
 /// Items `items` of `[batch, channels, h, w]` values laid channel-major on a grid of
-/// `[rows, width]` points per item, each map at `(top, left)`, zero elsewhere: `channels` rows
-/// of `items.len() * rows * width` floats, then [`SLACK`] plus `tail` zeros.
+/// `[rows, width]` points per item, each map at its top left, zero elsewhere: `lead` zeros,
+/// `channels` rows of `items.len() * rows * width` floats, then [`SLACK`] plus `tail` zeros.
 struct Grid {
     values: Vec<f32>,
     /// One channel's floats.
@@ -141,30 +168,30 @@ impl Grid {
         [channels, h, w]: [usize; 3],
         items: Range<usize>,
         [rows, width]: [usize; 2],
-        [top, left]: [usize; 2],
+        lead: usize,
         tail: usize,
     ) -> Grid {
         let len = items.len() * rows * width;
         // Built in order, so only the padding is written with zeros (not the whole grid first).
-        let mut values = Vec::with_capacity(channels * len + tail + SLACK);
+        let mut values = Vec::with_capacity(lead + channels * len + tail + SLACK);
         let zeros = |values: &mut Vec<f32>, count: usize| values.resize(values.len() + count, 0.0);
+        zeros(&mut values, lead);
         for c in 0..channels {
             for n in items.clone() {
                 let map = &src[(n * channels + c) * h * w..][..h * w];
-                zeros(&mut values, top * width);
                 for src_row in map.chunks_exact(w) {
-                    zeros(&mut values, left);
                     values.extend_from_slice(src_row);
-                    zeros(&mut values, width - left - w);
+                    zeros(&mut values, width - w);
                 }
-                zeros(&mut values, (rows - top - h) * width);
+                zeros(&mut values, (rows - h) * width);
             }
         }
         zeros(&mut values, tail + SLACK);
         Grid { values, len, width }
     }
 
-    /// The start of each `(channel, kh, kw)` row: the channel shifted by the tap.
+    /// The start of each `(channel, kh, kw)` row: the channel shifted by the tap (from a grid
+    /// laid after [`ConvShape::lead`] zeros).
     fn tap_rows(&self, channels: usize, [kh, kw]: [usize; 2]) -> Vec<usize> {
         let taps = kh * kw;
         (0..channels * taps)
@@ -232,7 +259,7 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
         .for_each(|(out, items)| {
             let channels = [s.in_channels, s.input[0], s.input[1]];
             let reach = reach(s.kernel, grid[1]);
-            let laid = Grid::lay(x, channels, items, grid, s.padding, reach);
+            let laid = Grid::lay(x, channels, items, grid, s.lead(), reach);
             let rows = laid.tap_rows(s.in_channels, s.kernel);
             let y = rows_dot::combine(
                 weight,
@@ -278,9 +305,9 @@ pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f
         .map(|items| {
             let channels = [s.in_channels, s.input[0], s.input[1]];
             let reach = reach(s.kernel, grid[1]);
-            let input = Grid::lay(x, channels, items.clone(), grid, s.padding, reach);
+            let input = Grid::lay(x, channels, items.clone(), grid, s.lead(), reach);
             let channels = [s.out_channels, s.output[0], s.output[1]];
-            let dy = Grid::lay(output_grad, channels, items, grid, [0, 0], 0);
+            let dy = Grid::lay(output_grad, channels, items, grid, 0, 0);
             let mut sums = Sums::new(s.out_channels, s.rows(), kernel);
             let (a_rows, b_rows) = (
                 dy.channel_rows(s.out_channels),
