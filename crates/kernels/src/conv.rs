@@ -31,6 +31,8 @@
 //! 1x1 convolutions with stride 1 and no padding skip the unfolding: `cols_n` is `x_n`.
 //! Batch items run in parallel; with fewer items than threads the GEMM itself takes the threads.
 
+use std::mem::MaybeUninit;
+
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -190,15 +192,22 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
         .par_chunks_mut(s.output_len())
         .enumerate()
         .for_each_init(Vec::new, |cols, (n, out)| {
-            let out = zeroed(out);
+            // Every GEMM below that writes a value first overwrites it (`accumulate` false),
+            // so the output is not zeroed first (that was 4% of ResNet-18's evaluation); with
+            // no inner dimension the GEMMs would write nothing.
+            if rows == 0 {
+                out.fill(MaybeUninit::new(0.0));
+                return;
+            }
             let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
             if s.is_pointwise() {
                 // SAFETY: out is [out_channels, pixels], weight [out_channels, rows] and the
-                // image [rows, pixels], all row-major; out is a buffer of its own.
+                // image [rows, pixels], all row-major; out is a buffer of its own, which the
+                // GEMM only writes.
                 unsafe {
                     matmul(
                         [s.out_channels, pixels, rows],
-                        (out.as_mut_ptr(), [pixels, 1]),
+                        (out.as_mut_ptr().cast(), [pixels, 1]),
                         false,
                         (weight.as_ptr(), [rows, 1]),
                         (image.as_ptr(), [pixels, 1]),
@@ -225,11 +234,12 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
                 unfold_rows(image, s, cols, width, 0, tile);
                 // SAFETY: out is [out_channels, pixels] row-major and this tile writes its
                 // columns first * ow .. first * ow + width; weight is [out_channels, rows] and
-                // cols [rows, width], row-major; out is a buffer of its own.
+                // cols [rows, width], row-major; out is a buffer of its own, which the GEMM
+                // only writes.
                 unsafe {
                     matmul(
                         [s.out_channels, width, rows],
-                        (out.as_mut_ptr().add(first * ow), [pixels, 1]),
+                        (out.as_mut_ptr().cast::<f32>().add(first * ow), [pixels, 1]),
                         false,
                         (weight.as_ptr(), [rows, 1]),
                         (cols.as_ptr(), [width, 1]),
@@ -238,7 +248,7 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
                 }
             }
         });
-    // SAFETY: every image's output was zeroed (then written) above.
+    // SAFETY: the tiles' first GEMMs wrote every value of every image's output above.
     unsafe { output.set_len(total) };
     output
 }

@@ -11,6 +11,7 @@
 //!
 //! The weight is read per kernel row ([`by_kernel_row`]).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use gemm::Parallelism;
@@ -72,13 +73,14 @@ fn unfold_band(image: &[f32], s: ConvShape, cols: &mut Vec<f32>, output_rows: Ra
 }
 
 /// The forward pass of one image's output rows `tile` into `out` (the image's
-/// `[out_channels, oh * ow]` output), with `weight_rows` from [`by_kernel_row`].
+/// `[out_channels, oh * ow]` output, the tile's columns written, not read, by kernel row 0's
+/// GEMM), with `weight_rows` from [`by_kernel_row`].
 pub(super) fn forward_tile(
     image: &[f32],
     weight_rows: &[f32],
     s: ConvShape,
     cols: &mut Vec<f32>,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     tile: Range<usize>,
     parallelism: Parallelism,
 ) {
@@ -91,11 +93,15 @@ pub(super) fn forward_tile(
         // SAFETY: out is [out_channels, pixels] row-major and this tile writes its columns
         // tile.start * ow .. + width; the weight's kernel row kh is [out_channels, rows]
         // row-major; cols is [rows, band_len] row-major and the window from kh * ow holds
-        // width <= band_len - kh * ow columns; out is a buffer of its own.
+        // width <= band_len - kh * ow columns; out is a buffer of its own, written by kernel
+        // row 0 before the others add to it.
         unsafe {
             matmul(
                 [s.out_channels, width, rows],
-                (out.as_mut_ptr().add(tile.start * ow), [pixels, 1]),
+                (
+                    out.as_mut_ptr().cast::<f32>().add(tile.start * ow),
+                    [pixels, 1],
+                ),
                 kh > 0,
                 (
                     weight_rows.as_ptr().add(kh * s.out_channels * rows),
