@@ -59,11 +59,16 @@ impl Planes {
     }
 }
 
-/// Sum of `f(x)` over a slice in eight f32 lanes (so it vectorises), returned as f64.
-#[inline]
+/// The f32 partial sums a plane's sums run in: enough independent additions in flight to keep
+/// up with the loads from cache (eight lanes, one chain of dependent adds per register, ran the
+/// passes at a quarter of the cache's speed).
+const LANES: usize = 32;
+
+/// Sum of `f(x)` over a slice in [`LANES`] f32 lanes (so it vectorises), returned as f64.
+#[inline(always)]
 fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut lanes = [0f32; 8];
-    let chunks = values.chunks_exact(8);
+    let mut lanes = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
@@ -74,14 +79,17 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
 
-/// `(sum of dy, sum of dy · (x - m))` over one plane, in eight f32 lanes each, returned as
-/// f64.
-#[inline]
+/// `(sum of dy, sum of dy · (x - m))` over one plane, in [`LANES`] f32 lanes each, returned
+/// as f64.
+#[inline(always)]
 fn gradient_sums(dy: &[f32], x: &[f32], m: f32) -> (f64, f64) {
-    let (mut sum, mut centred) = ([0f32; 8], [0f32; 8]);
-    let whole = dy.len() / 8 * 8;
-    for (dy, x) in dy[..whole].chunks_exact(8).zip(x[..whole].chunks_exact(8)) {
-        for lane in 0..8 {
+    let (mut sum, mut centred) = ([0f32; LANES], [0f32; LANES]);
+    let whole = dy.len() / LANES * LANES;
+    for (dy, x) in dy[..whole]
+        .chunks_exact(LANES)
+        .zip(x[..whole].chunks_exact(LANES))
+    {
+        for lane in 0..LANES {
             sum[lane] += dy[lane];
             centred[lane] += dy[lane] * (x[lane] - m);
         }
@@ -90,7 +98,7 @@ fn gradient_sums(dy: &[f32], x: &[f32], m: f32) -> (f64, f64) {
         sum[0] += dy[k];
         centred[0] += dy[k] * (x[k] - m);
     }
-    let total = |lanes: [f32; 8]| lanes.iter().map(|&l| l as f64).sum::<f64>();
+    let total = |lanes: [f32; LANES]| lanes.iter().map(|&l| l as f64).sum::<f64>();
     (total(sum), total(centred))
 }
 
@@ -99,6 +107,109 @@ fn gradient_sums(dy: &[f32], x: &[f32], m: f32) -> (f64, f64) {
 enum Plane<'a> {
     Written(&'a mut [f32]),
     Unwritten(&'a mut [MaybeUninit<f32>]),
+}
+
+/// Per-channel work that [`per_channel`] runs in parallel over the channels.
+trait ChannelPass: Sync {
+    type Out: Send;
+
+    /// The work on channel `c` (`#[inline(always)]`, so [`wide`] compiles it for AVX2).
+    fn channel(&self, c: usize) -> Self::Out;
+}
+
+/// `pass.channel(c)` for every channel, in parallel, compiled for AVX2 where the CPU has it
+/// (this crate targets baseline x86-64, whose loops are SSE, four lanes): the same operations in
+/// the same order, so the same results, at twice the width.
+fn per_channel<P: ChannelPass>(pass: &P, channels: usize) -> Vec<P::Out> {
+    let avx2 = has_avx2();
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            if avx2 {
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe { wide(pass, c) }
+            } else {
+                pass.channel(c)
+            }
+        })
+        .collect()
+}
+
+/// Whether [`wide`] runs here.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`ChannelPass::channel`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 ([`has_avx2`]).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2"))]
+unsafe fn wide<P: ChannelPass>(pass: &P, c: usize) -> P::Out {
+    pass.channel(c)
+}
+
+/// [`forward`]'s work on one channel: its statistics, then its output planes.
+struct ForwardPass<'a> {
+    x: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    epsilon: f64,
+    shape: Planes,
+    relu: bool,
+    count: f64,
+    planes: PlaneWriter<'a>,
+}
+
+impl ChannelPass for ForwardPass<'_> {
+    type Out = (f32, f32);
+
+    #[inline(always)]
+    fn channel(&self, c: usize) -> (f32, f32) {
+        let ForwardPass {
+            x,
+            gamma,
+            beta,
+            epsilon,
+            shape,
+            relu,
+            count,
+            ref planes,
+        } = *self;
+        let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+        let mean = (sum / count) as f32;
+        let squares: f64 = shape
+            .planes(x, c)
+            .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
+            .sum();
+        let variance = (squares / count) as f32;
+        // y = (x - mean) * scale + beta. Not `x * scale + shift`: when the mean is large
+        // against the spread, `x * scale` and `mean * scale` nearly cancel in f32.
+        let scale = (gamma[c] as f64 / (variance as f64 + epsilon).sqrt()) as f32;
+        let (m, a, b) = (mean, scale, beta[c]);
+        for n in 0..shape.batch {
+            let x = &x[shape.plane(n, c)];
+            // SAFETY: each task writes only its own channel's planes.
+            let out = unsafe { planes.plane(n, c) };
+            if relu {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    o.write(self::relu((v - m) * a + b));
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    o.write((v - m) * a + b);
+                }
+            }
+        }
+        (mean, variance)
+    }
 }
 
 /// The outputs of [`forward`].
@@ -141,37 +252,17 @@ pub fn forward(
     // planes are still in cache (a channel of 64 CIFAR planes is 256 KiB).
     let mut output = Vec::with_capacity(x.len());
     let planes = PlaneWriter::new(&mut output.spare_capacity_mut()[..x.len()], shape);
-    let stats: Vec<(f32, f32)> = (0..shape.channels)
-        .into_par_iter()
-        .map(|c| {
-            let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
-            let mean = (sum / count) as f32;
-            let squares: f64 = shape
-                .planes(x, c)
-                .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
-                .sum();
-            let variance = (squares / count) as f32;
-            // y = (x - mean) * scale + beta. Not `x * scale + shift`: when the mean is large
-            // against the spread, `x * scale` and `mean * scale` nearly cancel in f32.
-            let scale = (gamma[c] as f64 / (variance as f64 + epsilon).sqrt()) as f32;
-            let (m, a, b) = (mean, scale, beta[c]);
-            for n in 0..shape.batch {
-                let x = &x[shape.plane(n, c)];
-                // SAFETY: each task writes only its own channel's planes.
-                let out = unsafe { planes.plane(n, c) };
-                if relu {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        o.write(self::relu((v - m) * a + b));
-                    }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        o.write((v - m) * a + b);
-                    }
-                }
-            }
-            (mean, variance)
-        })
-        .collect();
+    let pass = ForwardPass {
+        x,
+        gamma,
+        beta,
+        epsilon,
+        shape,
+        relu,
+        count,
+        planes,
+    };
+    let stats = per_channel(&pass, shape.channels);
     // SAFETY: the channels' planes cover all `x.len()` values and each was written above.
     unsafe { output.set_len(x.len()) };
     let (mean, variance): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
@@ -211,14 +302,7 @@ pub struct Saved<'a> {
 /// written as `x_grad = k1 * dy + k2 * (x - mean) + k3` per channel (with `x - mean`, not `x`:
 /// `k2 * x` and `k2 * mean` would nearly cancel in f32 when the mean dwarfs the spread).
 pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backward {
-    let Saved {
-        x,
-        gamma,
-        mean,
-        variance,
-        epsilon,
-        relu_output,
-    } = saved;
+    let Saved { x, relu_output, .. } = saved;
     assert_eq!(x.len(), shape.len(), "BatchNorm input length");
     assert_eq!(
         output_grad.len(),
@@ -235,66 +319,14 @@ pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backwar
     // pass over that and the input, then the input gradient (in place over the masked one).
     let mut x_grad = Vec::with_capacity(x.len());
     let planes = PlaneWriter::new(&mut x_grad.spare_capacity_mut()[..x.len()], shape);
-    let grads: Vec<(f32, f32)> = (0..shape.channels)
-        .into_par_iter()
-        .map(|c| {
-            let m = mean[c];
-            // SAFETY: each task takes only its own channel's planes, each once.
-            let dx = (0..shape.batch).map(|n| unsafe { planes.plane(n, c) });
-            let mut dx: Vec<Plane> = match relu_output {
-                Some(out) => dx
-                    .enumerate()
-                    .map(|(n, dx)| {
-                        let range = shape.plane(n, c);
-                        let (out, g) = (&out[range.clone()], &output_grad[range]);
-                        for ((d, &o), &g) in dx.iter_mut().zip(out).zip(g) {
-                            d.write(relu_grad(o, g));
-                        }
-                        // SAFETY: every value of the plane was written just above.
-                        Plane::Written(unsafe {
-                            &mut *(dx as *mut [MaybeUninit<f32>] as *mut [f32])
-                        })
-                    })
-                    .collect(),
-                None => dx.map(Plane::Unwritten).collect(),
-            };
-            let (sum_dy, sum_dy_centred) = dx
-                .iter()
-                .enumerate()
-                .map(|(n, plane)| {
-                    let range = shape.plane(n, c);
-                    let dy: &[f32] = match plane {
-                        Plane::Written(dy) => dy,
-                        Plane::Unwritten(_) => &output_grad[range.clone()],
-                    };
-                    gradient_sums(dy, &x[range], m)
-                })
-                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
-            let k1 = gamma[c] as f64 * inv_std;
-            let k2 = -k1 * inv_std * inv_std * sum_dy_centred / count;
-            let k3 = -k1 * sum_dy / count;
-            let (k1, k2, k3) = (k1 as f32, k2 as f32, k3 as f32);
-            let value = |dy: f32, x: f32| k1 * dy + k2 * (x - m) + k3;
-            for (n, plane) in dx.iter_mut().enumerate() {
-                let range = shape.plane(n, c);
-                let x = &x[range.clone()];
-                match plane {
-                    Plane::Written(dx) => {
-                        for (d, &x) in dx.iter_mut().zip(x) {
-                            *d = value(*d, x);
-                        }
-                    }
-                    Plane::Unwritten(dx) => {
-                        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(&output_grad[range]) {
-                            d.write(value(g, x));
-                        }
-                    }
-                }
-            }
-            ((sum_dy_centred * inv_std) as f32, sum_dy as f32)
-        })
-        .collect();
+    let pass = BackwardPass {
+        saved,
+        output_grad,
+        shape,
+        count,
+        planes,
+    };
+    let grads = per_channel(&pass, shape.channels);
     // SAFETY: the channels' planes cover all `x.len()` values and each was written above.
     unsafe { x_grad.set_len(x.len()) };
     let (gamma_grad, beta_grad): (Vec<f32>, Vec<f32>) = grads.into_iter().unzip();
@@ -302,6 +334,92 @@ pub fn backward(saved: Saved<'_>, output_grad: &[f32], shape: Planes) -> Backwar
         x_grad,
         gamma_grad,
         beta_grad,
+    }
+}
+
+/// [`backward`]'s work on one channel: the masked output gradient, both sums, then the input
+/// gradient's planes.
+struct BackwardPass<'a> {
+    saved: Saved<'a>,
+    output_grad: &'a [f32],
+    shape: Planes,
+    count: f64,
+    planes: PlaneWriter<'a>,
+}
+
+impl ChannelPass for BackwardPass<'_> {
+    type Out = (f32, f32);
+
+    #[inline(always)]
+    fn channel(&self, c: usize) -> (f32, f32) {
+        let BackwardPass {
+            saved,
+            output_grad,
+            shape,
+            count,
+            ref planes,
+        } = *self;
+        let Saved {
+            x,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+            relu_output,
+        } = saved;
+        let m = mean[c];
+        // SAFETY: each task takes only its own channel's planes, each once.
+        let dx = (0..shape.batch).map(|n| unsafe { planes.plane(n, c) });
+        let mut dx: Vec<Plane> = match relu_output {
+            Some(out) => dx
+                .enumerate()
+                .map(|(n, dx)| {
+                    let range = shape.plane(n, c);
+                    let (out, g) = (&out[range.clone()], &output_grad[range]);
+                    for ((d, &o), &g) in dx.iter_mut().zip(out).zip(g) {
+                        d.write(relu_grad(o, g));
+                    }
+                    // SAFETY: every value of the plane was written just above.
+                    Plane::Written(unsafe { &mut *(dx as *mut [MaybeUninit<f32>] as *mut [f32]) })
+                })
+                .collect(),
+            None => dx.map(Plane::Unwritten).collect(),
+        };
+        let (sum_dy, sum_dy_centred) = dx
+            .iter()
+            .enumerate()
+            .map(|(n, plane)| {
+                let range = shape.plane(n, c);
+                let dy: &[f32] = match plane {
+                    Plane::Written(dy) => dy,
+                    Plane::Unwritten(_) => &output_grad[range.clone()],
+                };
+                gradient_sums(dy, &x[range], m)
+            })
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
+        let k1 = gamma[c] as f64 * inv_std;
+        let k2 = -k1 * inv_std * inv_std * sum_dy_centred / count;
+        let k3 = -k1 * sum_dy / count;
+        let (k1, k2, k3) = (k1 as f32, k2 as f32, k3 as f32);
+        let value = |dy: f32, x: f32| k1 * dy + k2 * (x - m) + k3;
+        for (n, plane) in dx.iter_mut().enumerate() {
+            let range = shape.plane(n, c);
+            let x = &x[range.clone()];
+            match plane {
+                Plane::Written(dx) => {
+                    for (d, &x) in dx.iter_mut().zip(x) {
+                        *d = value(*d, x);
+                    }
+                }
+                Plane::Unwritten(dx) => {
+                    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(&output_grad[range]) {
+                        d.write(value(g, x));
+                    }
+                }
+            }
+        }
+        ((sum_dy_centred * inv_std) as f32, sum_dy as f32)
     }
 }
 
@@ -585,6 +703,93 @@ mod tests {
 
     /// BatchNorm + ReLU in one pass: the output is the f64 formula's clipped at zero, and the
     /// gradients are the f64 formulas' with the output gradient zeroed where the output is.
+    /// The AVX2 build of each pass gives the baseline build's results bit for bit.
+    #[test]
+    fn wide_passes_match_the_baseline_bit_for_bit() {
+        if !has_avx2() {
+            return;
+        }
+        let s = Planes::from_dims(&[3, 4, 11, 13]);
+        let x = values(s.len(), 21, 0.4);
+        let dy = values(s.len(), 22, 0.1);
+        let gamma = values(s.channels, 23, 1.0);
+        let beta = values(s.channels, 24, 0.2);
+        let count = s.count() as f64;
+        for relu in [false, true] {
+            let run_forward = |wide_build: bool| {
+                let mut out = vec![MaybeUninit::new(f32::NAN); s.len()];
+                let planes = PlaneWriter::new(&mut out, s);
+                let pass = ForwardPass {
+                    x: &x,
+                    gamma: &gamma,
+                    beta: &beta,
+                    epsilon: 1e-5,
+                    shape: s,
+                    relu,
+                    count,
+                    planes,
+                };
+                // SAFETY: the CPU has AVX2 (checked above).
+                let stats: Vec<(f32, f32)> = (0..s.channels)
+                    .map(|c| {
+                        if wide_build {
+                            unsafe { wide(&pass, c) }
+                        } else {
+                            pass.channel(c)
+                        }
+                    })
+                    .collect();
+                // SAFETY: every plane was written (initialised with NaN before, besides).
+                let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                (stats, out)
+            };
+            let (narrow, wide_fwd) = (run_forward(false), run_forward(true));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&narrow.1),
+                bits(&wide_fwd.1),
+                "forward output, relu {relu}"
+            );
+            assert_eq!(narrow.0, wide_fwd.0, "forward statistics, relu {relu}");
+            let f = forward(&x, &gamma, &beta, 1e-5, s, relu);
+            let relu_output = relu.then_some(&f.output[..]);
+            let run_backward = |wide_build: bool| {
+                let mut dx = vec![MaybeUninit::new(f32::NAN); s.len()];
+                let planes = PlaneWriter::new(&mut dx, s);
+                let pass = BackwardPass {
+                    saved: saved(&x, &gamma, &f, 1e-5, relu_output),
+                    output_grad: &dy,
+                    shape: s,
+                    count,
+                    planes,
+                };
+                // SAFETY: the CPU has AVX2 (checked above).
+                let grads: Vec<(f32, f32)> = (0..s.channels)
+                    .map(|c| {
+                        if wide_build {
+                            unsafe { wide(&pass, c) }
+                        } else {
+                            pass.channel(c)
+                        }
+                    })
+                    .collect();
+                // SAFETY: as above.
+                let dx: Vec<f32> = dx.iter().map(|v| unsafe { v.assume_init() }).collect();
+                (grads, dx)
+            };
+            let (narrow, wide_bwd) = (run_backward(false), run_backward(true));
+            assert_eq!(
+                bits(&narrow.1),
+                bits(&wide_bwd.1),
+                "input gradient, relu {relu}"
+            );
+            assert_eq!(
+                narrow.0, wide_bwd.0,
+                "gamma and beta gradients, relu {relu}"
+            );
+        }
+    }
+
     #[test]
     fn fused_relu_matches_the_formulas() {
         for dims in [vec![4, 16, 8, 8], vec![3, 5], vec![2, 7, 13]] {

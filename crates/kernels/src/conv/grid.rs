@@ -106,8 +106,7 @@ impl ConvShape {
     pub(super) fn runs_on_grid(&self) -> bool {
         let grid = self.grid();
         self.unfolds_padded()
-            && (0..2)
-                .all(|d| self.padding[d] + self.input[d] <= self.output[d] + self.kernel[d] - 1)
+            && (0..2).all(|d| self.padding[d] + self.input[d] < self.output[d] + self.kernel[d])
             && small_grid(grid[0] * grid[1], self.output_pixels())
     }
 
