@@ -75,8 +75,21 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
             *lane += f(v);
         }
     }
-    let tail: f32 = rest.iter().map(|&v| f(v)).sum();
-    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
+    let mut tail = 0f32;
+    for &v in rest {
+        tail += f(v);
+    }
+    total(lanes) + tail as f64
+}
+
+/// The lanes' sum in f64.
+#[inline(always)]
+fn total(lanes: [f32; LANES]) -> f64 {
+    let mut sum = 0.0;
+    for lane in lanes {
+        sum += lane as f64;
+    }
+    sum
 }
 
 /// `(sum of dy, sum of dy · (x - m))` over one plane, in [`LANES`] f32 lanes each, returned
@@ -98,7 +111,6 @@ fn gradient_sums(dy: &[f32], x: &[f32], m: f32) -> (f64, f64) {
         sum[0] += dy[k];
         centred[0] += dy[k] * (x[k] - m);
     }
-    let total = |lanes: [f32; LANES]| lanes.iter().map(|&l| l as f64).sum::<f64>();
     (total(sum), total(centred))
 }
 
@@ -183,12 +195,17 @@ impl ChannelPass for ForwardPass<'_> {
             count,
             ref planes,
         } = *self;
-        let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+        // Plain loops rather than iterator chains here and below: a chain's `fold` is a
+        // function of its own that need not be inlined, and would not be compiled for AVX2.
+        let mut sum = 0.0;
+        for p in shape.planes(x, c) {
+            sum += lane_sum(p, |v| v);
+        }
         let mean = (sum / count) as f32;
-        let squares: f64 = shape
-            .planes(x, c)
-            .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
-            .sum();
+        let mut squares = 0.0;
+        for p in shape.planes(x, c) {
+            squares += lane_sum(p, |v| (v - mean) * (v - mean));
+        }
         let variance = (squares / count) as f32;
         // y = (x - mean) * scale + beta. Not `x * scale + shift`: when the mean is large
         // against the spread, `x * scale` and `mean * scale` nearly cancel in f32.
@@ -368,35 +385,36 @@ impl ChannelPass for BackwardPass<'_> {
             relu_output,
         } = saved;
         let m = mean[c];
-        // SAFETY: each task takes only its own channel's planes, each once.
-        let dx = (0..shape.batch).map(|n| unsafe { planes.plane(n, c) });
-        let mut dx: Vec<Plane> = match relu_output {
-            Some(out) => dx
-                .enumerate()
-                .map(|(n, dx)| {
-                    let range = shape.plane(n, c);
-                    let (out, g) = (&out[range.clone()], &output_grad[range]);
-                    for ((d, &o), &g) in dx.iter_mut().zip(out).zip(g) {
-                        d.write(relu_grad(o, g));
-                    }
-                    // SAFETY: every value of the plane was written just above.
-                    Plane::Written(unsafe { &mut *(dx as *mut [MaybeUninit<f32>] as *mut [f32]) })
-                })
-                .collect(),
-            None => dx.map(Plane::Unwritten).collect(),
-        };
-        let (sum_dy, sum_dy_centred) = dx
-            .iter()
-            .enumerate()
-            .map(|(n, plane)| {
-                let range = shape.plane(n, c);
-                let dy: &[f32] = match plane {
-                    Plane::Written(dy) => dy,
-                    Plane::Unwritten(_) => &output_grad[range.clone()],
-                };
-                gradient_sums(dy, &x[range], m)
-            })
-            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        // Plain loops, as in the forward pass.
+        let mut dx: Vec<Plane> = Vec::with_capacity(shape.batch);
+        for n in 0..shape.batch {
+            // SAFETY: each task takes only its own channel's planes, each once.
+            let plane = unsafe { planes.plane(n, c) };
+            let Some(out) = relu_output else {
+                dx.push(Plane::Unwritten(plane));
+                continue;
+            };
+            let range = shape.plane(n, c);
+            let (out, g) = (&out[range.clone()], &output_grad[range]);
+            for ((d, &o), &g) in plane.iter_mut().zip(out).zip(g) {
+                d.write(relu_grad(o, g));
+            }
+            // SAFETY: every value of the plane was written just above.
+            dx.push(Plane::Written(unsafe {
+                &mut *(plane as *mut [MaybeUninit<f32>] as *mut [f32])
+            }));
+        }
+        let (mut sum_dy, mut sum_dy_centred) = (0.0, 0.0);
+        for (n, plane) in dx.iter().enumerate() {
+            let range = shape.plane(n, c);
+            let dy: &[f32] = match plane {
+                Plane::Written(dy) => dy,
+                Plane::Unwritten(_) => &output_grad[range.clone()],
+            };
+            let (sum, centred) = gradient_sums(dy, &x[range], m);
+            sum_dy += sum;
+            sum_dy_centred += centred;
+        }
         let inv_std = 1.0 / (variance[c] as f64 + epsilon).sqrt();
         let k1 = gamma[c] as f64 * inv_std;
         let k2 = -k1 * inv_std * inv_std * sum_dy_centred / count;
