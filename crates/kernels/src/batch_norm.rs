@@ -721,6 +721,28 @@ mod tests {
 
     /// BatchNorm + ReLU in one pass: the output is the f64 formula's clipped at zero, and the
     /// gradients are the f64 formulas' with the output gradient zeroed where the output is.
+    /// `pass` on every channel, one after another, in the AVX2 build or the baseline one.
+    fn each_channel<P: ChannelPass>(pass: &P, channels: usize, wide_build: bool) -> Vec<P::Out> {
+        let run = |c| {
+            if wide_build {
+                // SAFETY: the callers check that the CPU has AVX2.
+                unsafe { wide(pass, c) }
+            } else {
+                pass.channel(c)
+            }
+        };
+        (0..channels).map(run).collect()
+    }
+
+    /// The bits of a buffer every value of which is written (here: NaN before the passes).
+    fn bits(values: &[MaybeUninit<f32>]) -> Vec<u32> {
+        // SAFETY: every value was initialised.
+        values
+            .iter()
+            .map(|v| unsafe { v.assume_init() }.to_bits())
+            .collect()
+    }
+
     /// The AVX2 build of each pass gives the baseline build's results bit for bit.
     #[test]
     fn wide_passes_match_the_baseline_bit_for_bit() {
@@ -747,27 +769,11 @@ mod tests {
                     count,
                     planes,
                 };
-                // SAFETY: the CPU has AVX2 (checked above).
-                let stats: Vec<(f32, f32)> = (0..s.channels)
-                    .map(|c| {
-                        if wide_build {
-                            unsafe { wide(&pass, c) }
-                        } else {
-                            pass.channel(c)
-                        }
-                    })
-                    .collect();
-                // SAFETY: every plane was written (initialised with NaN before, besides).
-                let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-                (stats, out)
+                let stats = each_channel(&pass, s.channels, wide_build);
+                (stats, bits(&out))
             };
             let (narrow, wide_fwd) = (run_forward(false), run_forward(true));
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&narrow.1),
-                bits(&wide_fwd.1),
-                "forward output, relu {relu}"
-            );
+            assert_eq!(narrow.1, wide_fwd.1, "forward output, relu {relu}");
             assert_eq!(narrow.0, wide_fwd.0, "forward statistics, relu {relu}");
             let f = forward(&x, &gamma, &beta, 1e-5, s, relu);
             let relu_output = relu.then_some(&f.output[..]);
@@ -781,26 +787,11 @@ mod tests {
                     count,
                     planes,
                 };
-                // SAFETY: the CPU has AVX2 (checked above).
-                let grads: Vec<(f32, f32)> = (0..s.channels)
-                    .map(|c| {
-                        if wide_build {
-                            unsafe { wide(&pass, c) }
-                        } else {
-                            pass.channel(c)
-                        }
-                    })
-                    .collect();
-                // SAFETY: as above.
-                let dx: Vec<f32> = dx.iter().map(|v| unsafe { v.assume_init() }).collect();
-                (grads, dx)
+                let grads = each_channel(&pass, s.channels, wide_build);
+                (grads, bits(&dx))
             };
             let (narrow, wide_bwd) = (run_backward(false), run_backward(true));
-            assert_eq!(
-                bits(&narrow.1),
-                bits(&wide_bwd.1),
-                "input gradient, relu {relu}"
-            );
+            assert_eq!(narrow.1, wide_bwd.1, "input gradient, relu {relu}");
             assert_eq!(
                 narrow.0, wide_bwd.0,
                 "gamma and beta gradients, relu {relu}"
