@@ -719,8 +719,6 @@ mod tests {
         );
     }
 
-    /// BatchNorm + ReLU in one pass: the output is the f64 formula's clipped at zero, and the
-    /// gradients are the f64 formulas' with the output gradient zeroed where the output is.
     /// `pass` on every channel, one after another, in the AVX2 build or the baseline one.
     fn each_channel<P: ChannelPass>(pass: &P, channels: usize, wide_build: bool) -> Vec<P::Out> {
         let run = |c| {
@@ -799,6 +797,8 @@ mod tests {
         }
     }
 
+    /// BatchNorm + ReLU in one pass: the output is the f64 formula's clipped at zero, and the
+    /// gradients are the f64 formulas' with the output gradient zeroed where the output is.
     #[test]
     fn fused_relu_matches_the_formulas() {
         for dims in [vec![4, 16, 8, 8], vec![3, 5], vec![2, 7, 13]] {

@@ -77,14 +77,21 @@ fn small_grid(grid: usize, pixels: usize) -> bool {
 }
 
 impl ConvShape {
+    /// The padding after each dimension's end: how far the kernel reads past the input's last
+    /// row or column; `None` where it stops short of them.
+    fn end_padding(&self) -> [Option<usize>; 2] {
+        [0, 1].map(|d| {
+            (self.output[d] + self.kernel[d] - 1).checked_sub(self.padding[d] + self.input[d])
+        })
+    }
+
     /// The zeros after each row and each item's rows ([`Grid`]): the wider of the two paddings
     /// of each dimension, and at least what the output reaches past the input.
     fn gap(&self) -> [usize; 2] {
+        let end = self.end_padding();
         [0, 1].map(|d| {
-            let end = (self.output[d] + self.kernel[d] - 1)
-                .saturating_sub(self.padding[d] + self.input[d]);
             self.padding[d]
-                .max(end)
+                .max(end[d].unwrap_or(0))
                 .max(self.output[d].saturating_sub(self.input[d]))
         })
     }
@@ -106,7 +113,7 @@ impl ConvShape {
     pub(super) fn runs_on_grid(&self) -> bool {
         let grid = self.grid();
         self.unfolds_padded()
-            && (0..2).all(|d| self.padding[d] + self.input[d] < self.output[d] + self.kernel[d])
+            && self.end_padding().iter().all(Option::is_some)
             && small_grid(grid[0] * grid[1], self.output_pixels())
     }
 
