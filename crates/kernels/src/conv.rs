@@ -17,8 +17,8 @@
 //!
 //! Stride-1 convolutions on maps of 16x16 and up skip the unfolding ([`grid`]): the input is
 //! zero-padded to a grid where each kernel tap is the same channel read from a shifted
-//! offset. The weight gradient (at any width where those products run AVX2; with AVX-512 the
-//! GEMM is faster on wide layers) and, for layers with few output channels, the forward pass
+//! offset. The weight gradient (at any width where the GEMMs run AVX2; with AVX-512 GEMMs they
+//! are faster on layers of more than 64 output channels) and, for layers with few output channels, the forward pass
 //! and input gradient are then products of shifted rows ([`crate::rows_dot`]).
 //!
 //! Other stride-1 convolutions run the forward pass and input gradient unfolded along the
@@ -995,12 +995,11 @@ mod tests {
             ..shape(32, 3, 1)
         };
         assert!(wide.runs_on_grid(), "the weight gradient at any width");
-        let dot_products = crate::rows_dot::Kernel::detect();
         assert_eq!(
             wide.weight_grad_runs_on_grid(),
-            dot_products != crate::rows_dot::Kernel::Avx512,
-            "the weight gradient on the grid with {} dot products",
-            dot_products.name()
+            !crate::cpu::gemm_runs_avx512(),
+            "the weight gradient on the grid with {} GEMMs",
+            crate::cpu::gemm_isa()
         );
         assert!(shape(32, 3, 1).weight_grad_runs_on_grid(), "4 channels");
         let sixty_four = ConvShape {

@@ -5,11 +5,23 @@
 //! `avx512f`, its AVX2 + FMA ones otherwise (`is_x86_feature_detected`, once per process), so
 //! one binary runs at full width on both kinds of x86 machine.
 
+/// Whether `gemm` runs its AVX-512 micro-kernels on this CPU.
+pub fn gemm_runs_avx512() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
 /// The instruction set `gemm` dispatches to on this CPU, by the same test `gemm` makes.
 pub fn gemm_isa() -> &'static str {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if gemm_runs_avx512() {
             "avx512f"
         } else if std::arch::is_x86_feature_detected!("fma") {
             "avx2+fma"

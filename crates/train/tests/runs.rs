@@ -2547,7 +2547,11 @@ fn an_epoch_reads_its_numbers_back_at_the_progress_interval_only() {
 
 /// A run on wgpu times its first steps (kernel compilation and autotuning) and says so, and
 /// CubeCL's caches go to the user's cache folder (`$XDG_CACHE_HOME/cubecl`, else
-/// `~/.cache/cubecl`), not to the working directory's Cargo `target/`.
+/// `~/.cache/cubecl`), not to the working directory's Cargo `target/`. The run gets a cache
+/// folder of its own: CubeCL's autotune database, opened at once by this process (the
+/// in-process wgpu tests) and by the child, panicked in its shared write-ahead log once
+/// ("reader slot released by non-owner", turso_core 0.8.3), on the second `cargo test` of a
+/// machine, with the cache already there.
 #[test]
 fn a_wgpu_run_reports_its_warm_up_and_keeps_the_kernel_cache_per_user() {
     let out = tempfile::tempdir().unwrap();
@@ -2560,17 +2564,20 @@ fn a_wgpu_run_reports_its_warm_up_and_keeps_the_kernel_cache_per_user() {
             "data.val_limit=32",
         ],
     );
-    let output = train(&repo().join("configs/quickstart.toml"), &sets);
+    let user_cache = out.path().join("user-cache");
+    let output = Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("--config")
+        .arg(repo().join("configs/quickstart.toml"))
+        .args(with_sets(&sets))
+        .env("XDG_CACHE_HOME", &user_cache)
+        .output()
+        .expect("train runs");
     assert!(output.status.success(), "{}", stderr(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("GPU warm-up: the first 2 steps took"),
         "{stdout}"
     );
-    let user_cache = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache"),
-    };
     let folder = user_cache.join("cubecl");
     assert!(
         stdout.contains(&format!("cached in {}", folder.display())),

@@ -62,8 +62,8 @@ fn few_channels() -> usize {
     }
 }
 
-/// The weight gradient runs on the grid up to this many output channels where its dot products
-/// run AVX-512, and at every width where they run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
+/// The weight gradient runs on the grid up to this many output channels where the GEMMs run
+/// AVX-512, and at every width where they run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
 const WEIGHT_GRAD_CHANNELS: usize = 64;
 
 /// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
@@ -117,17 +117,19 @@ impl ConvShape {
             && small_grid(grid[0] * grid[1], self.output_pixels())
     }
 
-    /// Whether the weight gradient runs on the grid: where [`ConvShape::runs_on_grid`] and the
-    /// grid's dot products run AVX2 (or plain Rust), or the layer has at most
-    /// [`WEIGHT_GRAD_CHANNELS`] output channels. With AVX-512 dot products, on an Intel Xeon
-    /// (2 threads, the grid against im2col + GEMM): 8x64x56x56 8.9 against 13.2 ms,
-    /// 64x48x32x32 15.1-15.7 against 16.1, 64x64x32x32 and 64x32x16x16 even, but 64x128x16x16
-    /// 28.5 against 18.6 and 8x128x28x28 10.3 against 7.6 (why the grid falls behind there was
-    /// not measured).
+    /// Whether the weight gradient runs on the grid: where [`ConvShape::runs_on_grid`] and
+    /// the layer has at most [`WEIGHT_GRAD_CHANNELS`] output channels, or at any width where
+    /// the GEMMs run AVX2 (or plain Rust). Where they run AVX-512 the GEMM wins on wider layers,
+    /// whichever width the grid's dot products run: on an Intel Xeon (AVX-512 dot products, 2
+    /// threads, the grid against im2col + GEMM) 8x64x56x56 8.9 against 13.2 ms, 64x48x32x32
+    /// 15.1-15.7 against 16.1, 64x64x32x32 and 64x32x16x16 even, but 64x128x16x16 28.5 against
+    /// 18.6 and 8x128x28x28 10.3 against 7.6; on an AMD Zen 4 (AVX2 dot products, minimum of 11
+    /// runs, three rounds) 64x128x16x16 33-38 against 29-30, 64x96x16x16 30-34 against 18-19,
+    /// 8x128x28x28 15-16 against 12-13, 8x256x14x14 22-26 against 13-19, while 64 channels
+    /// stayed even or better on the grid (8x64x56x56 12.5-14.9 against 15.9-16.9).
     pub(super) fn weight_grad_runs_on_grid(&self) -> bool {
         self.runs_on_grid()
-            && (self.out_channels <= WEIGHT_GRAD_CHANNELS
-                || rows_dot::Kernel::detect() != rows_dot::Kernel::Avx512)
+            && (self.out_channels <= WEIGHT_GRAD_CHANNELS || !crate::cpu::gemm_runs_avx512())
     }
 
     /// Whether the forward pass runs on the grid: where [`ConvShape::runs_on_grid`], with at most
