@@ -104,6 +104,42 @@ impl ConvShape {
     }
 }
 
+impl ConvShape {
+    /// The convolution whose forward pass is this one's input gradient, for stride 1 without
+    /// dilation: of the output gradient, channels swapped, padded by `k - 1 - p`, by the
+    /// [`flipped`] weight; none for other strides or where `p >= k`.
+    fn transposed(&self) -> Option<ConvShape> {
+        if self.stride != [1, 1] || self.dilation != [1, 1] {
+            return None;
+        }
+        let padding = [0, 1].map(|d| (self.kernel[d] - 1).checked_sub(self.padding[d]));
+        Some(ConvShape {
+            in_channels: self.out_channels,
+            out_channels: self.in_channels,
+            input: self.output,
+            output: self.input,
+            padding: [padding[0]?, padding[1]?],
+            ..*self
+        })
+    }
+}
+
+/// The weight of [`ConvShape::transposed`]: `weight` flipped in both spatial dimensions with its
+/// channel axes swapped, `flipped[ci, co, a, b] = weight[co, ci, kh - 1 - a, kw - 1 - b]`.
+fn flipped(weight: &[f32], s: ConvShape) -> Vec<f32> {
+    let taps = s.kernel[0] * s.kernel[1];
+    let mut flipped = vec![0f32; weight.len()];
+    for co in 0..s.out_channels {
+        for ci in 0..s.in_channels {
+            for tap in 0..taps {
+                flipped[(ci * s.out_channels + co) * taps + tap] =
+                    weight[(co * s.in_channels + ci) * taps + taps - 1 - tap];
+            }
+        }
+    }
+    flipped
+}
+
 /// How many tasks to cut `batch` items into, and the GEMM's own parallelism: the threads go to
 /// the batch items, or to the GEMM when there are fewer items than threads.
 fn split(batch: usize) -> (usize, Parallelism) {
@@ -912,6 +948,12 @@ mod tests {
             (5, 8, 6, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             (5, 6, 4, [7, 7], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
             (40, 3, 4, [2, 2], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            // their stride-1 input gradient as the transposed convolution's forward pass:
+            // uneven padding on a 3x2 kernel; and where there is none (padding as wide as
+            // the kernel, a dilation), through the fold
+            (3, 4, 5, [5, 6], [3, 2], [1, 1], [(2, 0), (0, 1)], [1, 1]),
+            (2, 3, 2, [3, 3], [3, 3], [1, 1], [(3, 3), (0, 0)], [1, 1]),
+            (3, 2, 3, [6, 6], [3, 3], [1, 1], [(2, 2), (2, 2)], [2, 2]),
             // weight-gradient chunks of 16 4x4 maps (256 pixels, a padded row stride), the
             // last one short; a 16x16 map alone is 256 pixels too
             (70, 2, 3, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),

@@ -26,7 +26,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{ConvShape, split, sum};
+use super::{ConvShape, flipped, split, sum};
 use crate::rows_dot::{self, Rows, Sums};
 
 /// The floats of every row's block kept in cache while [`Sums::add`] runs over it (512 KiB, an
@@ -136,20 +136,6 @@ impl ConvShape {
     /// [`few_channels`] output channels.
     pub(super) fn forward_runs_on_grid(&self) -> bool {
         self.out_channels <= few_channels() && self.runs_on_grid()
-    }
-
-    /// The convolution whose forward pass is this one's input gradient (for stride 1): of the
-    /// output gradient, channels swapped, padded by `k - 1 - p`; none where `p >= k`.
-    fn transposed(&self) -> Option<ConvShape> {
-        let padding = [0, 1].map(|d| (self.kernel[d] - 1).checked_sub(self.padding[d]));
-        Some(ConvShape {
-            in_channels: self.out_channels,
-            out_channels: self.in_channels,
-            input: self.output,
-            output: self.input,
-            padding: [padding[0]?, padding[1]?],
-            ..*self
-        })
     }
 
     /// Whether the input gradient runs on the input's grid: the [`Self::transposed`]
@@ -288,19 +274,8 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
 /// ([`ConvShape::transposed`]) by the weight flipped in both spatial dimensions with its
 /// channel axes swapped.
 pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
-    let taps = s.kernel[0] * s.kernel[1];
-    // flipped[ci, co, a, b] = weight[co, ci, kh - 1 - a, kw - 1 - b]
-    let mut flipped = vec![0f32; weight.len()];
-    for co in 0..s.out_channels {
-        for ci in 0..s.in_channels {
-            for tap in 0..taps {
-                flipped[(ci * s.out_channels + co) * taps + tap] =
-                    weight[(co * s.in_channels + ci) * taps + taps - 1 - tap];
-            }
-        }
-    }
     let transposed = s.transposed().expect("input_grad_runs_on_grid");
-    forward(output_grad, &flipped, transposed)
+    forward(output_grad, &flipped(weight, s), transposed)
 }
 
 /// [`super::weight_grad`] on the grid: one run of items per thread, each summing the dot

@@ -6,13 +6,14 @@
 //! 16-lane AVX-512 tile of the kernel's four (`gemm`'s `x1x6` edge kernel, which took 16% of
 //! ResNet-18's CIFAR step, loads per fused multiply-add four times the main kernel's). Here a
 //! group of items is unfolded side by side, `cols` `[rows, items * pixels]`, multiplied once
-//! into a staging buffer `[out_channels, items * pixels]` and copied into each item's output;
-//! the input gradient gathers the group's output gradients the same way, multiplies once and
-//! folds each item's columns back.
+//! into a staging buffer `[out_channels, items * pixels]` and copied into each item's output.
+//! The input gradient is, for stride 1, the same forward pass of the output gradient by the
+//! flipped weight; for other strides it gathers the group's output gradients the same way,
+//! multiplies once and folds each item's columns back.
 
 use rayon::prelude::*;
 
-use super::{ConvShape, fold, matmul, split, unfold};
+use super::{ConvShape, flipped, fold, matmul, split, unfold};
 
 /// Output maps with fewer pixels than this run in groups of items.
 pub(super) const SMALL_MAP: usize = 64;
@@ -39,20 +40,6 @@ impl ConvShape {
             groups += threads;
         }
         self.batch.div_ceil(groups)
-    }
-
-    /// Items per group of the input gradient: with stride 1, one group per thread, since each
-    /// group's GEMM packs the whole weight again (64x512x4x4 on an Intel Xeon: 30.2 ms in
-    /// groups of 128 columns, 18.4 in one group per thread; the forward pass was the same
-    /// either way); other strides as [`Self::group`] (ResNet-18's 8x8 -> 4x4 layer was 10%
-    /// slower in larger groups).
-    fn input_grad_group(&self) -> usize {
-        if self.unfolds_padded() {
-            let (tasks, _) = split(self.batch);
-            self.batch.div_ceil(tasks)
-        } else {
-            self.group()
-        }
     }
 }
 
@@ -117,10 +104,17 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
     output
 }
 
-/// [`super::input_grad`] in groups of items ([`ConvShape::runs_in_groups`]).
+/// [`super::input_grad`] in groups of items ([`ConvShape::runs_in_groups`]): for stride 1 the
+/// forward pass of the [`ConvShape::transposed`] convolution, else `Wᵀ · dy` folded back. On an
+/// AMD Zen 4 (minimum of 11 runs, three rounds) the transposed forward pass took 29-31 ms at
+/// 64x512x4x4 against 35-41 for the product and fold, which writes and reads back nine times
+/// the gradient's values; 14-16 against 19-20 at 8x512x7x7.
 pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
+    if let Some(transposed) = s.transposed() {
+        return forward(output_grad, &flipped(weight, s), transposed);
+    }
     let mut x_grad = vec![0f32; s.batch * s.input_len()];
-    let group = s.input_grad_group();
+    let group = s.group();
     let (_, parallelism) = split(s.batch.div_ceil(group));
     let (rows, pixels) = (s.rows(), s.output_pixels());
     let pointwise = s.is_pointwise();
