@@ -954,6 +954,10 @@ mod tests {
             (3, 4, 5, [5, 6], [3, 2], [1, 1], [(2, 0), (0, 1)], [1, 1]),
             (2, 3, 2, [3, 3], [3, 3], [1, 1], [(3, 3), (0, 0)], [1, 1]),
             (3, 2, 3, [6, 6], [3, 3], [1, 1], [(2, 2), (2, 2)], [2, 2]),
+            // the same on their valid taps only (enough items a thread, with up to 4 threads):
+            // a 3x2 kernel padded unevenly; output columns and rows that read no input
+            (40, 4, 5, [5, 6], [3, 2], [1, 1], [(2, 0), (0, 1)], [1, 1]),
+            (40, 2, 3, [3, 3], [3, 3], [1, 1], [(1, 3), (3, 0)], [1, 1]),
             // weight-gradient chunks of 16 4x4 maps (256 pixels, a padded row stride), the
             // last one short; a 16x16 map alone is 256 pixels too
             (70, 2, 3, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),

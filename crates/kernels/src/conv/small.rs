@@ -6,14 +6,18 @@
 //! 16-lane AVX-512 tile of the kernel's four (`gemm`'s `x1x6` edge kernel, which took 16% of
 //! ResNet-18's CIFAR step, loads per fused multiply-add four times the main kernel's). Here a
 //! group of items is unfolded side by side, `cols` `[rows, items * pixels]`, multiplied once
-//! into a staging buffer `[out_channels, items * pixels]` and copied into each item's output.
-//! The input gradient is, for stride 1, the same forward pass of the output gradient by the
+//! into a staging buffer `[out_channels, items * pixels]` and copied into each item's output;
+//! with stride 1 and enough items, each output only by the kernel taps that read its input
+//! ([`ValidTaps`]: on a 4x4 map a 3x3 kernel's padding is 31% of im2col's products). The input
+//! gradient is, for stride 1, the same forward pass of the output gradient by the
 //! flipped weight; for other strides it gathers the group's output gradients the same way,
 //! multiplies once and folds each item's columns back.
 
 use rayon::prelude::*;
 
-use super::{ConvShape, flipped, fold, matmul, split, unfold};
+use std::ops::Range;
+
+use super::{ConvShape, copy_short, flipped, fold, matmul, split, unfold, valid_outputs};
 
 /// Output maps with fewer pixels than this run in groups of items.
 pub(super) const SMALL_MAP: usize = 64;
@@ -65,8 +69,13 @@ fn scatter(src: &[f32], channels: usize, pixels: usize, dst: &mut [f32]) {
     }
 }
 
-/// [`super::forward`] in groups of items ([`ConvShape::runs_in_groups`]).
+/// [`super::forward`] in groups of items ([`ConvShape::runs_in_groups`]): with stride 1 on
+/// each output's valid taps only where the batch is large enough ([`ValidTaps`]), else
+/// through im2col.
 pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
+    if let Some(valid_taps) = ValidTaps::new(weight, s) {
+        return valid_taps.forward(x);
+    }
     let mut output = vec![0f32; s.batch * s.output_len()];
     let group = s.group();
     let (_, parallelism) = split(s.batch.div_ceil(group));
@@ -162,4 +171,207 @@ pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> V
             },
         );
     x_grad
+}
+
+/// Output columns `ox` that read the same kernel columns `kw` (all of the input: stride 1).
+struct Columns {
+    ox: Range<usize>,
+    kw: Range<usize>,
+}
+
+/// The stride-1 forward pass of a group of items without the products by padding: on a 4x4 map
+/// a 3x3 kernel reads padding at 31% of its taps (16% on 8x8, 10% on 7x7), which im2col
+/// multiplies as zeros.
+///
+/// The output columns are cut into [`Columns`] (for a 3x3 kernel padded by 1: the first, the
+/// inner ones, the last). For each, a band holds the group's input at the kernel columns it
+/// reads, rows `(kw, ci)` by columns `(iy, item, ox)` over every input row `iy`; kernel row `kh`
+/// is then one GEMM of the output rows that read an input row, `oy` in [`valid_outputs`], from
+/// the band's columns at `iy = oy + kh - ph`, by the weight's `(kh, kw, ci)` columns (the weight
+/// laid out `[co, kh, kw, ci]`). The products land in a staging buffer, columns `(oy, item, ox)`
+/// per part, copied into each item's output at the end.
+struct ValidTaps {
+    s: ConvShape,
+    /// `[out_channels, kh, kw, in_channels]`.
+    weight: Vec<f32>,
+    parts: Vec<Columns>,
+}
+
+/// [`ValidTaps`] runs where each thread's items times the narrowest part's columns are at
+/// least this many: the columns of that part's GEMMs per output row. On an AMD Zen 4 (minimum
+/// of 21 runs, four rounds, forward pass against im2col): 64x512x4x4 (32 items a thread, 32
+/// columns) 30.6-32.6 -> 26.4-29.0 ms, 64x256x4x4 7.6-7.9 -> 6.5-7.3, 32x512x7x7 46-49 -> 35-40,
+/// 16x512x7x7 (8 columns) 24-26 -> 19-21, 16x512x4x4 even, 8x512x7x7 (4 columns) 10.5-11.2 ->
+/// 10.9-12.2. (On 8x8 maps, outside this module, it ran even or slower than one image per GEMM:
+/// 64x256x8x8 forward 26.7-27.7 against 27.0-29.2.)
+const MIN_PART_COLUMNS: usize = 8;
+
+impl ValidTaps {
+    /// For stride 1 without dilation, a kernel wider than one pixel, and a batch large enough
+    /// for [`MIN_PART_COLUMNS`]; else none.
+    fn new(weight: &[f32], s: ConvShape) -> Option<ValidTaps> {
+        if !s.unfolds_padded() {
+            return None;
+        }
+        let parts = Self::parts(s);
+        let (tasks, _) = split(s.batch);
+        let narrowest = parts.iter().map(|part| part.ox.len()).min().unwrap_or(0);
+        if s.batch.div_ceil(tasks) * narrowest < MIN_PART_COLUMNS {
+            return None;
+        }
+        let taps = s.kernel[0] * s.kernel[1];
+        let mut by_tap = vec![0f32; weight.len()];
+        for co in 0..s.out_channels {
+            for ci in 0..s.in_channels {
+                for tap in 0..taps {
+                    by_tap[(co * taps + tap) * s.in_channels + ci] =
+                        weight[(co * s.in_channels + ci) * taps + tap];
+                }
+            }
+        }
+        Some(ValidTaps {
+            s,
+            weight: by_tap,
+            parts,
+        })
+    }
+
+    /// The output columns as runs that read the same kernel columns.
+    fn parts(s: ConvShape) -> Vec<Columns> {
+        let kw_len = s.kernel[1];
+        let valid: Vec<(usize, usize)> = (0..kw_len)
+            .map(|kw| valid_outputs(kw, s.padding[1], 1, s.input[1], s.output[1]))
+            .collect();
+        let mut parts: Vec<Columns> = Vec::new();
+        for ox in 0..s.output[1] {
+            let first = valid.iter().position(|&(lo, hi)| lo <= ox && ox < hi);
+            let kw = first.map_or(0..0, |first| {
+                let end = (first..kw_len)
+                    .find(|&kw| !(valid[kw].0 <= ox && ox < valid[kw].1))
+                    .unwrap_or(kw_len);
+                first..end
+            });
+            match parts.last_mut() {
+                Some(last) if last.kw == kw => last.ox.end = ox + 1,
+                _ => parts.push(Columns { ox: ox..ox + 1, kw }),
+            }
+        }
+        parts
+    }
+
+    /// The output of every item, `[batch, out_channels, oh, ow]`.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let s = self.s;
+        let mut output = vec![0f32; s.batch * s.output_len()];
+        let (tasks, parallelism) = split(s.batch);
+        let group = s.batch.div_ceil(tasks);
+        output
+            .par_chunks_mut(group * s.output_len())
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(band, staged), (g, out)| {
+                    let items = out.len() / s.output_len();
+                    let first = g * group * s.input_len();
+                    let x = &x[first..first + items * s.input_len()];
+                    self.multiply(x, items, band, staged, parallelism);
+                    self.scatter(staged, items, out);
+                },
+            );
+        output
+    }
+
+    /// The products of `items` items (`x`, `[items, in_channels, h, w]`) into `staged`,
+    /// `[out_channels, oh * items * ow]`, each part's columns `(oy, item, ox)` after the parts
+    /// before it.
+    fn multiply(
+        &self,
+        x: &[f32],
+        items: usize,
+        band: &mut Vec<f32>,
+        staged: &mut Vec<f32>,
+        parallelism: gemm::Parallelism,
+    ) {
+        let s = self.s;
+        let h = s.input[0];
+        let [kh_len, kw_len] = s.kernel;
+        let ci_len = s.in_channels;
+        let width = items * s.output_pixels();
+        staged.clear();
+        staged.resize(s.out_channels * width, 0.0);
+        let mut column = 0;
+        for part in &self.parts {
+            let span = items * part.ox.len();
+            let depth = part.kw.len() * ci_len;
+            let band_width = h * span;
+            self.unfold(x, part, span, band);
+            for kh in 0..kh_len {
+                let (low, high) = valid_outputs(kh, s.padding[0], 1, h, s.output[0]);
+                if low >= high || depth == 0 {
+                    continue;
+                }
+                let iy = low + kh - s.padding[0];
+                let weight = (kh * kw_len + part.kw.start) * ci_len;
+                // SAFETY: staged is [out_channels, width] row-major and this writes columns
+                // column + low * span .. + (high - low) * span, inside this part's oh * span;
+                // the weight's columns weight .. + depth of [out_channels, kh * kw * ci]; the
+                // band's columns iy * span .. + (high - low) * span of [depth, h * span], with
+                // iy + high - low <= h; staged is a buffer of its own.
+                unsafe {
+                    matmul(
+                        [s.out_channels, (high - low) * span, depth],
+                        (staged.as_mut_ptr().add(column + low * span), [width, 1]),
+                        true,
+                        (
+                            self.weight.as_ptr().add(weight),
+                            [kh_len * kw_len * ci_len, 1],
+                        ),
+                        (band.as_ptr().add(iy * span), [band_width, 1]),
+                        parallelism,
+                    );
+                }
+            }
+            column += s.output[0] * span;
+        }
+    }
+
+    /// The band of `part`: `band[(kw, ci), (iy, item, ox)] = x[item, ci, iy, ox + kw - pw]`
+    /// over the part's kernel columns `kw` and output columns `ox` (`span` items times those).
+    fn unfold(&self, x: &[f32], part: &Columns, span: usize, band: &mut Vec<f32>) {
+        let [h, w] = self.s.input;
+        let ci_len = self.s.in_channels;
+        let band_width = h * span;
+        band.resize(part.kw.len() * ci_len * band_width, 0.0);
+        for (r, row) in band.chunks_exact_mut(band_width).enumerate() {
+            let (kw, ci) = (part.kw.start + r / ci_len, r % ci_len);
+            let start = part.ox.start + kw - self.s.padding[1];
+            for (iy, line) in row.chunks_exact_mut(span).enumerate() {
+                for (item, dst) in line.chunks_exact_mut(part.ox.len()).enumerate() {
+                    let plane = (item * ci_len + ci) * h * w;
+                    copy_short(dst, &x[plane + iy * w + start..][..part.ox.len()]);
+                }
+            }
+        }
+    }
+
+    /// `staged` (from [`Self::multiply`]) into each item's output, `[items, out_channels, oh, ow]`.
+    fn scatter(&self, staged: &[f32], items: usize, out: &mut [f32]) {
+        let s = self.s;
+        let [oh, ow] = s.output;
+        let width = items * s.output_pixels();
+        let mut column = 0;
+        for part in &self.parts {
+            let span = items * part.ox.len();
+            for co in 0..s.out_channels {
+                let row = &staged[co * width + column..][..oh * span];
+                for (oy, line) in row.chunks_exact(span).enumerate() {
+                    for (item, src) in line.chunks_exact(part.ox.len()).enumerate() {
+                        let at = ((item * s.out_channels + co) * oh + oy) * ow + part.ox.start;
+                        copy_short(&mut out[at..at + part.ox.len()], src);
+                    }
+                }
+            }
+            column += oh * span;
+        }
+    }
 }
