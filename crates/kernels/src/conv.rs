@@ -26,7 +26,8 @@
 //! ([`shifted`]: a third of im2col's copies for 3x3).
 //!
 //! Maps of fewer than 64 pixels run the forward pass and input gradient a group of batch items
-//! per GEMM ([`small`]), so the GEMM's tiles are not one map's few pixels wide.
+//! per GEMM ([`small`]), so the GEMM's tiles are not one map's few pixels wide; with stride 1
+//! (and the weight gradient too) without the products by the padding, a third of a 4x4 map's.
 //!
 //! 1x1 convolutions with stride 1 and no padding skip the unfolding: `cols_n` is `x_n`.
 //! Batch items run in parallel; with fewer items than threads the GEMM itself takes the threads.
@@ -383,6 +384,9 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
     }
     if s.weight_grad_runs_on_grid() {
         return grid::weight_grad(x, output_grad, s);
+    }
+    if s.weight_grad_runs_on_valid_taps() {
+        return small::weight_grad(x, output_grad, s);
     }
     unfolded_weight_grad(x, output_grad, s)
 }

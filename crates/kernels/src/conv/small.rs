@@ -11,13 +11,16 @@
 //! ([`ValidTaps`]: on a 4x4 map a 3x3 kernel's padding is 31% of im2col's products). The input
 //! gradient is, for stride 1, the same forward pass of the output gradient by the
 //! flipped weight; for other strides it gathers the group's output gradients the same way,
-//! multiplies once and folds each item's columns back.
-
-use rayon::prelude::*;
+//! multiplies once and folds each item's columns back. The weight gradient of those maps runs
+//! on the valid taps too (elsewhere as [`super::weight_grad`]'s chunks of im2col).
 
 use std::ops::Range;
 
-use super::{ConvShape, copy_short, flipped, fold, matmul, split, unfold, valid_outputs};
+use rayon::prelude::*;
+
+use super::{
+    ConvShape, copy_short, flipped, fold, matmul, row_stride, split, sum, unfold, valid_outputs,
+};
 
 /// Output maps with fewer pixels than this run in groups of items.
 pub(super) const SMALL_MAP: usize = 64;
@@ -73,8 +76,8 @@ fn scatter(src: &[f32], channels: usize, pixels: usize, dst: &mut [f32]) {
 /// each output's valid taps only where the batch is large enough ([`ValidTaps`]), else
 /// through im2col.
 pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
-    if let Some(valid_taps) = ValidTaps::new(weight, s) {
-        return valid_taps.forward(x);
+    if let Some(valid_taps) = ValidTaps::new(s) {
+        return valid_taps.forward(x, weight);
     }
     let mut output = vec![0f32; s.batch * s.output_len()];
     let group = s.group();
@@ -179,21 +182,19 @@ struct Columns {
     kw: Range<usize>,
 }
 
-/// The stride-1 forward pass of a group of items without the products by padding: on a 4x4 map
-/// a 3x3 kernel reads padding at 31% of its taps (16% on 8x8, 10% on 7x7), which im2col
-/// multiplies as zeros.
+/// The stride-1 forward pass and weight gradient of groups of items without the products by
+/// padding: on a 4x4 map a 3x3 kernel reads padding at 31% of its taps (16% on 8x8, 10% on
+/// 7x7), which im2col multiplies as zeros.
 ///
 /// The output columns are cut into [`Columns`] (for a 3x3 kernel padded by 1: the first, the
 /// inner ones, the last). For each, a band holds the group's input at the kernel columns it
 /// reads, rows `(kw, ci)` by columns `(iy, item, ox)` over every input row `iy`; kernel row `kh`
-/// is then one GEMM of the output rows that read an input row, `oy` in [`valid_outputs`], from
-/// the band's columns at `iy = oy + kh - ph`, by the weight's `(kh, kw, ci)` columns (the weight
-/// laid out `[co, kh, kw, ci]`). The products land in a staging buffer, columns `(oy, item, ox)`
-/// per part, copied into each item's output at the end.
+/// is then one GEMM over the output rows that read an input row, `oy` in [`valid_outputs`],
+/// with the band's columns at `iy = oy + kh - ph` and the weight's `(kh, kw, ci)` columns (the
+/// weight laid out `[co, kh, kw, ci]`, [`by_tap`]). The output (or its gradient) is staged with
+/// columns `(oy, item, ox)` per part, the parts one after another.
 struct ValidTaps {
     s: ConvShape,
-    /// `[out_channels, kh, kw, in_channels]`.
-    weight: Vec<f32>,
     parts: Vec<Columns>,
 }
 
@@ -206,34 +207,54 @@ struct ValidTaps {
 /// 64x256x8x8 forward 26.7-27.7 against 27.0-29.2.)
 const MIN_PART_COLUMNS: usize = 8;
 
+impl ConvShape {
+    /// Whether the weight gradient runs on the valid taps only ([`ValidTaps`]).
+    pub(super) fn weight_grad_runs_on_valid_taps(&self) -> bool {
+        self.runs_in_groups() && ValidTaps::new(*self).is_some()
+    }
+}
+
+/// `[out_channels, in_channels, kh, kw]` as `[out_channels, kh, kw, in_channels]`.
+fn by_tap(weight: &[f32], s: ConvShape) -> Vec<f32> {
+    let taps = s.kernel[0] * s.kernel[1];
+    let mut by_tap = vec![0f32; weight.len()];
+    for co in 0..s.out_channels {
+        for ci in 0..s.in_channels {
+            for tap in 0..taps {
+                by_tap[(co * taps + tap) * s.in_channels + ci] =
+                    weight[(co * s.in_channels + ci) * taps + tap];
+            }
+        }
+    }
+    by_tap
+}
+
+/// The inverse of [`by_tap`].
+fn from_tap(by_tap: &[f32], s: ConvShape) -> Vec<f32> {
+    let taps = s.kernel[0] * s.kernel[1];
+    let mut weight = vec![0f32; by_tap.len()];
+    for co in 0..s.out_channels {
+        for ci in 0..s.in_channels {
+            for tap in 0..taps {
+                weight[(co * s.in_channels + ci) * taps + tap] =
+                    by_tap[(co * taps + tap) * s.in_channels + ci];
+            }
+        }
+    }
+    weight
+}
+
 impl ValidTaps {
     /// For stride 1 without dilation, a kernel wider than one pixel, and a batch large enough
     /// for [`MIN_PART_COLUMNS`]; else none.
-    fn new(weight: &[f32], s: ConvShape) -> Option<ValidTaps> {
+    fn new(s: ConvShape) -> Option<ValidTaps> {
         if !s.unfolds_padded() {
             return None;
         }
         let parts = Self::parts(s);
-        let (tasks, _) = split(s.batch);
         let narrowest = parts.iter().map(|part| part.ox.len()).min().unwrap_or(0);
-        if s.batch.div_ceil(tasks) * narrowest < MIN_PART_COLUMNS {
-            return None;
-        }
-        let taps = s.kernel[0] * s.kernel[1];
-        let mut by_tap = vec![0f32; weight.len()];
-        for co in 0..s.out_channels {
-            for ci in 0..s.in_channels {
-                for tap in 0..taps {
-                    by_tap[(co * taps + tap) * s.in_channels + ci] =
-                        weight[(co * s.in_channels + ci) * taps + tap];
-                }
-            }
-        }
-        Some(ValidTaps {
-            s,
-            weight: by_tap,
-            parts,
-        })
+        let taps = ValidTaps { s, parts };
+        (taps.group() * narrowest >= MIN_PART_COLUMNS).then_some(taps)
     }
 
     /// The output columns as runs that read the same kernel columns.
@@ -259,12 +280,30 @@ impl ValidTaps {
         parts
     }
 
-    /// The output of every item, `[batch, out_channels, oh, ow]`.
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
+    /// Items per group: one group per thread.
+    fn group(&self) -> usize {
+        let (tasks, _) = split(self.s.batch);
+        self.s.batch.div_ceil(tasks)
+    }
+
+    /// The kernel rows that some output row reads an input row with, each with those output
+    /// rows.
+    fn kernel_rows(&self) -> impl Iterator<Item = (usize, Range<usize>)> {
         let s = self.s;
+        (0..s.kernel[0]).filter_map(move |kh| {
+            let (low, high) = valid_outputs(kh, s.padding[0], 1, s.input[0], s.output[0]);
+            (low < high).then_some((kh, low..high))
+        })
+    }
+
+    /// The output of every item, `[batch, out_channels, oh, ow]`, by `weight`
+    /// (`[out_channels, in_channels, kh, kw]`).
+    fn forward(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let s = self.s;
+        let weight = by_tap(weight, s);
         let mut output = vec![0f32; s.batch * s.output_len()];
-        let (tasks, parallelism) = split(s.batch);
-        let group = s.batch.div_ceil(tasks);
+        let group = self.group();
+        let (_, parallelism) = split(s.batch);
         output
             .par_chunks_mut(group * s.output_len())
             .enumerate()
@@ -274,59 +313,117 @@ impl ValidTaps {
                     let items = out.len() / s.output_len();
                     let first = g * group * s.input_len();
                     let x = &x[first..first + items * s.input_len()];
-                    self.multiply(x, items, band, staged, parallelism);
+                    staged.clear();
+                    staged.resize(s.out_channels * items * s.output_pixels(), 0.0);
+                    self.multiply(x, items, &weight, band, staged, parallelism);
                     self.scatter(staged, items, out);
                 },
             );
         output
     }
 
-    /// The products of `items` items (`x`, `[items, in_channels, h, w]`) into `staged`,
-    /// `[out_channels, oh * items * ow]`, each part's columns `(oy, item, ox)` after the parts
-    /// before it.
+    /// The weight gradient, `[out_channels, in_channels, kh, kw]`: one partial sum per group.
+    fn weight_grad(&self, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
+        let s = self.s;
+        let group = self.group();
+        let (_, parallelism) = split(s.batch);
+        let partials: Vec<Vec<f32>> = (0..s.batch.div_ceil(group))
+            .into_par_iter()
+            .map(|g| {
+                let items = group.min(s.batch - g * group);
+                let x = &x[g * group * s.input_len()..][..items * s.input_len()];
+                let dy = &output_grad[g * group * s.output_len()..][..items * s.output_len()];
+                let mut staged = Vec::new();
+                self.gather(dy, items, &mut staged);
+                let mut grad = vec![0f32; s.out_channels * s.rows()];
+                self.accumulate(x, items, &staged, &mut Vec::new(), &mut grad, parallelism);
+                grad
+            })
+            .collect();
+        from_tap(&sum(partials), s)
+    }
+
+    /// The products of `items` items (`x`, `[items, in_channels, h, w]`) by `weight`
+    /// ([`by_tap`]) added to `staged`, `[out_channels, oh * items * ow]`, each part's columns
+    /// `(oy, item, ox)` after the parts before it.
     fn multiply(
         &self,
         x: &[f32],
         items: usize,
+        weight: &[f32],
         band: &mut Vec<f32>,
-        staged: &mut Vec<f32>,
+        staged: &mut [f32],
         parallelism: gemm::Parallelism,
     ) {
         let s = self.s;
-        let h = s.input[0];
-        let [kh_len, kw_len] = s.kernel;
-        let ci_len = s.in_channels;
+        let taps_len = s.rows();
         let width = items * s.output_pixels();
-        staged.clear();
-        staged.resize(s.out_channels * width, 0.0);
         let mut column = 0;
         for part in &self.parts {
             let span = items * part.ox.len();
-            let depth = part.kw.len() * ci_len;
-            let band_width = h * span;
-            self.unfold(x, part, span, band);
-            for kh in 0..kh_len {
-                let (low, high) = valid_outputs(kh, s.padding[0], 1, h, s.output[0]);
-                if low >= high || depth == 0 {
-                    continue;
-                }
-                let iy = low + kh - s.padding[0];
-                let weight = (kh * kw_len + part.kw.start) * ci_len;
-                // SAFETY: staged is [out_channels, width] row-major and this writes columns
-                // column + low * span .. + (high - low) * span, inside this part's oh * span;
-                // the weight's columns weight .. + depth of [out_channels, kh * kw * ci]; the
-                // band's columns iy * span .. + (high - low) * span of [depth, h * span], with
-                // iy + high - low <= h; staged is a buffer of its own.
+            let depth = part.kw.len() * s.in_channels;
+            let stride = self.unfold(x, part, span, band);
+            for (kh, rows) in self.kernel_rows().filter(|_| depth > 0) {
+                let iy = rows.start + kh - s.padding[0];
+                let tap = (kh * s.kernel[1] + part.kw.start) * s.in_channels;
+                // SAFETY: staged is [out_channels, width] row-major and this adds to columns
+                // column + rows.start * span .. + rows.len() * span, inside this part's
+                // oh * span; the weight's columns tap .. + depth of [out_channels, taps_len];
+                // the band's columns iy * span .. + rows.len() * span of [depth, stride], with
+                // iy + rows.len() <= h; staged is a buffer of its own.
                 unsafe {
                     matmul(
-                        [s.out_channels, (high - low) * span, depth],
-                        (staged.as_mut_ptr().add(column + low * span), [width, 1]),
-                        true,
+                        [s.out_channels, rows.len() * span, depth],
                         (
-                            self.weight.as_ptr().add(weight),
-                            [kh_len * kw_len * ci_len, 1],
+                            staged.as_mut_ptr().add(column + rows.start * span),
+                            [width, 1],
                         ),
-                        (band.as_ptr().add(iy * span), [band_width, 1]),
+                        true,
+                        (weight.as_ptr().add(tap), [taps_len, 1]),
+                        (band.as_ptr().add(iy * span), [stride, 1]),
+                        parallelism,
+                    );
+                }
+            }
+            column += s.output[0] * span;
+        }
+    }
+
+    /// The weight gradient of `items` items (`x`, `[items, in_channels, h, w]`) given their
+    /// output gradient `staged` (as [`Self::gather`] lays it) added to `grad` ([`by_tap`]).
+    fn accumulate(
+        &self,
+        x: &[f32],
+        items: usize,
+        staged: &[f32],
+        band: &mut Vec<f32>,
+        grad: &mut [f32],
+        parallelism: gemm::Parallelism,
+    ) {
+        let s = self.s;
+        let taps_len = s.rows();
+        let width = items * s.output_pixels();
+        let mut column = 0;
+        for part in &self.parts {
+            let span = items * part.ox.len();
+            let depth = part.kw.len() * s.in_channels;
+            let stride = self.unfold(x, part, span, band);
+            for (kh, rows) in self.kernel_rows().filter(|_| depth > 0) {
+                let iy = rows.start + kh - s.padding[0];
+                let tap = (kh * s.kernel[1] + part.kw.start) * s.in_channels;
+                // grad[co, tap + r] += sum over j of staged[co, j] * band[r, iy * span + j]
+                // SAFETY: grad is [out_channels, taps_len] row-major and this adds to its
+                // columns tap .. + depth; staged's columns column + rows.start * span ..
+                // + rows.len() * span of [out_channels, width]; the band [depth, stride] read
+                // as its transpose from column iy * span, iy + rows.len() <= h; grad is a
+                // buffer of its own.
+                unsafe {
+                    matmul(
+                        [s.out_channels, depth, rows.len() * span],
+                        (grad.as_mut_ptr().add(tap), [taps_len, 1]),
+                        true,
+                        (staged.as_ptr().add(column + rows.start * span), [width, 1]),
+                        (band.as_ptr().add(iy * span), [1, stride]),
                         parallelism,
                     );
                 }
@@ -336,42 +433,76 @@ impl ValidTaps {
     }
 
     /// The band of `part`: `band[(kw, ci), (iy, item, ox)] = x[item, ci, iy, ox + kw - pw]`
-    /// over the part's kernel columns `kw` and output columns `ox` (`span` items times those).
-    fn unfold(&self, x: &[f32], part: &Columns, span: usize, band: &mut Vec<f32>) {
+    /// over the part's kernel columns `kw` and output columns `ox` (`span` items times those),
+    /// its rows at the returned stride ([`row_stride`]: the weight gradient's GEMM reads
+    /// across them).
+    fn unfold(&self, x: &[f32], part: &Columns, span: usize, band: &mut Vec<f32>) -> usize {
         let [h, w] = self.s.input;
         let ci_len = self.s.in_channels;
-        let band_width = h * span;
-        band.resize(part.kw.len() * ci_len * band_width, 0.0);
-        for (r, row) in band.chunks_exact_mut(band_width).enumerate() {
+        let stride = row_stride(h * span);
+        band.resize(part.kw.len() * ci_len * stride, 0.0);
+        for (r, row) in band.chunks_exact_mut(stride).enumerate() {
             let (kw, ci) = (part.kw.start + r / ci_len, r % ci_len);
             let start = part.ox.start + kw - self.s.padding[1];
-            for (iy, line) in row.chunks_exact_mut(span).enumerate() {
+            for (iy, line) in row[..h * span].chunks_exact_mut(span).enumerate() {
                 for (item, dst) in line.chunks_exact_mut(part.ox.len()).enumerate() {
                     let plane = (item * ci_len + ci) * h * w;
                     copy_short(dst, &x[plane + iy * w + start..][..part.ox.len()]);
                 }
             }
         }
+        stride
     }
 
-    /// `staged` (from [`Self::multiply`]) into each item's output, `[items, out_channels, oh, ow]`.
+    /// `staged` (from [`Self::multiply`]) into each item's output, `[items, out_channels, oh,
+    /// ow]`.
     fn scatter(&self, staged: &[f32], items: usize, out: &mut [f32]) {
+        self.each_run(items, |staged_at, out_at, len| {
+            copy_short(
+                &mut out[out_at..out_at + len],
+                &staged[staged_at..staged_at + len],
+            );
+        });
+    }
+
+    /// The inverse of [`Self::scatter`]: the output gradient of `items` items into `staged`.
+    fn gather(&self, output_grad: &[f32], items: usize, staged: &mut Vec<f32>) {
+        staged.resize(self.s.out_channels * items * self.s.output_pixels(), 0.0);
+        self.each_run(items, |staged_at, out_at, len| {
+            copy_short(
+                &mut staged[staged_at..staged_at + len],
+                &output_grad[out_at..out_at + len],
+            );
+        });
+    }
+
+    /// Calls `f(staged, output, len)` for each run of `len` values at `staged` in the staging
+    /// layout and at `output` in `[items, out_channels, oh, ow]`.
+    fn each_run(&self, items: usize, mut f: impl FnMut(usize, usize, usize)) {
         let s = self.s;
         let [oh, ow] = s.output;
         let width = items * s.output_pixels();
         let mut column = 0;
         for part in &self.parts {
-            let span = items * part.ox.len();
+            let len = part.ox.len();
             for co in 0..s.out_channels {
-                let row = &staged[co * width + column..][..oh * span];
-                for (oy, line) in row.chunks_exact(span).enumerate() {
-                    for (item, src) in line.chunks_exact(part.ox.len()).enumerate() {
-                        let at = ((item * s.out_channels + co) * oh + oy) * ow + part.ox.start;
-                        copy_short(&mut out[at..at + part.ox.len()], src);
+                for oy in 0..oh {
+                    for item in 0..items {
+                        let staged = co * width + column + (oy * items + item) * len;
+                        let out = ((item * s.out_channels + co) * oh + oy) * ow + part.ox.start;
+                        f(staged, out, len);
                     }
                 }
             }
-            column += oh * span;
+            column += oh * items * len;
         }
     }
+}
+
+/// [`super::weight_grad`] on the valid taps only
+/// ([`ConvShape::weight_grad_runs_on_valid_taps`]).
+pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
+    ValidTaps::new(s)
+        .expect("weight_grad_runs_on_valid_taps")
+        .weight_grad(x, output_grad)
 }
