@@ -130,15 +130,23 @@ impl ConvShape {
 fn flipped(weight: &[f32], s: ConvShape) -> Vec<f32> {
     let taps = s.kernel[0] * s.kernel[1];
     let mut flipped = vec![0f32; weight.len()];
+    for_each_weight(s, |at, [co, ci, tap]| {
+        flipped[(ci * s.out_channels + co) * taps + taps - 1 - tap] = weight[at];
+    });
+    flipped
+}
+
+/// Calls `f(index, [co, ci, tap])` for every value of a weight `[out_channels, in_channels,
+/// kh * kw]`, in order.
+fn for_each_weight(s: ConvShape, mut f: impl FnMut(usize, [usize; 3])) {
+    let taps = s.kernel[0] * s.kernel[1];
     for co in 0..s.out_channels {
         for ci in 0..s.in_channels {
             for tap in 0..taps {
-                flipped[(ci * s.out_channels + co) * taps + tap] =
-                    weight[(co * s.in_channels + ci) * taps + taps - 1 - tap];
+                f((co * s.in_channels + ci) * taps + tap, [co, ci, tap]);
             }
         }
     }
-    flipped
 }
 
 /// How many tasks to cut `batch` items into, and the GEMM's own parallelism: the threads go to

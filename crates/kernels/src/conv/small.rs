@@ -19,7 +19,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{
-    ConvShape, copy_short, flipped, fold, matmul, row_stride, split, sum, unfold, valid_outputs,
+    ConvShape, copy_short, flipped, fold, for_each_weight, matmul, row_stride, split, sum, unfold,
+    valid_outputs,
 };
 
 /// Output maps with fewer pixels than this run in groups of items.
@@ -182,6 +183,19 @@ struct Columns {
     kw: Range<usize>,
 }
 
+/// One kernel row's GEMM of one part ([`ValidTaps::for_each_product`]), by where its operands
+/// start: columns `staged .. staged + columns` of the staged output (or its gradient), the
+/// weight's columns `tap .. tap + depth` (`(kh, kw, ci)` from the part's first `kw`), the
+/// band's `depth` rows at `stride` from column `band`.
+struct Product {
+    staged: usize,
+    columns: usize,
+    depth: usize,
+    tap: usize,
+    band: usize,
+    stride: usize,
+}
+
 /// The stride-1 forward pass and weight gradient of groups of items without the products by
 /// padding: on a 4x4 map a 3x3 kernel reads padding at 31% of its taps (16% on 8x8, 10% on
 /// 7x7), which im2col multiplies as zeros.
@@ -216,31 +230,19 @@ impl ConvShape {
 
 /// `[out_channels, in_channels, kh, kw]` as `[out_channels, kh, kw, in_channels]`.
 fn by_tap(weight: &[f32], s: ConvShape) -> Vec<f32> {
-    let taps = s.kernel[0] * s.kernel[1];
     let mut by_tap = vec![0f32; weight.len()];
-    for co in 0..s.out_channels {
-        for ci in 0..s.in_channels {
-            for tap in 0..taps {
-                by_tap[(co * taps + tap) * s.in_channels + ci] =
-                    weight[(co * s.in_channels + ci) * taps + tap];
-            }
-        }
-    }
+    for_each_weight(s, |at, [co, ci, tap]| {
+        by_tap[(co * s.kernel[0] * s.kernel[1] + tap) * s.in_channels + ci] = weight[at];
+    });
     by_tap
 }
 
 /// The inverse of [`by_tap`].
 fn from_tap(by_tap: &[f32], s: ConvShape) -> Vec<f32> {
-    let taps = s.kernel[0] * s.kernel[1];
     let mut weight = vec![0f32; by_tap.len()];
-    for co in 0..s.out_channels {
-        for ci in 0..s.in_channels {
-            for tap in 0..taps {
-                weight[(co * s.in_channels + ci) * taps + tap] =
-                    by_tap[(co * taps + tap) * s.in_channels + ci];
-            }
-        }
-    }
+    for_each_weight(s, |at, [co, ci, tap]| {
+        weight[at] = by_tap[(co * s.kernel[0] * s.kernel[1] + tap) * s.in_channels + ci];
+    });
     weight
 }
 
@@ -343,6 +345,36 @@ impl ValidTaps {
         from_tap(&sum(partials), s)
     }
 
+    /// Unfolds each part's band of `items` items (`x`, `[items, in_channels, h, w]`) in turn
+    /// and calls `f` with it for each of the part's kernel rows ([`Product`]).
+    fn for_each_product(
+        &self,
+        x: &[f32],
+        items: usize,
+        band: &mut Vec<f32>,
+        mut f: impl FnMut(&[f32], Product),
+    ) {
+        let s = self.s;
+        let mut column = 0;
+        for part in &self.parts {
+            let span = items * part.ox.len();
+            let depth = part.kw.len() * s.in_channels;
+            let stride = self.unfold(x, part, span, band);
+            for (kh, rows) in self.kernel_rows().filter(|_| depth > 0) {
+                let product = Product {
+                    staged: column + rows.start * span,
+                    columns: rows.len() * span,
+                    depth,
+                    tap: (kh * s.kernel[1] + part.kw.start) * s.in_channels,
+                    band: (rows.start + kh - s.padding[0]) * span,
+                    stride,
+                };
+                f(band, product);
+            }
+            column += s.output[0] * span;
+        }
+    }
+
     /// The products of `items` items (`x`, `[items, in_channels, h, w]`) by `weight`
     /// ([`by_tap`]) added to `staged`, `[out_channels, oh * items * ow]`, each part's columns
     /// `(oy, item, ox)` after the parts before it.
@@ -356,37 +388,24 @@ impl ValidTaps {
         parallelism: gemm::Parallelism,
     ) {
         let s = self.s;
-        let taps_len = s.rows();
         let width = items * s.output_pixels();
-        let mut column = 0;
-        for part in &self.parts {
-            let span = items * part.ox.len();
-            let depth = part.kw.len() * s.in_channels;
-            let stride = self.unfold(x, part, span, band);
-            for (kh, rows) in self.kernel_rows().filter(|_| depth > 0) {
-                let iy = rows.start + kh - s.padding[0];
-                let tap = (kh * s.kernel[1] + part.kw.start) * s.in_channels;
-                // SAFETY: staged is [out_channels, width] row-major and this adds to columns
-                // column + rows.start * span .. + rows.len() * span, inside this part's
-                // oh * span; the weight's columns tap .. + depth of [out_channels, taps_len];
-                // the band's columns iy * span .. + rows.len() * span of [depth, stride], with
-                // iy + rows.len() <= h; staged is a buffer of its own.
-                unsafe {
-                    matmul(
-                        [s.out_channels, rows.len() * span, depth],
-                        (
-                            staged.as_mut_ptr().add(column + rows.start * span),
-                            [width, 1],
-                        ),
-                        true,
-                        (weight.as_ptr().add(tap), [taps_len, 1]),
-                        (band.as_ptr().add(iy * span), [stride, 1]),
-                        parallelism,
-                    );
-                }
+        self.for_each_product(x, items, band, |band, p| {
+            // SAFETY: staged is [out_channels, width] row-major, and p's columns lie in it
+            // (inside their part's); the weight's columns p.tap .. + p.depth of [out_channels,
+            // rows]; the band's p.columns columns from p.band of [p.depth, p.stride] (its
+            // input rows from the first the output rows read to the last); staged is a buffer
+            // of its own.
+            unsafe {
+                matmul(
+                    [s.out_channels, p.columns, p.depth],
+                    (staged.as_mut_ptr().add(p.staged), [width, 1]),
+                    true,
+                    (weight.as_ptr().add(p.tap), [s.rows(), 1]),
+                    (band.as_ptr().add(p.band), [p.stride, 1]),
+                    parallelism,
+                );
             }
-            column += s.output[0] * span;
-        }
+        });
     }
 
     /// The weight gradient of `items` items (`x`, `[items, in_channels, h, w]`) given their
@@ -401,35 +420,24 @@ impl ValidTaps {
         parallelism: gemm::Parallelism,
     ) {
         let s = self.s;
-        let taps_len = s.rows();
         let width = items * s.output_pixels();
-        let mut column = 0;
-        for part in &self.parts {
-            let span = items * part.ox.len();
-            let depth = part.kw.len() * s.in_channels;
-            let stride = self.unfold(x, part, span, band);
-            for (kh, rows) in self.kernel_rows().filter(|_| depth > 0) {
-                let iy = rows.start + kh - s.padding[0];
-                let tap = (kh * s.kernel[1] + part.kw.start) * s.in_channels;
-                // grad[co, tap + r] += sum over j of staged[co, j] * band[r, iy * span + j]
-                // SAFETY: grad is [out_channels, taps_len] row-major and this adds to its
-                // columns tap .. + depth; staged's columns column + rows.start * span ..
-                // + rows.len() * span of [out_channels, width]; the band [depth, stride] read
-                // as its transpose from column iy * span, iy + rows.len() <= h; grad is a
-                // buffer of its own.
-                unsafe {
-                    matmul(
-                        [s.out_channels, depth, rows.len() * span],
-                        (grad.as_mut_ptr().add(tap), [taps_len, 1]),
-                        true,
-                        (staged.as_ptr().add(column + rows.start * span), [width, 1]),
-                        (band.as_ptr().add(iy * span), [1, stride]),
-                        parallelism,
-                    );
-                }
+        self.for_each_product(x, items, band, |band, p| {
+            // grad[co, p.tap + r] += sum over j of staged[co, p.staged + j] * band[r, p.band + j]
+            // SAFETY: grad is [out_channels, rows] row-major and this adds to its columns
+            // p.tap .. + p.depth; staged's p.columns columns from p.staged of [out_channels,
+            // width]; the band [p.depth, p.stride] read as its transpose from column p.band;
+            // grad is a buffer of its own.
+            unsafe {
+                matmul(
+                    [s.out_channels, p.depth, p.columns],
+                    (grad.as_mut_ptr().add(p.tap), [s.rows(), 1]),
+                    true,
+                    (staged.as_ptr().add(p.staged), [width, 1]),
+                    (band.as_ptr().add(p.band), [1, p.stride]),
+                    parallelism,
+                );
             }
-            column += s.output[0] * span;
-        }
+        });
     }
 
     /// The band of `part`: `band[(kw, ci), (iy, item, ox)] = x[item, ci, iy, ox + kw - pw]`
