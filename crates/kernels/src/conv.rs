@@ -18,8 +18,9 @@
 //! Stride-1 convolutions on maps of 16x16 and up skip the unfolding ([`grid`]): the input is
 //! zero-padded to a grid where each kernel tap is the same channel read from a shifted
 //! offset. The weight gradient (at any width where the GEMMs run AVX2; with AVX-512 GEMMs they
-//! are faster on layers of more than 64 output channels) and, for layers with few output channels, the forward pass
-//! and input gradient are then products of shifted rows ([`crate::rows_dot`]).
+//! are faster on layers of more than 64 output channels) and, for layers with few output
+//! channels, the forward pass and input gradient are then products of shifted rows
+//! ([`crate::rows_dot`]).
 //!
 //! Other stride-1 convolutions run the forward pass and input gradient unfolded along the
 //! kernel's width only, as one GEMM per kernel row over shifted windows of that buffer

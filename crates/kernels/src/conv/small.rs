@@ -77,9 +77,14 @@ fn scatter(src: &[f32], channels: usize, pixels: usize, dst: &mut [f32]) {
 /// each output's valid taps only where the batch is large enough ([`ValidTaps`]), else
 /// through im2col.
 pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
-    if let Some(valid_taps) = ValidTaps::new(s) {
-        return valid_taps.forward(x, &by_tap(weight, s));
+    match ValidTaps::new(s) {
+        Some(valid_taps) => valid_taps.forward(x, &by_tap(weight, s)),
+        None => unfolded_forward(x, weight, s),
     }
+}
+
+/// [`forward`] through im2col, a group of items per GEMM.
+fn unfolded_forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
     let mut output = vec![0f32; s.batch * s.output_len()];
     let group = s.group();
     let (_, parallelism) = split(s.batch.div_ceil(group));
@@ -124,10 +129,10 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
 /// the gradient's values; 14-16 against 19-20 at 8x512x7x7.
 pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
     if let Some(transposed) = s.transposed() {
-        if let Some(valid_taps) = ValidTaps::new(transposed) {
-            return valid_taps.forward(output_grad, &flipped_by_tap(weight, s));
-        }
-        return forward(output_grad, &flipped(weight, s), transposed);
+        return match ValidTaps::new(transposed) {
+            Some(valid_taps) => valid_taps.forward(output_grad, &flipped_by_tap(weight, s)),
+            None => unfolded_forward(output_grad, &flipped(weight, s), transposed),
+        };
     }
     let mut x_grad = vec![0f32; s.batch * s.input_len()];
     let group = s.group();
