@@ -22,6 +22,10 @@
 //! channels, the forward pass and input gradient are then products of shifted rows
 //! ([`crate::rows_dot`]).
 //!
+//! Other weight gradients (up to 256 channels of a 3x3 kernel, not 1x1) unfold the input by
+//! pixel, `[depth, kh * kw * ci]` ([`by_pixel`]): the layout `gemm` reads without packing it,
+//! each pixel's row copied from a channels-last copy of the input in runs of `kw * ci` values.
+//!
 //! Other stride-1 convolutions run the forward pass and input gradient unfolded along the
 //! kernel's width only, as one GEMM per kernel row over shifted windows of that buffer
 //! ([`shifted`]: a third of im2col's copies for 3x3).
@@ -38,6 +42,7 @@ use std::mem::MaybeUninit;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+mod by_pixel;
 mod grid;
 mod shifted;
 mod small;
@@ -396,6 +401,9 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
     }
     if s.weight_grad_runs_on_valid_taps() {
         return small::weight_grad(x, output_grad, s);
+    }
+    if s.weight_grad_runs_by_pixel() {
+        return by_pixel::weight_grad(x, output_grad, s);
     }
     unfolded_weight_grad(x, output_grad, s)
 }
@@ -994,6 +1002,11 @@ mod tests {
             // at 256 pixels through the copies
             (3, 5, 4, [17, 19], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
             (2, 3, 2, [16, 16], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            // unfolded by pixel: stride 2 leaving the last input row and column unread;
+            // 256 values a pixel (a padded row stride); 4 chunks of 64 pixels a task
+            (3, 4, 5, [11, 10], [3, 3], [2, 2], [(1, 0), (1, 0)], [1, 1]),
+            (2, 16, 3, [9, 9], [4, 4], [2, 2], [(1, 1), (1, 1)], [1, 1]),
+            (32, 3, 4, [8, 8], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
@@ -1022,6 +1035,10 @@ mod tests {
             if s.runs_on_grid() {
                 let on_grid = grid::weight_grad(&x, &dy, s);
                 assert_close(&on_grid, &dw, &format!("{s:?} weight grad on the grid"));
+            }
+            if s.weight_grad_runs_by_pixel() {
+                let by_pixel = by_pixel::weight_grad(&x, &dy, s);
+                assert_close(&by_pixel, &dw, &format!("{s:?} weight grad by pixel"));
             }
         }
     }
@@ -1077,6 +1094,15 @@ mod tests {
         assert!(!shape(32, 3, 2).runs_on_grid(), "stride 2");
         assert!(!shape(56, 1, 1).runs_on_grid(), "1x1");
         assert!(!shape(224, 7, 2).runs_on_grid(), "7x7/2 stem");
+        assert!(shape(224, 7, 2).weight_grad_runs_by_pixel(), "7x7/2 stem");
+        assert!(shape(32, 3, 2).weight_grad_runs_by_pixel(), "stride 2");
+        assert!(!shape(32, 1, 2).weight_grad_runs_by_pixel(), "1x1 stride 2");
+        let wide = |channels| ConvShape {
+            in_channels: channels,
+            ..shape(14, 3, 2)
+        };
+        assert!(wide(256).weight_grad_runs_by_pixel(), "256 channels");
+        assert!(!wide(512).weight_grad_runs_by_pixel(), "512 channels");
     }
 
     #[test]
