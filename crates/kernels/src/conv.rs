@@ -408,25 +408,55 @@ pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32>
     unfolded_weight_grad(x, output_grad, s)
 }
 
+/// How a weight gradient cuts the batch: a task per thread (each summing a partial gradient),
+/// each task's items in chunks whose unfolded inputs fit [`CHUNK_FLOATS`] and span at least
+/// [`MIN_DEPTH`] pixels, and the GEMMs' own parallelism.
+struct Chunks {
+    batch: usize,
+    tasks: usize,
+    per_task: usize,
+    chunk: usize,
+    parallelism: Parallelism,
+}
+
+impl Chunks {
+    fn new(s: ConvShape) -> Chunks {
+        let (tasks, parallelism) = split(s.batch);
+        let per_task = s.batch.div_ceil(tasks);
+        let chunk = (CHUNK_FLOATS / (s.rows() * s.output_pixels()).max(1))
+            .max(MIN_DEPTH.div_ceil(s.output_pixels()))
+            .clamp(1, per_task);
+        Chunks {
+            batch: s.batch,
+            tasks,
+            per_task,
+            chunk,
+            parallelism,
+        }
+    }
+
+    /// Task `task`'s chunks of items, each with whether it is the task's first.
+    fn of(&self, task: usize) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> + use<> {
+        let begin = task * self.per_task;
+        let end = ((task + 1) * self.per_task).min(self.batch);
+        let chunk = self.chunk;
+        (begin..end)
+            .step_by(chunk)
+            .map(move |start| (start..(start + chunk).min(end), start == begin))
+    }
+}
+
 /// [`weight_grad`] as im2col + GEMM, for any shape.
 fn unfolded_weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
     let weight_len = s.out_channels * s.rows();
-    let (tasks, parallelism) = split(s.batch);
-    let per_task = s.batch.div_ceil(tasks);
-    let chunk = (CHUNK_FLOATS / (s.rows() * s.output_pixels()).max(1))
-        .max(MIN_DEPTH.div_ceil(s.output_pixels()))
-        .clamp(1, per_task);
-
-    let partials: Vec<Vec<f32>> = (0..tasks)
+    let chunks = Chunks::new(s);
+    let partials: Vec<Vec<f32>> = (0..chunks.tasks)
         .into_par_iter()
         .map(|task| {
-            let begin = task * per_task;
-            let end = ((task + 1) * per_task).min(s.batch);
             let mut grad = vec![0f32; weight_len];
             let mut cols = Vec::new();
             let mut dy = Vec::new();
-            for start in (begin..end).step_by(chunk) {
-                let items = start..(start + chunk).min(end);
+            for (items, first) in chunks.of(task) {
                 accumulate_chunk(
                     x,
                     output_grad,
@@ -435,8 +465,8 @@ fn unfolded_weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32
                     &mut cols,
                     &mut dy,
                     &mut grad,
-                    start == begin,
-                    parallelism,
+                    first,
+                    chunks.parallelism,
                 );
             }
             grad

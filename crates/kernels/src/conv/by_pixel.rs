@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::{CHUNK_FLOATS, ConvShape, MIN_DEPTH, copy_short, matmul, row_stride, split};
+use super::{Chunks, ConvShape, copy_short, matmul, row_stride};
 
 impl ConvShape {
     /// Whether the weight gradient runs unfolded by pixel: a kernel wider than one pixel whose
@@ -53,12 +53,8 @@ struct Task {
 
 /// The gradient of the weight, `[out_channels, in_channels, kh, kw]` row-major.
 pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32> {
-    let (tasks, parallelism) = split(s.batch);
-    let per_task = s.batch.div_ceil(tasks);
-    let chunk = (CHUNK_FLOATS / (s.rows() * s.output_pixels()).max(1))
-        .max(MIN_DEPTH.div_ceil(s.output_pixels()))
-        .clamp(1, per_task);
-    let partials: Vec<Vec<f32>> = (0..tasks)
+    let chunks = Chunks::new(s);
+    let partials: Vec<Vec<f32>> = (0..chunks.tasks)
         .into_par_iter()
         .map(|task| {
             let mut task_state = Task {
@@ -68,11 +64,8 @@ pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f
                 dy: Vec::new(),
                 grad: vec![0f32; s.out_channels * s.rows()],
             };
-            let begin = task * per_task;
-            let end = ((task + 1) * per_task).min(s.batch);
-            for start in (begin..end).step_by(chunk) {
-                let items = start..(start + chunk).min(end);
-                task_state.accumulate(x, output_grad, items, start == begin, parallelism);
+            for (items, first) in chunks.of(task) {
+                task_state.accumulate(x, output_grad, items, first, chunks.parallelism);
             }
             task_state.grad
         })
