@@ -28,6 +28,12 @@ impl ConvShape {
         self.kernel != [1, 1] && self.dilation[1] == 1 && self.rows() <= MAX_ROWS
     }
 
+    /// The distance between two pixels' rows of `cols`: [`row_stride`] of their
+    /// `kh * kw * in_channels` values.
+    fn pixel_stride(&self) -> usize {
+        row_stride(self.rows())
+    }
+
     /// The rows and columns of the input (with its padding) that the kernel reads.
     fn reach(&self) -> [usize; 2] {
         [0, 1].map(|d| {
@@ -88,7 +94,7 @@ impl Task {
         let rows = s.rows();
         let depth = items.len() * pixels;
         let stride = row_stride(depth);
-        self.cols.resize(depth * row_stride(rows), 0.0);
+        self.cols.resize(depth * s.pixel_stride(), 0.0);
         self.dy.resize(s.out_channels * stride, 0.0);
         for (i, n) in items.enumerate() {
             let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
@@ -101,14 +107,14 @@ impl Task {
         }
         // grad[co, r] (+)= sum over k of dy[co, k] * cols[k, r]
         // SAFETY: grad is [out_channels, rows] row-major, dy [out_channels, depth] at row stride
-        // `stride` and cols [depth, rows] row-major (read as its transpose [rows, depth]); grad
-        // is a buffer of its own.
+        // `stride` and cols [depth, rows] at row stride `pixel_stride` (read as its transpose
+        // [rows, depth]); grad is a buffer of its own.
         unsafe {
             matmul(
                 [rows, s.out_channels, depth],
                 (self.grad.as_mut_ptr(), [1, rows]),
                 !first,
-                (self.cols.as_ptr(), [1, row_stride(rows)]),
+                (self.cols.as_ptr(), [1, s.pixel_stride()]),
                 (self.dy.as_ptr(), [1, stride]),
                 parallelism,
             );
@@ -123,12 +129,12 @@ impl Task {
         let [reach_h, reach_w] = s.reach();
         let channels = s.in_channels;
         self.lay_out(image);
-        let rows = row_stride(s.rows());
+        let stride = s.pixel_stride();
         let run = s.kernel[1] * channels; // one kernel row's taps at one output pixel
         let line = reach_w * channels;
         let [oh, ow] = s.output;
-        let cols = &mut self.cols[first_row * rows..(first_row + oh * ow) * rows];
-        for (p, out) in cols.chunks_exact_mut(rows).enumerate() {
+        let cols = &mut self.cols[first_row * stride..(first_row + oh * ow) * stride];
+        for (p, out) in cols.chunks_exact_mut(stride).enumerate() {
             let out = &mut out[..s.rows()];
             let (oy, ox) = (p / ow, p % ow);
             for (kh, taps) in out.chunks_exact_mut(run).enumerate() {
