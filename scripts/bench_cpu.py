@@ -64,11 +64,13 @@ def time_ms(work):
         start = time.perf_counter()
         work()
         times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[2]
+    times.sort()
+    return times[2], times[0]
 
 
-def report(op, shape, ms):
-    print(json.dumps({"op": op, "shape": shape, "median_ms": round(ms, 2)}), flush=True)
+def report(op, shape, timing):
+    median, least = timing
+    print(json.dumps({"op": op, "shape": shape, "median_ms": round(median, 2), "min_ms": round(least, 2)}), flush=True)
 
 
 def ops():

@@ -13,7 +13,7 @@
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
 //! With `--eval`: forward passes in evaluation mode instead (the line's `"mode": "eval"`).
 //! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
-//! (`{"op", "shape", "median_ms"}`): conv forward, conv input gradient, conv weight gradient
+//! (`{"op", "shape", "median_ms", "min_ms"}`, over 5 runs): conv forward, conv input gradient, conv weight gradient
 //! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
 //! through `cutmix-kernels` (what training runs) and through flex's own op (`<op>, flex's`).
 
@@ -85,8 +85,14 @@ pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 11] = [
 /// BatchNorm shapes: batch, channels, side.
 pub const BN_SHAPES: [(usize, usize, usize); 3] = [(64, 16, 32), (64, 64, 32), (8, 256, 56)];
 
-/// Median milliseconds of `work` over 5 runs after one warm-up.
-fn time_ms(mut work: impl FnMut()) -> f64 {
+/// Milliseconds of one op over 5 runs after one warm-up: the median, and the minimum, which
+/// moves less between runs on a shared machine.
+struct Timing {
+    median: f64,
+    min: f64,
+}
+
+fn time_ms(mut work: impl FnMut()) -> Timing {
     work();
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
@@ -96,7 +102,10 @@ fn time_ms(mut work: impl FnMut()) -> f64 {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    times[2]
+    Timing {
+        median: times[2],
+        min: times[0],
+    }
 }
 
 fn random(shape: [usize; 4], rng: &mut StdRng, device: &Device) -> Tensor<4> {
@@ -106,8 +115,11 @@ fn random(shape: [usize; 4], rng: &mut StdRng, device: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-fn report(op: &str, shape: String, ms: f64) {
-    println!("{{\"op\": \"{op}\", \"shape\": \"{shape}\", \"median_ms\": {ms:.2}}}");
+fn report(op: &str, shape: String, t: Timing) {
+    let (median, min) = (t.median, t.min);
+    println!(
+        "{{\"op\": \"{op}\", \"shape\": \"{shape}\", \"median_ms\": {median:.2}, \"min_ms\": {min:.2}}}"
+    );
 }
 
 fn ops() {
