@@ -183,6 +183,7 @@ unsafe fn matmul(
     rhs: (*const f32, [usize; 2]),
     parallelism: Parallelism,
 ) {
+    crate::cpu::tune_gemm();
     let stride = |s: usize| s as isize;
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -273,7 +274,14 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
             let tiles = (rows * pixels)
                 .div_ceil(TILE_FLOATS)
                 .clamp(1, s.output[0].max(1));
-            let tile_rows = s.output[0].div_ceil(tiles).max(1);
+            // Whole registers of pixels per tile where the map allows it: `gemm` copies all of
+            // a tile's columns first where their count is not a multiple of 16.
+            let whole = 16 / gcd(ow, 16);
+            let tile_rows = s.output[0]
+                .div_ceil(tiles)
+                .next_multiple_of(whole)
+                .min(s.output[0])
+                .max(1);
             for first in (0..s.output[0]).step_by(tile_rows) {
                 let tile = first..(first + tile_rows).min(s.output[0]);
                 if s.unfolds_padded() {
@@ -302,6 +310,10 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     // SAFETY: the tiles' first GEMMs wrote every value of every image's output above.
     unsafe { output.set_len(total) };
     output
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The gradient of the input, `[batch, in_channels, h, w]`, given the output gradient.
@@ -976,8 +988,18 @@ mod tests {
             (5, 1, 1, [1, 1], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
             (3, 2, 2, [4, 4], [3, 3], [1, 1], [(3, 3), (3, 3)], [1, 1]),
             (1, 3, 2, [5, 5], [1, 1], [1, 1], [(1, 1), (1, 1)], [1, 1]),
-            // large enough for several forward tiles (12, 12, 12 and 9 output rows)
-            (1, 32, 2, [45, 61], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            // large enough for two forward tiles, too wide for the grid: 23 output rows a
+            // tile, rounded up to 32 (whole registers of 61-pixel rows), and 13
+            (
+                1,
+                32,
+                40,
+                [45, 61],
+                [3, 3],
+                [1, 1],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
             // stride 1 through the padded unfold/fold: no padding, uneven padding, a kernel
             // wider than the image's padding, CIFAR's 8x8 and 16x16 maps
             (2, 3, 4, [9, 8], [3, 3], [1, 1], [(0, 0), (0, 0)], [1, 1]),
