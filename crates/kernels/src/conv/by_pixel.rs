@@ -28,10 +28,17 @@ impl ConvShape {
         self.kernel != [1, 1] && self.dilation[1] == 1 && self.rows() <= MAX_ROWS
     }
 
+    /// The rows of the GEMM's output, `kh * kw * in_channels` rounded up to a whole 16-float
+    /// register: `gemm` copies its whole left operand first where they are not (the 7x7/2
+    /// stem's 147). The rows past `kh * kw * in_channels` multiply zeros, and are dropped.
+    fn gemm_rows(&self) -> usize {
+        self.rows().next_multiple_of(16)
+    }
+
     /// The distance between two pixels' rows of `cols`: [`row_stride`] of their
-    /// `kh * kw * in_channels` values.
+    /// [`Self::gemm_rows`] values.
     fn pixel_stride(&self) -> usize {
-        row_stride(self.rows())
+        row_stride(self.gemm_rows())
     }
 
     /// The rows and columns of the input (with its padding) that the kernel reads.
@@ -68,7 +75,7 @@ pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f
                 padded: Vec::new(),
                 cols: Vec::new(),
                 dy: Vec::new(),
-                grad: vec![0f32; s.out_channels * s.rows()],
+                grad: vec![0f32; s.out_channels * s.gemm_rows()],
             };
             for (items, first) in chunks.of(task) {
                 task_state.accumulate(x, output_grad, items, first, chunks.parallelism);
@@ -91,7 +98,7 @@ impl Task {
     ) {
         let s = self.s;
         let pixels = s.output_pixels();
-        let rows = s.rows();
+        let rows = s.gemm_rows();
         let depth = items.len() * pixels;
         let stride = row_stride(depth);
         self.cols.resize(depth * s.pixel_stride(), 0.0);
@@ -107,8 +114,9 @@ impl Task {
         }
         // grad[co, r] (+)= sum over k of dy[co, k] * cols[k, r]
         // SAFETY: grad is [out_channels, rows] row-major, dy [out_channels, depth] at row stride
-        // `stride` and cols [depth, rows] at row stride `pixel_stride` (read as its transpose
-        // [rows, depth]); grad is a buffer of its own.
+        // `stride` and cols [depth, rows] at row stride `pixel_stride` >= rows (read as its
+        // transpose [rows, depth]; each pixel's values past `s.rows()` are the zeros `resize`
+        // wrote, which `unfold` leaves); grad is a buffer of its own.
         unsafe {
             matmul(
                 [rows, s.out_channels, depth],
@@ -177,23 +185,23 @@ impl Task {
     }
 }
 
-/// The sum of the tasks' partial gradients (each `[out_channels, kh, kw, in_channels]`) in the
-/// weight's layout `[out_channels, in_channels, kh, kw]`, in the first partial's buffer, a task
-/// per output channel: its rows of the partials are summed in order into a buffer, then put
-/// in place from there. (Summed straight into place, the partials' rows were read a tap's run
-/// at a time, which on 512-channel layers, partials out of cache, took a third of the weight
-/// gradient.)
+/// The sum of the tasks' partial gradients (each `[out_channels, kh, kw, in_channels]`, at row
+/// stride [`ConvShape::gemm_rows`]) in the weight's layout `[out_channels, in_channels, kh,
+/// kw]`, in the first partial's buffer, a task per output channel: its rows of the partials are
+/// summed in order into a buffer, then put in place from there. (Summed straight into place,
+/// the partials' rows were read a tap's run at a time, which on 512-channel layers, partials
+/// out of cache, took a third of the weight gradient.)
 fn by_weight(mut partials: Vec<Vec<f32>>, s: ConvShape) -> Vec<f32> {
     let taps = s.kernel[0] * s.kernel[1];
-    let rows = s.rows();
+    let (rows, stride) = (s.rows(), s.gemm_rows());
     let mut grad = partials.remove(0);
-    grad.par_chunks_mut(rows).enumerate().for_each_init(
+    grad.par_chunks_mut(stride).enumerate().for_each_init(
         Vec::new,
         |summed: &mut Vec<f32>, (co, out)| {
             summed.clear();
-            summed.extend_from_slice(out);
+            summed.extend_from_slice(&out[..rows]);
             for partial in &partials {
-                for (sum, &value) in summed.iter_mut().zip(&partial[co * rows..(co + 1) * rows]) {
+                for (sum, &value) in summed.iter_mut().zip(&partial[co * stride..][..rows]) {
                     *sum += value;
                 }
             }
@@ -204,5 +212,13 @@ fn by_weight(mut partials: Vec<Vec<f32>>, s: ConvShape) -> Vec<f32> {
             }
         },
     );
+    // Each output channel's `rows` values to its place in `[out_channels, rows]`, in order
+    // (each moves down, so none overwrites one not yet moved).
+    if stride != rows {
+        for co in 1..s.out_channels {
+            grad.copy_within(co * stride..co * stride + rows, co * rows);
+        }
+        grad.truncate(s.out_channels * rows);
+    }
     grad
 }
