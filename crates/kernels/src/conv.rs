@@ -1134,7 +1134,36 @@ mod tests {
             out_channels: 64,
             ..shape(56, 3, 1)
         };
-        assert!(sixty_four.weight_grad_runs_on_grid(), "64 channels");
+        assert!(
+            sixty_four.weight_grad_runs_on_grid(),
+            "64 channels, 2 items"
+        );
+        // With AVX-512 GEMMs, ResNet-18's 64-channel 32x32 layers unfold by pixel at batch 64,
+        // CIFAR ResNet-20's 32 channels and ResNet-50's 56x56 maps stay on the grid.
+        let resnet18 = ConvShape {
+            batch: 64,
+            in_channels: 64,
+            ..sixty_four
+        };
+        let avx512 = crate::cpu::gemm_runs_avx512();
+        let at = |side: usize| ConvShape {
+            input: [side; 2],
+            output: [side; 2],
+            ..resnet18
+        };
+        assert_eq!(at(32).weight_grad_runs_on_grid(), !avx512, "64x64x32x32");
+        let narrow = ConvShape {
+            in_channels: 32,
+            out_channels: 32,
+            ..at(16)
+        };
+        assert!(narrow.weight_grad_runs_on_grid(), "64x32x16x16");
+        let imagenet = ConvShape { batch: 8, ..at(56) };
+        assert!(imagenet.weight_grad_runs_on_grid(), "8x64x56x56");
+        assert!(
+            ConvShape { batch: 8, ..at(32) }.weight_grad_runs_on_grid(),
+            "8x64x32x32"
+        );
         assert!(
             !sixty_four.forward_runs_on_grid() && !sixty_four.input_grad_runs_on_grid(),
             "64 channels"

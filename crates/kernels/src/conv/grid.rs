@@ -66,6 +66,17 @@ fn few_channels() -> usize {
 /// AVX-512, and at every width where they run AVX2 ([`ConvShape::weight_grad_runs_on_grid`]).
 const WEIGHT_GRAD_CHANNELS: usize = 64;
 
+/// Where the GEMMs run AVX-512, the weight gradient leaves the grid for the by-pixel unfolding
+/// from this many output channels ([`ConvShape::weight_grad_runs_on_grid`]) ...
+const BY_PIXEL_CHANNELS: usize = 40;
+
+/// ... where an item's unfolded input is at most this many floats (4 MiB: a 32x32 map of 64
+/// channels by a 3x3 kernel is 2.25 MiB) ...
+const BY_PIXEL_FLOATS: usize = 1 << 20;
+
+/// ... and each thread has at least this many items.
+const BY_PIXEL_ITEMS: usize = 8;
+
 /// Extra floats after a grid so a shifted row, read in whole registers, stays in the buffer.
 const SLACK: usize = 16;
 
@@ -127,9 +138,27 @@ impl ConvShape {
     /// runs, three rounds) 64x128x16x16 33-38 against 29-30, 64x96x16x16 30-34 against 18-19,
     /// 8x128x28x28 15-16 against 12-13, 8x256x14x14 22-26 against 13-19, while 64 channels
     /// stayed even or better on the grid (8x64x56x56 12.5-14.9 against 15.9-16.9).
+    ///
+    /// Where they run AVX-512, layers from [`BY_PIXEL_CHANNELS`] output channels up leave the
+    /// grid for [`super::by_pixel`]'s unfolding, if an item's unfolded input fits
+    /// [`BY_PIXEL_FLOATS`] and each thread has [`BY_PIXEL_ITEMS`] items: on an AMD Zen 5 (2
+    /// threads, minimum of 11 runs, three or four rounds, `gemm` reading its left operand in
+    /// place) 64x64x32x32 14.3-15.7 against 17.7-18.8 ms on the grid, 64x48x32x32 7.9-8.8
+    /// against 9.2-10.8, 64x64x16x16 3.5-3.7 against 4.0-4.3, 16x64x32x32 3.3-3.5 against
+    /// 3.5-3.8, CIFAR's 3 -> 64 stem 1.3-1.8 against 1.7-2.2; but 64x32x16x16 0.96-1.07 against
+    /// 0.89-0.95 and 64x16x32x32 1.36-1.42 against 0.95-1.01, 8x64x32x32 1.74-2.11 against
+    /// 1.60-1.94 and 8x64x56x56 (3136 pixels of 576 values an item) 5.5-5.7 against 4.9-5.2.
+    /// (Unmeasured on the Intel Xeon and the Zen 4.)
     pub(super) fn weight_grad_runs_on_grid(&self) -> bool {
-        self.runs_on_grid()
-            && (self.out_channels <= WEIGHT_GRAD_CHANNELS || !crate::cpu::gemm_runs_avx512())
+        if !self.runs_on_grid() || !crate::cpu::gemm_runs_avx512() {
+            return self.runs_on_grid();
+        }
+        let items_per_task = self.batch / split(self.batch).0;
+        let by_pixel = self.out_channels >= BY_PIXEL_CHANNELS
+            && self.weight_grad_runs_by_pixel()
+            && self.output_pixels() * self.rows() <= BY_PIXEL_FLOATS
+            && items_per_task >= BY_PIXEL_ITEMS;
+        self.out_channels <= WEIGHT_GRAD_CHANNELS && !by_pixel
     }
 
     /// Whether the forward pass runs on the grid: where [`ConvShape::runs_on_grid`], with at most
