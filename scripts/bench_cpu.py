@@ -58,14 +58,16 @@ BN_SHAPES = [(64, 16, 32), (64, 64, 32), (8, 256, 56)]
 
 
 def time_ms(work):
-    work()
-    times = []
+    """Median and minimum ms of `work` over 7 runs after 5 warm-ups (as bench_cpu --ops)."""
     for _ in range(5):
+        work()
+    times = []
+    for _ in range(7):
         start = time.perf_counter()
         work()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    return times[2], times[0]
+    return times[3], times[0]
 
 
 def report(op, shape, timing):

@@ -6,7 +6,7 @@
 #
 # Models: cifar_resnet20, resnet18_cifar_stem, pyramidnet110_a48_bottleneck (batch 64 at 32x32),
 # resnet50 (batch 8 at 224). ROUNDS (default 2) alternations; STEPS (default 3) timed steps after
-# WARMUP (default 1). Needs .venv with torch and torchvision (`just interop` creates it).
+# WARMUP (default 3: PyTorch's first steps in a fresh process run up to 1.7x its later ones). Needs .venv with torch and torchvision (`just interop` creates it).
 # Prints the training-step table (median step time, spread, peak resident memory), an evaluation
 # table (forward only, running statistics; PyTorch under eval() + no_grad()), the ops, and a last
 # line
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 ROUNDS=${ROUNDS:-2}
 STEPS=${STEPS:-3}
-WARMUP=${WARMUP:-1}
+WARMUP=${WARMUP:-3}
 cargo build --release --bin bench_cpu 2>&1 | grep -v "^\s*\(Compiling\|Finished\)" || true
 MODELS=("$@")
 if [ ${#MODELS[@]} -eq 0 ]; then
@@ -85,7 +85,7 @@ def load_ops(side):
         rows.setdefault((row["op"], row["shape"]), []).append(row)
     return rows
 ops_ours, ops_torch = load_ops("rust"), load_ops("torch")
-print(f"\nops: median ms over rounds of each round's median of 5, and the least of all runs; ratio = PyTorch / ours")
+print(f"\nops: median ms over rounds of each round's median of 7 (after 5 warm-ups), and the least of all runs; ratio = PyTorch / ours")
 print(f"{'op':<37} {'shape':<26} {'ours':>7} {'PyTorch':>7} {'ratio':>6} {'least':>7} {'PyTorch':>7} {'ratio':>6}")
 for (op, shape), rows in ops_ours.items():
     # `<op>, flex's` rows time flex's own op: compared with the same PyTorch op.

@@ -13,7 +13,7 @@
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
 //! With `--eval`: forward passes in evaluation mode instead (the line's `"mode": "eval"`).
 //! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
-//! (`{"op", "shape", "median_ms", "min_ms"}`, over 5 runs): conv forward, conv input gradient, conv weight gradient
+//! (`{"op", "shape", "median_ms", "min_ms"}`, over 7 runs after 5 warm-ups): conv forward, conv input gradient, conv weight gradient
 //! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
 //! through `cutmix-kernels` (what training runs) and through flex's own op (`<op>, flex's`).
 
@@ -85,16 +85,20 @@ pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 11] = [
 /// BatchNorm shapes: batch, channels, side.
 pub const BN_SHAPES: [(usize, usize, usize); 3] = [(64, 16, 32), (64, 64, 32), (8, 256, 56)];
 
-/// Milliseconds of one op over 5 runs after one warm-up: the median, and the minimum, which
-/// moves less between runs on a shared machine.
+/// Milliseconds of one op over 7 runs after 5 warm-ups: the median, and the minimum, which
+/// moves less between runs on a shared machine. (PyTorch's first few runs of a shape are slow,
+/// its allocator and oneDNN settling: CIFAR's 16-channel 32x32 forward took 15.8, 4.4, 2.3,
+/// 2.0, 1.9 ms, then 1.6-1.8; with one warm-up its median of 5 read 5-17 ms.)
 struct Timing {
     median: f64,
     min: f64,
 }
 
 fn time_ms(mut work: impl FnMut()) -> Timing {
-    work();
-    let mut times: Vec<f64> = (0..5)
+    for _ in 0..5 {
+        work();
+    }
+    let mut times: Vec<f64> = (0..7)
         .map(|_| {
             let start = Instant::now();
             work();
@@ -103,7 +107,7 @@ fn time_ms(mut work: impl FnMut()) -> Timing {
         .collect();
     times.sort_by(f64::total_cmp);
     Timing {
-        median: times[2],
+        median: times[3],
         min: times[0],
     }
 }
