@@ -6,7 +6,8 @@
 #
 # Models: cifar_resnet20, resnet18_cifar_stem, pyramidnet110_a48_bottleneck (batch 64 at 32x32),
 # resnet50 (batch 8 at 224). ROUNDS (default 2) alternations; STEPS (default 3) timed steps after
-# WARMUP (default 3: PyTorch's first steps in a fresh process run up to 1.7x its later ones). Needs .venv with torch and torchvision (`just interop` creates it).
+# WARMUP (default 3: PyTorch's first steps in a fresh process run up to 1.7x its later ones).
+# Needs .venv with torch and torchvision (`just interop` creates it).
 # Prints the training-step table (median step time, spread, peak resident memory), an evaluation
 # table (forward only, running statistics; PyTorch under eval() + no_grad()), the ops, and a last
 # line
