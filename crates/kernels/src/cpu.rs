@@ -21,9 +21,9 @@ pub fn gemm_runs_avx512() -> bool {
 /// blocks (once per process, on this crate's first product): it does so by default when the
 /// product has more than 48 columns, which every convolution's GEMM here has (its output
 /// channels, with the pixels as rows). Read in place instead, on an AMD Zen 5 (2 threads,
-/// minimum of 11 runs, three rounds): CIFAR's 64-channel 8x8 forward 1.03-1.04 -> 0.82-0.94
-/// ms, 64x64x32x32 13.5-13.8 -> 12.4-13.0, 8x64x56x56 5.7-6.4 -> 5.3-5.7, 8x256x56x56 1x1
-/// 2.6-3.4 -> 2.1-2.6, the weight and input gradients even or faster. The copy changes where
+/// minimum of 11 runs, three rounds): CIFAR's 64-channel 8x8 forward 0.89-1.04 -> 0.82-0.94
+/// ms, 64x64x32x32 13.2-14.3 -> 12.4-13.0, 8x256x56x56 1x1 2.6-3.4 -> 2.1-2.6, the weight and
+/// input gradients even or faster. The copy changes where
 /// values are read from, not the order of the sums: results are the same. The AVX2 kernels
 /// keep `gemm`'s default (unmeasured there). This is `gemm`'s global setting, so flex's own
 /// matrix products read in place too.
