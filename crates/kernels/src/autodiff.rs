@@ -94,6 +94,26 @@ impl<B: CpuKernels> Backward<B, 2> for Conv2dNoBiasStep {
 }
 
 #[derive(Debug)]
+struct AddReluStep;
+
+impl<B: CpuKernels> Backward<B, 2> for AddReluStep {
+    /// The output (the gradient is zero where it is).
+    type State = Inner<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_a, node_b] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        let grad = B::relu_backward_fused(ops.state, output_grad);
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, grad.clone());
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, grad);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct AllReduceSumStep;
 
 impl<B: CpuKernels> Backward<B, 1> for AllReduceSumStep {
@@ -114,6 +134,29 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateless(B::all_reduce_sum(x.into_primitive()))
+    }
+
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match AddReluStep
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::add_relu(a.into_primitive(), b.into_primitive());
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::add_relu(a.into_primitive(), b.into_primitive()))
+            }
+        }
+    }
+
+    fn relu_backward_fused(
+        _output: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        panic!("the ReLU backward is not differentiable (no double backward)");
     }
 
     fn fused_batch_norm_train(

@@ -240,13 +240,13 @@ pub struct Forward {
 
 /// ReLU as flex computes it: NaN passes through (as in PyTorch), everything else `max(x, 0)`.
 #[inline(always)]
-fn relu(v: f32) -> f32 {
+pub(crate) fn relu(v: f32) -> f32 {
     if v.is_nan() || v > 0.0 { v } else { 0.0 }
 }
 
 /// The gradient through a ReLU whose output was `out`, as flex's `relu_backward`.
 #[inline(always)]
-fn relu_grad(out: f32, dy: f32) -> f32 {
+pub(crate) fn relu_grad(out: f32, dy: f32) -> f32 {
     if out.is_nan() || out > 0.0 { dy } else { 0.0 }
 }
 

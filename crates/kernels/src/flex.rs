@@ -2,7 +2,7 @@
 //! they are views); other dtypes and grouped convolutions run flex's own ops.
 
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::{DType, Flex, TensorData, TensorMetadata};
 
 use crate::CpuKernels;
@@ -131,6 +131,43 @@ impl CpuKernels for Flex {
         let mut out = vec![0f32; values(&x).len()];
         batch_norm::inference(Some(values(&x)), &mut out, running, planes, relu);
         tensor(out, dims)
+    }
+
+    fn add_relu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        if !all_f32(&[&a, &b]) || a.shape() != b.shape() {
+            return Flex::relu(Flex::float_add(a, b));
+        }
+        let b = contiguous(b);
+        if in_place(&a) {
+            let mut a = a;
+            let out = a.try_storage_mut::<f32>().expect("an unshared f32 tensor");
+            crate::residual::add_relu_in_place(out, values(&b));
+            return a;
+        }
+        let dims = a.shape().to_vec();
+        let a = contiguous(a);
+        tensor(crate::residual::add_relu(values(&a), values(&b)), dims)
+    }
+
+    fn relu_backward_fused(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if !all_f32(&[&output, &grad]) || output.shape() != grad.shape() {
+            return Flex::relu_backward(output, grad);
+        }
+        let output = contiguous(output);
+        if in_place(&grad) {
+            let mut grad = grad;
+            let out = grad
+                .try_storage_mut::<f32>()
+                .expect("an unshared f32 tensor");
+            crate::residual::relu_backward_in_place(values(&output), out);
+            return grad;
+        }
+        let dims = grad.shape().to_vec();
+        let grad = contiguous(grad);
+        tensor(
+            crate::residual::relu_backward(values(&output), values(&grad)),
+            dims,
+        )
     }
 
     fn all_reduce_sum(x: FlexTensor) -> FlexTensor {

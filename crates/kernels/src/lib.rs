@@ -6,13 +6,15 @@
 //! ([`rows_dot`]). [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
 //! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
-//! variance), not Burn's. [`cpu`] says which CPU and which GEMM instruction set run.
+//! variance), not Burn's. [`add_relu`] joins a residual block on both threads. [`cpu`] says
+//! which CPU and which GEMM instruction set run.
 
 mod autodiff;
 pub mod batch_norm;
 pub mod conv;
 pub mod cpu;
 mod flex;
+pub mod residual;
 pub mod rows_dot;
 
 use burn::backend::backend_extension;
@@ -97,6 +99,17 @@ pub trait CpuKernels: Backend {
         output_grad: FloatTensor<Self>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Self>;
+
+    /// `relu(a + b)` for `a` and `b` of one shape (a residual block's join), differentiated
+    /// through [`relu_backward_fused`](CpuKernels::relu_backward_fused) into both; on flex one
+    /// pass on every thread, in place when `a` is not shared.
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradient through a ReLU whose output was `output`, as Burn's
+    /// `ActivationOps::relu_backward`; on flex on every thread, in place when `grad` is not
+    /// shared.
+    fn relu_backward_fused(output: FloatTensor<Self>, grad: FloatTensor<Self>)
+    -> FloatTensor<Self>;
 
     /// `x` summed element by element over the processes of a data-parallel run, with the
     /// [`sync_batch_norm`] reducer (`x` itself when none is set); differentiated by summing the
@@ -264,6 +277,15 @@ fn batch_norm_inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>, relu: bool
         bn.epsilon,
         relu,
     ))
+}
+
+/// `relu(a + b)`, a residual block's join, in one pass on every thread on flex (its backward
+/// too); Burn's ops elsewhere, and where the shapes differ (broadcasting).
+pub fn add_relu<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    if !on_flex(&a.device()) || a.dims() != b.dims() {
+        return burn::tensor::activation::relu(a + b);
+    }
+    Tensor::from_dispatch(Dispatch::add_relu(a.into_dispatch(), b.into_dispatch()))
 }
 
 /// `conv.forward(x)`, through this crate's conv kernels on flex. Convolutions with a bias,

@@ -7,7 +7,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
-use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex};
+use cutmix_kernels::{add_relu, batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex};
 
 fn random<const D: usize>(dims: [usize; D], offset: f32, device: &Device) -> Tensor<D> {
     Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device).add_scalar(offset)
@@ -170,7 +170,12 @@ fn batch_norm_relu_training_matches_burn_with_gradients() {
     for dims in BN_SHAPES {
         let x: Tensor<4> = random(pad4(dims), 0.5, &device);
         let weights: Tensor<4> = random(pad4(dims), 0.0, &device);
-        let burn_bn = batch_norm_layer(dims[1], &device);
+        let mut burn_bn = batch_norm_layer(dims[1], &device);
+        // A beta at or below zero (gamma is positive), so every channel's values below its
+        // mean are clipped, whatever the draws (a positive beta with a small gamma clipped
+        // nothing on 33 values a channel once other tests took other draws first).
+        let beta = Tensor::random([dims[1]], Distribution::Uniform(-1.0, 0.0), &device);
+        burn_bn.beta = Param::from_tensor(beta);
         let ours_bn = twin(&burn_bn, &device);
         let x_burn = x.clone().detach().require_grad();
         let x_ours = x.detach().require_grad();
@@ -382,4 +387,60 @@ fn non_contiguous_inputs_are_read_correctly() {
         1e-5,
         "transposed input",
     );
+}
+
+fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
+    let values: Vec<f32> = t.into_data().try_to_vec::<f32>().unwrap();
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// A residual join on flex equals flex's `relu(a + b)` bit for bit, forward and both inputs'
+/// gradients: with `a` unshared (written in place) and shared (kept, a new output), `b` a
+/// transposed view, maps large enough for several parallel chunks, and the join's inputs used
+/// again after it (each gradient the sum of two paths).
+#[test]
+fn add_relu_equals_flex_with_gradients() {
+    let device = Device::flex().autodiff();
+    for dims in [[2, 3, 5, 7], [4, 16, 32, 32]] {
+        let a = random(dims, 0.0, &device).require_grad();
+        let [n, c, h, w] = dims;
+        let b = random([n, c, w, h], 0.0, &device)
+            .swap_dims(2, 3)
+            .require_grad();
+        let g = random(dims, 0.0, &device);
+        let ours = add_relu(a.clone() * 1.5, b.clone());
+        let theirs = relu(a.clone() * 1.5 + b.clone());
+        assert_eq!(
+            bits(ours.clone()),
+            bits(theirs.clone()),
+            "{dims:?}: forward"
+        );
+        let (grads_ours, grads_theirs) = (
+            (ours * g.clone() + a.clone() * b.clone()).sum().backward(),
+            (theirs * g.clone() + a.clone() * b.clone())
+                .sum()
+                .backward(),
+        );
+        for (what, x) in [("a", &a), ("b", &b)] {
+            assert_eq!(
+                bits(x.grad(&grads_ours).unwrap()),
+                bits(x.grad(&grads_theirs).unwrap()),
+                "{dims:?}: {what} grad"
+            );
+        }
+        // `a` shared with the caller: its values stay as they were.
+        let plain = random(dims, 0.0, &Device::flex());
+        let before = bits(plain.clone());
+        let joined = add_relu(plain.clone(), plain.clone());
+        assert_eq!(
+            bits(plain.clone()),
+            before,
+            "{dims:?}: a shared operand kept"
+        );
+        assert_eq!(
+            bits(joined),
+            bits(relu(plain.clone() + plain)),
+            "{dims:?}: shared"
+        );
+    }
 }

@@ -8,11 +8,10 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear};
-use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
-use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d};
+use cutmix_kernels::{add_relu, batch_norm, batch_norm_relu, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -90,7 +89,7 @@ impl ResidualBlock {
             }
             _ => batch_norm(&self.bn2, conv2d(&self.conv2, out)),
         };
-        relu(out + shortcut)
+        add_relu(out, shortcut)
     }
 
     /// Multiply-accumulates of the convolutions for an `[h, w]` input; returns them with the
