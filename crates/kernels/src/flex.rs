@@ -8,6 +8,7 @@ use burn::backend::{DType, Flex, TensorData, TensorMetadata};
 use crate::CpuKernels;
 use crate::batch_norm::{self, Planes};
 use crate::conv::{self, ConvShape};
+use crate::residual;
 
 /// A flex tensor's values as one contiguous f32 slice (copying a view first).
 fn contiguous(tensor: FlexTensor) -> FlexTensor {
@@ -42,6 +43,28 @@ fn relu_if(relu: bool, tensor: FlexTensor) -> FlexTensor {
 
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// `op(target[i], other[i])` over two f32 tensors of one shape, on every thread: written over
+/// `target` where nothing else shares it, else into a new tensor. (`op` a function item, so it
+/// is inlined into the loops.)
+fn zip_f32(
+    target: FlexTensor,
+    other: FlexTensor,
+    op: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> FlexTensor {
+    let other = contiguous(other);
+    if in_place(&target) {
+        let mut target = target;
+        let out = target
+            .try_storage_mut::<f32>()
+            .expect("an unshared f32 tensor");
+        residual::zip_in_place(out, values(&other), op);
+        return target;
+    }
+    let dims = target.shape().to_vec();
+    let target = contiguous(target);
+    tensor(residual::zip(values(&target), values(&other), op), dims)
 }
 
 impl CpuKernels for Flex {
@@ -137,37 +160,14 @@ impl CpuKernels for Flex {
         if !all_f32(&[&a, &b]) || a.shape() != b.shape() {
             return Flex::relu(Flex::float_add(a, b));
         }
-        let b = contiguous(b);
-        if in_place(&a) {
-            let mut a = a;
-            let out = a.try_storage_mut::<f32>().expect("an unshared f32 tensor");
-            crate::residual::add_relu_in_place(out, values(&b));
-            return a;
-        }
-        let dims = a.shape().to_vec();
-        let a = contiguous(a);
-        tensor(crate::residual::add_relu(values(&a), values(&b)), dims)
+        zip_f32(a, b, residual::add_relu)
     }
 
     fn relu_backward_fused(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
         if !all_f32(&[&output, &grad]) || output.shape() != grad.shape() {
             return Flex::relu_backward(output, grad);
         }
-        let output = contiguous(output);
-        if in_place(&grad) {
-            let mut grad = grad;
-            let out = grad
-                .try_storage_mut::<f32>()
-                .expect("an unshared f32 tensor");
-            crate::residual::relu_backward_in_place(values(&output), out);
-            return grad;
-        }
-        let dims = grad.shape().to_vec();
-        let grad = contiguous(grad);
-        tensor(
-            crate::residual::relu_backward(values(&output), values(&grad)),
-            dims,
-        )
+        zip_f32(grad, output, residual::relu_backward)
     }
 
     fn all_reduce_sum(x: FlexTensor) -> FlexTensor {

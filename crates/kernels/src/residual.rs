@@ -11,52 +11,39 @@ use crate::batch_norm::{relu, relu_grad};
 /// Values per parallel task (64 KiB).
 const CHUNK: usize = 1 << 14;
 
-/// `a[i] = relu(a[i] + b[i])`.
-pub fn add_relu_in_place(a: &mut [f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "add_relu: operand lengths");
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|(a, b)| {
-            for (x, &y) in a.iter_mut().zip(b) {
-                *x = relu(*x + y);
+/// The join of one value of each operand: `relu(a + b)`.
+#[inline(always)]
+pub fn add_relu(a: f32, b: f32) -> f32 {
+    relu(a + b)
+}
+
+/// The gradient through a ReLU whose output was `output`: `grad` where `output` is positive
+/// (or NaN), zero elsewhere (the gradient first, as [`zip_in_place`] writes over it).
+#[inline(always)]
+pub fn relu_backward(grad: f32, output: f32) -> f32 {
+    relu_grad(output, grad)
+}
+
+/// `dst[i] = op(dst[i], other[i])` for every `i`, on every thread.
+pub fn zip_in_place(dst: &mut [f32], other: &[f32], op: impl Fn(f32, f32) -> f32 + Sync) {
+    assert_eq!(dst.len(), other.len(), "zip: operand lengths");
+    dst.par_chunks_mut(CHUNK)
+        .zip(other.par_chunks(CHUNK))
+        .for_each(|(dst, other)| {
+            for (x, &y) in dst.iter_mut().zip(other) {
+                *x = op(*x, y);
             }
         });
 }
 
-/// `relu(a[i] + b[i])` for every `i`.
-pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert_eq!(a.len(), b.len(), "add_relu: operand lengths");
+/// `op(a[i], b[i])` for every `i`, into a new buffer, on every thread.
+pub fn zip(a: &[f32], b: &[f32], op: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "zip: operand lengths");
     let mut out = Vec::new();
     a.par_iter()
         .zip(b)
         .with_min_len(CHUNK)
-        .map(|(&x, &y)| relu(x + y))
-        .collect_into_vec(&mut out);
-    out
-}
-
-/// The gradient through a ReLU whose output was `output`: `grad[i]` where `output[i]` is
-/// positive (or NaN), zero elsewhere, written over `grad`.
-pub fn relu_backward_in_place(output: &[f32], grad: &mut [f32]) {
-    assert_eq!(output.len(), grad.len(), "relu_backward: lengths");
-    grad.par_chunks_mut(CHUNK)
-        .zip(output.par_chunks(CHUNK))
-        .for_each(|(grad, output)| {
-            for (g, &out) in grad.iter_mut().zip(output) {
-                *g = relu_grad(out, *g);
-            }
-        });
-}
-
-/// [`relu_backward_in_place`] into a new buffer.
-pub fn relu_backward(output: &[f32], grad: &[f32]) -> Vec<f32> {
-    assert_eq!(output.len(), grad.len(), "relu_backward: lengths");
-    let mut out = Vec::new();
-    output
-        .par_iter()
-        .zip(grad)
-        .with_min_len(CHUNK)
-        .map(|(&out, &g)| relu_grad(out, g))
+        .map(|(&x, &y)| op(x, y))
         .collect_into_vec(&mut out);
     out
 }
@@ -84,18 +71,18 @@ mod tests {
         let g: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
         let want: Vec<f32> = a.iter().zip(&b).map(|(&x, &y)| relu(x + y)).collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&add_relu(&a, &b)), bits(&want));
+        assert_eq!(bits(&zip(&a, &b, add_relu)), bits(&want));
         let mut in_place = a.clone();
-        add_relu_in_place(&mut in_place, &b);
+        zip_in_place(&mut in_place, &b, add_relu);
         assert_eq!(bits(&in_place), bits(&want));
         let want_grad: Vec<f32> = want
             .iter()
             .zip(&g)
             .map(|(&o, &d)| relu_grad(o, d))
             .collect();
-        assert_eq!(bits(&relu_backward(&want, &g)), bits(&want_grad));
+        assert_eq!(bits(&zip(&g, &want, relu_backward)), bits(&want_grad));
         let mut grad = g.clone();
-        relu_backward_in_place(&want, &mut grad);
+        zip_in_place(&mut grad, &want, relu_backward);
         assert_eq!(bits(&grad), bits(&want_grad));
         assert!(want.iter().any(|v| v.is_nan()) && want_grad.contains(&0.0));
     }
