@@ -9,7 +9,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, AutodiffBackend};
+use burn::backend::{Autodiff, AutodiffBackend, TensorMetadata};
 
 use crate::CpuKernels;
 
@@ -114,6 +114,25 @@ impl<B: CpuKernels> Backward<B, 2> for AddReluStep {
 }
 
 #[derive(Debug)]
+struct AddPaddedChannelsStep;
+
+impl<B: CpuKernels> Backward<B, 2> for AddPaddedChannelsStep {
+    /// The channels of `b`.
+    type State = usize;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_a, node_b] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, B::leading_channels(output_grad.clone(), ops.state));
+        }
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, output_grad);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct AllReduceSumStep;
 
 impl<B: CpuKernels> Backward<B, 1> for AllReduceSumStep {
@@ -150,6 +169,28 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
                 prep.finish(B::add_relu(a.into_primitive(), b.into_primitive()))
             }
         }
+    }
+
+    fn add_padded_channels(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let channels = b.shape()[1];
+        match AddPaddedChannelsStep
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                channels,
+                B::add_padded_channels(a.into_primitive(), b.into_primitive()),
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(B::add_padded_channels(
+                a.into_primitive(),
+                b.into_primitive(),
+            )),
+        }
+    }
+
+    fn leading_channels(_x: FloatTensor<Self>, _channels: usize) -> FloatTensor<Self> {
+        panic!("leading_channels is a backward step here, not differentiable");
     }
 
     fn relu_backward_fused(

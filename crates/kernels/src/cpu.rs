@@ -25,8 +25,11 @@ pub fn gemm_runs_avx512() -> bool {
 /// ms, 64x64x32x32 13.2-14.3 -> 12.4-13.0, 8x256x56x56 1x1 2.6-3.4 -> 2.1-2.6, the weight and
 /// input gradients even or faster. The copy changes where
 /// values are read from, not the order of the sums: results are the same. The AVX2 kernels
-/// keep `gemm`'s default (unmeasured there). This is `gemm`'s global setting, so flex's own
-/// matrix products read in place too.
+/// keep `gemm`'s default: on an AMD Zen 3 (AVX2 only, 2 threads, minimum of 11 runs, two
+/// rounds) reading in place was slower almost everywhere (64x64x32x32 input gradient 32 -> 49
+/// ms, the 7x7/2 stem's weight gradient 30 -> 39, 256-channel 8x8 input gradient 34 -> 41,
+/// 8x256x56x56 1x1 forward 7.5 -> 8.4), even at best. This is `gemm`'s global setting, so
+/// flex's own matrix products read in place too.
 pub(crate) fn tune_gemm() {
     static TUNED: std::sync::Once = std::sync::Once::new();
     TUNED.call_once(|| {

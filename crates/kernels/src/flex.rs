@@ -170,6 +170,34 @@ impl CpuKernels for Flex {
         zip_f32(grad, output, residual::relu_backward)
     }
 
+    fn add_padded_channels(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        assert!(all_f32(&[&a, &b]), "add_padded_channels on flex: f32 only");
+        let items = a.shape()[0];
+        let b = contiguous(b);
+        let mut a = if in_place(&a) {
+            a
+        } else {
+            let dims = a.shape().to_vec();
+            tensor(values(&contiguous(a)).to_vec(), dims)
+        };
+        let out = a.try_storage_mut::<f32>().expect("an unshared f32 tensor");
+        residual::add_leading(out, values(&b), items);
+        a
+    }
+
+    fn leading_channels(x: FlexTensor, channels: usize) -> FlexTensor {
+        assert_eq!(x.dtype(), DType::F32, "leading_channels on flex: f32 only");
+        let mut dims = x.shape().to_vec();
+        if dims[1] == channels {
+            return x;
+        }
+        let x = contiguous(x);
+        let per_channel: usize = dims[2..].iter().product();
+        let out = residual::leading(values(&x), dims[0], channels * per_channel);
+        dims[1] = channels;
+        tensor(out, dims)
+    }
+
     fn all_reduce_sum(x: FlexTensor) -> FlexTensor {
         let Some(reducer) = crate::batch_norm_reducer() else {
             return x;

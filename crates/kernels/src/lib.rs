@@ -6,7 +6,8 @@
 //! ([`rows_dot`]). [`batch_norm`], [`batch_norm_relu`] and [`conv2d`] take Burn's own `nn` modules and use
 //! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
-//! variance), not Burn's. [`add_relu`] joins a residual block on both threads. [`cpu`] says
+//! variance), not Burn's. [`add_relu`] joins a residual block on both threads, and
+//! [`add_padded_channels`] a PyramidNet block. [`cpu`] says
 //! which CPU and which GEMM instruction set run.
 
 mod autodiff;
@@ -110,6 +111,18 @@ pub trait CpuKernels: Backend {
     /// shared.
     fn relu_backward_fused(output: FloatTensor<Self>, grad: FloatTensor<Self>)
     -> FloatTensor<Self>;
+
+    /// `a` (`[batch, channels, ...]`) plus `b` (`[batch, fewer channels, ...]`, the rest of
+    /// the dimensions as `a`'s) zero-padded along the channels to `a`'s shape: `b` added to
+    /// `a`'s leading channels (PyramidNet's shortcut join). Differentiated into `a` as the
+    /// output gradient itself and into `b` as its leading channels
+    /// ([`leading_channels`](CpuKernels::leading_channels)); on flex f32 only, on every
+    /// thread, in place when `a` is not shared.
+    fn add_padded_channels(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The first `channels` channels (dimension 1) of `x`, as a contiguous tensor; on flex f32
+    /// only, on every thread.
+    fn leading_channels(x: FloatTensor<Self>, channels: usize) -> FloatTensor<Self>;
 
     /// `x` summed element by element over the processes of a data-parallel run, with the
     /// [`sync_batch_norm`] reducer (`x` itself when none is set); differentiated by summing the
@@ -286,6 +299,36 @@ pub fn add_relu<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
         return burn::tensor::activation::relu(a + b);
     }
     Tensor::from_dispatch(Dispatch::add_relu(a.into_dispatch(), b.into_dispatch()))
+}
+
+/// `a + b` with `b` zero-padded along dimension 1 (the channels) to `a`'s size: `b` added to
+/// `a`'s leading channels, the rest of `a` as it is (PyramidNet's shortcut join, where the
+/// branch has more channels than the block's input). One pass on every thread on flex f32,
+/// in place when `a` is not shared, and its backward without a copy for `a` (Burn's ops
+/// elsewhere: a tensor of zeros, a concatenation and an add).
+///
+/// # Panics
+/// Where `b` has more channels than `a` or its other dimensions differ from `a`'s.
+pub fn add_padded_channels<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let (a_dims, b_dims) = (a.dims(), b.dims());
+    assert!(
+        D >= 2 && a_dims[0] == b_dims[0] && a_dims[2..] == b_dims[2..] && b_dims[1] <= a_dims[1],
+        "add_padded_channels: {b_dims:?} does not pad to {a_dims:?} along dimension 1"
+    );
+    let f32s = a.dtype() == burn::tensor::DType::F32 && b.dtype() == burn::tensor::DType::F32;
+    if !on_flex(&a.device()) || !f32s {
+        if b_dims[1] == a_dims[1] {
+            return a + b;
+        }
+        let mut padding = a_dims;
+        padding[1] -= b_dims[1];
+        let zeros = Tensor::<D>::zeros(padding, &b.device()).cast(b.dtype());
+        return a + Tensor::cat(vec![b, zeros], 1);
+    }
+    Tensor::from_dispatch(Dispatch::add_padded_channels(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
 }
 
 /// `conv.forward(x)`, through this crate's conv kernels on flex. Convolutions with a bias,

@@ -7,7 +7,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
-use cutmix_kernels::{add_relu, batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex};
+use cutmix_kernels::{
+    add_padded_channels, add_relu, batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex,
+};
 
 fn random<const D: usize>(dims: [usize; D], offset: f32, device: &Device) -> Tensor<D> {
     Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device).add_scalar(offset)
@@ -443,4 +445,76 @@ fn add_relu_equals_flex_with_gradients() {
             "{dims:?}: shared"
         );
     }
+}
+
+/// PyramidNet's padded join on flex equals flex's `a + cat([b, zeros])` bit for bit (up to the
+/// sign of zero: the padding's `x + 0.0` turns `-0.0` into `0.0`, the join leaves it), forward
+/// and both inputs' gradients: fewer channels and as many, `b` a transposed view, `a` unshared
+/// (written in place) and shared (kept), the inputs used again after the join.
+#[test]
+fn add_padded_channels_equals_flex_with_gradients() {
+    let device = Device::flex().autodiff();
+    let zero_sign = |v: Vec<u32>| -> Vec<u32> {
+        v.into_iter()
+            .map(|b| if b == (-0.0f32).to_bits() { 0 } else { b })
+            .collect()
+    };
+    for (dims, b_channels) in [([2, 5, 3, 7], 3), ([4, 24, 32, 32], 16), ([2, 3, 4, 4], 3)] {
+        let [n, c, h, w] = dims;
+        let a = random(dims, 0.0, &device).require_grad();
+        let b = random([n, b_channels, w, h], 0.0, &device)
+            .swap_dims(2, 3)
+            .require_grad();
+        let g = random(dims, 0.0, &device);
+        let ours = add_padded_channels(a.clone() * 1.5, b.clone());
+        let padded = if b_channels < c {
+            let zeros = Tensor::zeros([n, c - b_channels, h, w], &device);
+            Tensor::cat(vec![b.clone(), zeros], 1)
+        } else {
+            b.clone()
+        };
+        let theirs = a.clone() * 1.5 + padded;
+        assert_eq!(
+            zero_sign(bits(ours.clone())),
+            zero_sign(bits(theirs.clone())),
+            "{dims:?} + {b_channels} channels: forward"
+        );
+        let reuse = |x: Tensor<4>| x.clone().sum() * 0.5;
+        let (grads_ours, grads_theirs) = (
+            ((ours * g.clone()).sum() + reuse(a.clone()) + reuse(b.clone())).backward(),
+            ((theirs * g.clone()).sum() + reuse(a.clone()) + reuse(b.clone())).backward(),
+        );
+        for (what, x) in [("a", &a), ("b", &b)] {
+            assert_eq!(
+                bits(x.grad(&grads_ours).unwrap()),
+                bits(x.grad(&grads_theirs).unwrap()),
+                "{dims:?} + {b_channels} channels: {what} grad"
+            );
+        }
+        // `a` shared with the caller: its values stay as they were.
+        let plain = random(dims, 0.0, &Device::flex());
+        let short = random([n, b_channels, h, w], 0.0, &Device::flex());
+        let before = bits(plain.clone());
+        let joined = add_padded_channels(plain.clone(), short.clone());
+        assert_eq!(
+            bits(plain.clone()),
+            before,
+            "{dims:?}: a shared operand kept"
+        );
+        let want = plain.clone().slice_assign(
+            [0..n, 0..b_channels, 0..h, 0..w],
+            plain.slice([0..n, 0..b_channels, 0..h, 0..w]) + short,
+        );
+        assert_eq!(bits(joined), bits(want), "{dims:?}: shared");
+    }
+}
+
+/// A shortcut that does not pad to the branch is refused with the shapes in the message.
+#[test]
+#[should_panic(expected = "does not pad to")]
+fn add_padded_channels_refuses_a_wider_shortcut() {
+    let device = Device::flex();
+    let a = random([2, 3, 4, 4], 0.0, &device);
+    let b = random([2, 4, 4, 4], 0.0, &device);
+    let _ = add_padded_channels(a, b);
 }

@@ -13,7 +13,7 @@ use burn::nn::{BatchNorm, Linear};
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
-use cutmix_kernels::{batch_norm, batch_norm_relu, conv2d};
+use cutmix_kernels::{add_padded_channels, batch_norm, batch_norm_relu, conv2d};
 use rand::Rng;
 
 use crate::cost::{conv_macs, linear_macs};
@@ -120,18 +120,7 @@ impl PyramidBlock {
                     .with_ceil_mode(true),
             )
         };
-        let [batch, out_channels, h, w] = branch.dims();
-        let shortcut_channels = shortcut.dims()[1];
-        let shortcut = if out_channels > shortcut_channels {
-            let padding = Tensor::zeros(
-                [batch, out_channels - shortcut_channels, h, w],
-                &shortcut.device(),
-            );
-            Tensor::cat(vec![shortcut, padding], 1)
-        } else {
-            shortcut
-        };
-        branch + shortcut
+        add_padded_channels(branch, shortcut)
     }
 
     /// Multiply-accumulates of the convolutions for an `[h, w]` input; returns them with the
