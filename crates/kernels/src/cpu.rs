@@ -26,10 +26,10 @@ pub fn gemm_runs_avx512() -> bool {
 /// input gradients even or faster. The copy changes where
 /// values are read from, not the order of the sums: results are the same. The AVX2 kernels
 /// keep `gemm`'s default: on an AMD Zen 3 (AVX2 only, 2 threads, minimum of 11 runs, two
-/// rounds) reading in place was slower almost everywhere (64x64x32x32 input gradient 32 -> 49
-/// ms, the 7x7/2 stem's weight gradient 30 -> 39, 256-channel 8x8 input gradient 34 -> 41,
-/// 8x256x56x56 1x1 forward 7.5 -> 8.4), even at best. This is `gemm`'s global setting, so
-/// flex's own matrix products read in place too.
+/// rounds) reading in place was slower in both rounds at 14 of 24 convolution passes and
+/// faster in both at none (64x64x32x32 input gradient 32 -> 49 ms, the 7x7/2 stem's weight
+/// gradient 30 -> 39, 256-channel 8x8 input gradient 34 -> 44). This is `gemm`'s global
+/// setting, so flex's own matrix products read in place too.
 pub(crate) fn tune_gemm() {
     static TUNED: std::sync::Once = std::sync::Once::new();
     TUNED.call_once(|| {

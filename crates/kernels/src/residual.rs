@@ -88,7 +88,9 @@ pub fn leading(src: &[f32], items: usize, leading: usize) -> Vec<f32> {
 fn per_item(total: usize, leading_total: usize, items: usize) -> (usize, usize) {
     let items = items.max(1);
     assert!(
-        total % items == 0 && leading_total % items == 0 && leading_total <= total,
+        total.is_multiple_of(items)
+            && leading_total.is_multiple_of(items)
+            && leading_total <= total,
         "residual: {leading_total} leading values of {total} do not split into {items} items"
     );
     (total / items, leading_total / items)
