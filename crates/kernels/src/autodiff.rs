@@ -12,6 +12,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, TensorMetadata};
 
 use crate::CpuKernels;
+use crate::sgd::SgdRule;
 
 type Inner<B> = FloatTensor<B>;
 
@@ -187,6 +188,33 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
                 b.into_primitive(),
             )),
         }
+    }
+
+    fn sgd_momentum_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: FloatTensor<Self>,
+        rule: SgdRule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, velocity) = B::sgd_momentum_step(
+            param.into_primitive(),
+            grad.into_primitive(),
+            velocity.into_primitive(),
+            rule,
+        );
+        (Self::from_inner(param), Self::from_inner(velocity))
+    }
+
+    fn sgd_plain_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        rule: SgdRule,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::sgd_plain_step(
+            param.into_primitive(),
+            grad.into_primitive(),
+            rule,
+        ))
     }
 
     fn leading_channels(_x: FloatTensor<Self>, _channels: usize) -> FloatTensor<Self> {

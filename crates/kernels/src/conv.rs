@@ -133,12 +133,21 @@ impl ConvShape {
 
 /// The weight of [`ConvShape::transposed`]: `weight` flipped in both spatial dimensions with its
 /// channel axes swapped, `flipped[ci, co, a, b] = weight[co, ci, kh - 1 - a, kw - 1 - b]`.
+/// On every thread, an input channel's row at a time.
 fn flipped(weight: &[f32], s: ConvShape) -> Vec<f32> {
     let taps = s.kernel[0] * s.kernel[1];
     let mut flipped = vec![0f32; weight.len()];
-    for_each_weight(s, |at, [co, ci, tap]| {
-        flipped[(ci * s.out_channels + co) * taps + taps - 1 - tap] = weight[at];
-    });
+    flipped
+        .par_chunks_mut(s.out_channels * taps)
+        .enumerate()
+        .for_each(|(ci, row)| {
+            for (co, to) in row.chunks_exact_mut(taps).enumerate() {
+                let from = &weight[(co * s.in_channels + ci) * taps..][..taps];
+                for (to, &w) in to.iter_mut().rev().zip(from) {
+                    *to = w;
+                }
+            }
+        });
     flipped
 }
 
@@ -488,15 +497,22 @@ fn unfolded_weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f32
     sum(partials)
 }
 
-/// The element-wise sum of the tasks' partial gradients.
+/// The element-wise sum of the tasks' partial gradients (in task order), on every thread: a
+/// 512-channel 3x3 weight gradient is 2.4M values, whose sum on the calling thread was 0.6%
+/// of ResNet-50's training step with the other thread waiting.
 fn sum(partials: Vec<Vec<f32>>) -> Vec<f32> {
+    /// Values per parallel task (64 KiB).
+    const CHUNK: usize = 1 << 14;
     let mut partials = partials.into_iter();
     let mut grad = partials.next().expect("at least one task");
-    for partial in partials {
-        for (g, p) in grad.iter_mut().zip(&partial) {
-            *g += p;
+    let rest: Vec<Vec<f32>> = partials.collect();
+    grad.par_chunks_mut(CHUNK).enumerate().for_each(|(i, g)| {
+        for partial in &rest {
+            for (g, p) in g.iter_mut().zip(&partial[i * CHUNK..]) {
+                *g += p;
+            }
         }
-    }
+    });
     grad
 }
 
@@ -1185,6 +1201,37 @@ mod tests {
         };
         assert!(wide(256).weight_grad_runs_by_pixel(), "256 channels");
         assert!(!wide(512).weight_grad_runs_by_pixel(), "512 channels");
+    }
+
+    #[test]
+    fn flipped_weights_and_summed_partials_match_their_definitions() {
+        let s = ConvShape {
+            batch: 1,
+            in_channels: 5,
+            out_channels: 3,
+            input: [8, 8],
+            output: [8, 9],
+            kernel: [3, 2],
+            stride: [1, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let weight = values(s.out_channels * s.in_channels * 6, 7);
+        let got = flipped(&weight, s);
+        for_each_weight(s, |at, [co, ci, tap]| {
+            assert_eq!(
+                got[(ci * 3 + co) * 6 + 5 - tap],
+                weight[at],
+                "{co} {ci} {tap}"
+            );
+        });
+        // Three partials of two parallel tasks and a tail, summed in task order.
+        let partials: Vec<Vec<f32>> = (0..3).map(|i| values((1 << 15) + 5, i)).collect();
+        let want: Vec<u32> = (0..partials[0].len())
+            .map(|i| (partials[0][i] + partials[1][i] + partials[2][i]).to_bits())
+            .collect();
+        let got: Vec<u32> = sum(partials).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

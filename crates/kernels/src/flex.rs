@@ -9,6 +9,7 @@ use crate::CpuKernels;
 use crate::batch_norm::{self, Planes};
 use crate::conv::{self, ConvShape};
 use crate::residual;
+use crate::sgd::{self, SgdRule};
 
 /// A flex tensor's values as one contiguous f32 slice (copying a view first).
 fn contiguous(tensor: FlexTensor) -> FlexTensor {
@@ -30,6 +31,22 @@ fn in_place(tensor: &FlexTensor) -> bool {
     tensor.is_unique()
         && tensor.layout().contiguous_offsets() == Some((0, elements))
         && tensor.bytes().len() == elements * size_of::<f32>()
+}
+
+/// `tensor` itself where it may be written in place, else a contiguous copy of its values.
+fn unshared(tensor: FlexTensor) -> FlexTensor {
+    if in_place(&tensor) {
+        return tensor;
+    }
+    let dims = tensor.shape().to_vec();
+    self::tensor(values(&contiguous(tensor)).to_vec(), dims)
+}
+
+/// The values of a tensor [`unshared`] returned, to write.
+fn storage(tensor: &mut FlexTensor) -> &mut [f32] {
+    tensor
+        .try_storage_mut::<f32>()
+        .expect("an unshared f32 tensor")
 }
 
 fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
@@ -174,12 +191,7 @@ impl CpuKernels for Flex {
         assert!(all_f32(&[&a, &b]), "add_padded_channels on flex: f32 only");
         let items = a.shape()[0];
         let b = contiguous(b);
-        let mut a = if in_place(&a) {
-            a
-        } else {
-            let dims = a.shape().to_vec();
-            tensor(values(&contiguous(a)).to_vec(), dims)
-        };
+        let mut a = unshared(a);
         let out = a.try_storage_mut::<f32>().expect("an unshared f32 tensor");
         residual::add_leading(out, values(&b), items);
         a
@@ -196,6 +208,35 @@ impl CpuKernels for Flex {
         let out = residual::leading(values(&x), dims[0], channels * per_channel);
         dims[1] = channels;
         tensor(out, dims)
+    }
+
+    fn sgd_momentum_step(
+        param: FlexTensor,
+        grad: FlexTensor,
+        velocity: FlexTensor,
+        rule: SgdRule,
+    ) -> (FlexTensor, FlexTensor) {
+        assert!(
+            all_f32(&[&param, &grad, &velocity]),
+            "sgd_step on flex: f32 only"
+        );
+        let grad = contiguous(grad);
+        let (mut param, mut velocity) = (unshared(param), unshared(velocity));
+        sgd::step(
+            storage(&mut param),
+            values(&grad),
+            Some(storage(&mut velocity)),
+            &rule,
+        );
+        (param, velocity)
+    }
+
+    fn sgd_plain_step(param: FlexTensor, grad: FlexTensor, rule: SgdRule) -> FlexTensor {
+        assert!(all_f32(&[&param, &grad]), "sgd_step on flex: f32 only");
+        let grad = contiguous(grad);
+        let mut param = unshared(param);
+        sgd::step(storage(&mut param), values(&grad), None, &rule);
+        param
     }
 
     fn all_reduce_sum(x: FlexTensor) -> FlexTensor {

@@ -7,8 +7,8 @@
 //! the kernels on flex (with or without autodiff); every other backend runs Burn's ops, with one
 //! change everywhere: BatchNorm's running variance follows PyTorch's rule (the unbiased batch
 //! variance), not Burn's. [`add_relu`] joins a residual block on both threads, and
-//! [`add_padded_channels`] a PyramidNet block. [`cpu`] says
-//! which CPU and which GEMM instruction set run.
+//! [`add_padded_channels`] a PyramidNet block. [`sgd::Sgd`] is Burn's SGD with its step
+//! in one pass on every thread. [`cpu`] says which CPU and which GEMM instruction set run.
 
 mod autodiff;
 pub mod batch_norm;
@@ -17,6 +17,7 @@ pub mod cpu;
 mod flex;
 pub mod residual;
 pub mod rows_dot;
+pub mod sgd;
 
 use burn::backend::backend_extension;
 use burn::backend::ops::{ConvOptions, ModuleOps};
@@ -123,6 +124,23 @@ pub trait CpuKernels: Backend {
     /// The first `channels` channels (dimension 1) of `x`, as a contiguous tensor; on flex f32
     /// only, on every thread.
     fn leading_channels(x: FloatTensor<Self>, channels: usize) -> FloatTensor<Self>;
+
+    /// One parameter's SGD step with momentum ([`sgd::step`]): the parameter and the velocity
+    /// after it. On flex f32 only, one pass on every thread, in place where the tensors are
+    /// not shared; not differentiable.
+    fn sgd_momentum_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: FloatTensor<Self>,
+        rule: sgd::SgdRule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The same without momentum: the parameter after the step.
+    fn sgd_plain_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        rule: sgd::SgdRule,
+    ) -> FloatTensor<Self>;
 
     /// `x` summed element by element over the processes of a data-parallel run, with the
     /// [`sync_batch_norm`] reducer (`x` itself when none is set); differentiated by summing the

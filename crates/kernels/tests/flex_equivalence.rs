@@ -5,8 +5,12 @@ use burn::backend::ops::ConvOptions;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+use cutmix_kernels::sgd::Sgd;
 use cutmix_kernels::{
     add_padded_channels, add_relu, batch_norm, batch_norm_relu, conv2d, conv2d_weight_grad, on_flex,
 };
@@ -517,4 +521,127 @@ fn add_padded_channels_refuses_a_wider_shortcut() {
     let a = random([2, 3, 4, 4], 0.0, &device);
     let b = random([2, 4, 4, 4], 0.0, &device);
     let _ = add_padded_channels(a, b);
+}
+
+/// A conv layer with a bias for the optimiser tests: its weight (32 x 64 x 3 x 3, 18432 values)
+/// takes two parallel tasks, its bias (64) runs on the calling thread.
+fn sgd_layer(device: &Device) -> Conv2d {
+    Conv2dConfig::new([32, 64], [3, 3])
+        .with_bias(true)
+        .init(device)
+}
+
+/// The gradients of a random linear function of the layer's output at a random input.
+fn sgd_grads(layer: &Conv2d, x: &Tensor<4>, g: &Tensor<4>) -> GradientsParams {
+    let grads = (layer.forward(x.clone()) * g.clone()).sum().backward();
+    GradientsParams::from_grads(grads, layer)
+}
+
+/// SGD's settings as Burn's `SgdConfig` takes them.
+fn burn_sgd(momentum: &Option<MomentumConfig>, decay: f32) -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(momentum.clone())
+        .with_weight_decay((decay > 0.0).then_some(WeightDecayConfig { penalty: decay }))
+        .init()
+}
+
+fn layer_bits(layer: &Conv2d) -> (Vec<u32>, Vec<u32>) {
+    let bias = layer.bias.as_ref().expect("a bias").val();
+    (bits(layer.weight.val()), bits(bias))
+}
+
+/// Steps `layers` (all equal) once each with their optimisers and the same gradient inputs,
+/// and checks that they are still equal.
+fn sgd_steps_agree(
+    layers: Vec<Conv2d>,
+    optimizers: &mut [ModuleOptimizer],
+    lr: f64,
+    what: &str,
+) -> Vec<Conv2d> {
+    let device = layers[0].weight.val().device();
+    let x = random([2, 32, 6, 6], 0.0, &device);
+    let g = random([2, 64, 4, 4], 0.0, &device);
+    let stepped: Vec<Conv2d> = layers
+        .into_iter()
+        .zip(optimizers.iter_mut())
+        .map(|(layer, optimizer)| {
+            let grads = sgd_grads(&layer, &x, &g);
+            optimizer.step(lr, layer, grads)
+        })
+        .collect();
+    for (i, layer) in stepped.iter().enumerate().skip(1) {
+        assert_eq!(
+            layer_bits(layer),
+            layer_bits(&stepped[0]),
+            "{what}: optimiser {i}"
+        );
+    }
+    stepped
+}
+
+/// The fused SGD equals Burn's `Sgd` bit for bit over steps with and without momentum,
+/// dampening, Nesterov and weight decay, and either's record resumes with the other.
+#[test]
+fn sgd_equals_burn_s_and_resumes_from_its_record() {
+    let momentum = |dampening: f64, nesterov: bool| {
+        Some(MomentumConfig {
+            momentum: 0.9,
+            dampening,
+            nesterov,
+        })
+    };
+    let cases = [
+        (None, 0.0),
+        (None, 5e-4),
+        (momentum(0.0, false), 1e-4),
+        (momentum(0.1, false), 0.0),
+        (momentum(0.0, true), 5e-4),
+    ];
+    let device = Device::flex().autodiff();
+    for (momentum, decay) in cases {
+        let what = format!("momentum {momentum:?}, decay {decay}");
+        let ours = || ModuleOptimizer::from(Sgd::new(momentum.clone(), decay));
+        let layer = sgd_layer(&device);
+        let mut optimizers = vec![burn_sgd(&momentum, decay), ours()];
+        let mut layers = vec![layer.clone(), layer];
+        for (step, lr) in [0.1, 0.05, 0.1].into_iter().enumerate() {
+            layers = sgd_steps_agree(layers, &mut optimizers, lr, &format!("{what}, step {step}"));
+        }
+        let records: Vec<_> = optimizers
+            .iter()
+            .map(|o| o.into_bytes().expect("a record"))
+            .collect();
+        optimizers.push(
+            ours()
+                .from_bytes(records[0].clone())
+                .expect("Burn's record"),
+        );
+        optimizers.push(
+            burn_sgd(&momentum, decay)
+                .from_bytes(records[1].clone())
+                .expect("our record"),
+        );
+        layers.extend(layers.clone());
+        sgd_steps_agree(layers, &mut optimizers, 0.1, &format!("{what}, resumed"));
+    }
+}
+
+/// Off flex (wgpu) the same optimiser runs Burn's ops, with Burn's results.
+#[test]
+fn sgd_off_flex_equals_burn_s() {
+    let device = Device::wgpu(DeviceKind::Cpu).autodiff();
+    let momentum = Some(MomentumConfig {
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: true,
+    });
+    let layer = sgd_layer(&device);
+    let mut optimizers = vec![
+        burn_sgd(&momentum, 5e-4),
+        ModuleOptimizer::from(Sgd::new(momentum, 5e-4)),
+    ];
+    let mut layers = vec![layer.clone(), layer];
+    for step in 0..2 {
+        layers = sgd_steps_agree(layers, &mut optimizers, 0.1, &format!("wgpu, step {step}"));
+    }
 }

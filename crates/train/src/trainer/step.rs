@@ -2,9 +2,8 @@
 //! its gradients, clipping, and the update.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::loss::cross_entropy_with_logits;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -13,6 +12,7 @@ use cutmix_augment::{
     Centre, CutMix, CutMixOrMixup, Cutout, Mixing, Mixup, Mode, Partner, Targets, Variant,
 };
 use cutmix_data::Batch;
+use cutmix_kernels::sgd::Sgd;
 use cutmix_models::Model;
 
 use crate::config::{
@@ -24,7 +24,9 @@ use crate::config::{
 const NO_DECAY: &str = r"(^|\.)(gamma|beta|bias)$";
 
 /// SGD as `torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0)` with the run's
-/// momentum, Nesterov and weight decay (optionally not on BatchNorm parameters and biases).
+/// momentum, Nesterov and weight decay (optionally not on BatchNorm parameters and biases):
+/// Burn's `Sgd`, bit for bit, with its step in one pass on every thread on flex
+/// ([`cutmix_kernels::sgd::Sgd`]).
 pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
     let config = |weight_decay: f64| {
         let momentum = (train.momentum > 0.0).then_some(MomentumConfig {
@@ -32,17 +34,13 @@ pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
             dampening: 0.0,
             nesterov: train.nesterov,
         });
-        SgdConfig::new()
-            .with_momentum(momentum)
-            .with_weight_decay((weight_decay > 0.0).then_some(WeightDecayConfig {
-                penalty: weight_decay as f32,
-            }))
+        Sgd::new(momentum, weight_decay as f32)
     };
-    let mut optimizer = config(train.weight_decay).init();
+    let mut optimizer = ModuleOptimizer::from(config(train.weight_decay));
     let filtered = !train.decay_bn_and_bias && train.weight_decay > 0.0;
     if filtered {
         let no_decay = ParamGroup::from_regex(NO_DECAY).expect("a valid pattern");
-        optimizer = optimizer.with_group(no_decay, config(0.0).build(), None);
+        optimizer = optimizer.with_group(no_decay, config(0.0), None);
     }
     let scale = train.classifier_scale();
     if scale != 1.0 {
@@ -54,14 +52,10 @@ pub fn sgd(train: &TrainSection) -> ModuleOptimizer {
         optimizer = optimizer
             .with_group(
                 group(CLASSIFIER_WEIGHT),
-                config(train.weight_decay * scale).build(),
+                config(train.weight_decay * scale),
                 None,
             )
-            .with_group(
-                group(CLASSIFIER_BIAS),
-                config(bias_decay * scale).build(),
-                None,
-            );
+            .with_group(group(CLASSIFIER_BIAS), config(bias_decay * scale), None);
     }
     optimizer
 }
