@@ -9,7 +9,10 @@
 //! variance), not Burn's. [`add_relu`] joins a residual block on both threads, and
 //! [`add_padded_channels`] a PyramidNet block. [`sgd::Sgd`] is Burn's SGD with its step
 //! in one pass on every thread. [`cpu`] says which CPU and which GEMM instruction set run.
+//! [`alloc::CacheLineAligned`] is a global allocator that starts large buffers on a cache line,
+//! as the matrix products read them best.
 
+pub mod alloc;
 mod autodiff;
 pub mod batch_norm;
 pub mod conv;

@@ -20,3 +20,9 @@ pub mod schedule;
 pub mod trainer;
 pub mod weights;
 pub mod world;
+
+/// Large buffers (activations, gradients, the kernels' unfolded inputs) start on a cache line,
+/// as PyTorch's allocator makes them: the matrix products read them in place, a 64-byte
+/// register at a time (`cutmix_kernels::alloc`). Every binary that links this crate runs with it.
+#[global_allocator]
+static ALLOC: cutmix_kernels::alloc::CacheLineAligned = cutmix_kernels::alloc::CacheLineAligned;
