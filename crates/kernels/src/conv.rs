@@ -624,7 +624,8 @@ fn unfold(image: &[f32], s: ConvShape, cols: &mut [f32], depth: usize, column: u
     unfold_rows(image, s, cols, depth, column, 0..s.output[0]);
 }
 
-/// As [`unfold`], for output rows `output_rows` only: columns `column..column + rows * ow`.
+/// As [`unfold`], for output rows `output_rows` only: columns `column..column + rows * ow`,
+/// copied from the [`Band`] of input rows they read.
 fn unfold_rows(
     image: &[f32],
     s: ConvShape,
@@ -633,66 +634,161 @@ fn unfold_rows(
     column: usize,
     output_rows: std::ops::Range<usize>,
 ) {
-    if s.unfolds_padded() {
-        PADDED.with_borrow_mut(|padded| {
-            unfold_rows_padded(image, s, padded, (cols, depth, column), output_rows)
-        });
-    } else {
-        PADDED.with_borrow_mut(|buffer| {
-            unfold_rows_clipped(image, s, buffer, (cols, depth, column), output_rows)
-        });
+    if output_rows.is_empty() {
+        return;
     }
+    PADDED.with_borrow_mut(|padded| {
+        let band = Band::lay(image, s, output_rows.clone(), padded);
+        band.unfold(s, (cols, depth, column), output_rows.len());
+    });
 }
 
 thread_local! {
-    /// The zero-padded band of input rows [`unfold_rows_padded`] copies from, per thread.
+    /// The zero-padded band of input rows [`unfold_rows`] copies from (and [`fold_padded`]
+    /// adds into), per thread.
     static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`unfold_rows`] for stride 1 and no dilation (the 3x3 convolutions that dominate the
-/// networks): the band of input rows the output rows read is first copied with its padding
-/// into `padded` (`[in_channels, rows + kh - 1, ow + kw - 1]`), so each row of `cols` is then
-/// plain copies of `ow` values without bounds or zero fills (on 8x8 maps the clipped version
-/// spent most of its time in calls to copy 8 floats and zero 1).
-fn unfold_rows_padded(
-    image: &[f32],
-    s: ConvShape,
-    padded: &mut Vec<f32>,
-    (cols, depth, column): (&mut [f32], usize, usize),
-    output_rows: std::ops::Range<usize>,
-) {
-    let [h, w] = s.input;
-    let [_, ow] = s.output;
-    let [kh_len, kw_len] = s.kernel;
-    let [ph, pw] = s.padding;
-    let band = output_rows.len() + kh_len - 1;
-    let width = ow + kw_len - 1;
-    padded.clear();
-    padded.resize(s.in_channels * band * width, 0.0);
-    for (ci, plane) in padded.chunks_exact_mut(band * width).enumerate() {
-        let channel = &image[ci * h * w..(ci + 1) * h * w];
-        for (r, row) in plane.chunks_exact_mut(width).enumerate() {
-            // Padded row r is input row output_rows.start + r - ph; column j is input column
-            // j - pw.
-            let Some(ih) = (output_rows.start + r).checked_sub(ph).filter(|&ih| ih < h) else {
-                continue;
-            };
-            let first = pw.min(width);
-            let len = w.min(width - first);
-            row[first..first + len].copy_from_slice(&channel[ih * w..ih * w + len]);
-        }
-    }
-    for ci in 0..s.in_channels {
-        let plane = &padded[ci * band * width..(ci + 1) * band * width];
-        for kh in 0..kh_len {
-            for kw in 0..kw_len {
-                let row = (ci * kh_len + kh) * kw_len + kw;
-                let out = &mut cols[row * depth + column..][..output_rows.len() * ow];
-                for (i, out_row) in out.chunks_exact_mut(ow).enumerate() {
-                    let start = (i + kh) * width + kw;
-                    copy_short(out_row, &plane[start..start + ow]);
+/// The input rows some output rows read, zero-padded and split into the column stride's
+/// phases: `[in_channels, stride, rows, len]`, phase `p` of padded row `r` holding padded
+/// columns `p, p + stride, ...`. Every kernel tap's row of `cols` is then plain copies of `ow`
+/// values, one per output row, without bounds or zero fills: tap `(kh, kw)` of output row
+/// `i` (counted from the first) reads phase `kw * dw % stride` of padded row `i * sh + kh *
+/// dh` from value `kw * dw / stride` on. With stride 1 there is one phase, the padded rows
+/// themselves (on 8x8 maps, copies bounded per tap spent most of their time in calls to copy
+/// 8 floats and zero 1); with stride 2 each row was also copied in pieces of `ow` values
+/// bounded per tap, a third of the 3x3/2 forward pass at 32x32 on an Intel Xeon.
+struct Band<'a> {
+    values: &'a [f32],
+    rows: usize,
+    len: usize,
+    stride: usize,
+}
+
+impl<'a> Band<'a> {
+    /// Lays the band of output rows `output_rows` of `image` (`[in_channels, h, w]`) out in
+    /// `buffer`: rows and phases no tap reads (a 1x1 kernel's with stride 2) stay zero.
+    fn lay(
+        image: &[f32],
+        s: ConvShape,
+        output_rows: std::ops::Range<usize>,
+        buffer: &'a mut Vec<f32>,
+    ) -> Band<'a> {
+        let [h, w] = s.input;
+        let [_, ow] = s.output;
+        let [kh_len, kw_len] = s.kernel;
+        let [sh, stride] = s.stride;
+        let [ph, pw] = s.padding;
+        let [dh, dw] = s.dilation;
+        let rows = (output_rows.len() - 1) * sh + (kh_len - 1) * dh + 1;
+        let len = ow + (kw_len - 1) * dw / stride;
+        let row_read = |r: usize| {
+            (0..kh_len).any(|kh| {
+                r.checked_sub(kh * dh)
+                    .is_some_and(|d| d % sh == 0 && d / sh < output_rows.len())
+            })
+        };
+        let phase_read = |p: usize| (0..kw_len).any(|kw| kw * dw % stride == p);
+        buffer.clear();
+        buffer.resize(s.in_channels * stride * rows * len, 0.0);
+        for (ci, phases) in buffer.chunks_exact_mut(stride * rows * len).enumerate() {
+            let channel = &image[ci * h * w..(ci + 1) * h * w];
+            for r in 0..rows {
+                // Padded row r is input row output_rows.start * sh + r - ph.
+                let Some(ih) = (output_rows.start * sh + r)
+                    .checked_sub(ph)
+                    .filter(|&ih| ih < h && row_read(r))
+                else {
+                    continue;
+                };
+                let input = &channel[ih * w..(ih + 1) * w];
+                if stride == 2 {
+                    let (even, odd) = phases.split_at_mut(rows * len);
+                    let at = r * len..(r + 1) * len;
+                    deinterleave(input, pw, [&mut even[at.clone()], &mut odd[at]]);
+                    continue;
+                }
+                for p in (0..stride).filter(|&p| phase_read(p)) {
+                    // Value j of the phase is padded column j * stride + p, input column
+                    // j * stride + p - pw.
+                    let (low, high) = valid_outputs(p, pw, stride, w, len);
+                    if low == high {
+                        continue;
+                    }
+                    let first = low * stride + p - pw;
+                    let row = &mut phases[(p * rows + r) * len..][low..high];
+                    // Chunks rather than `step_by`, whose steps are calls here.
+                    for (v, columns) in row.iter_mut().zip(input[first..].chunks(stride)) {
+                        *v = columns[0];
+                    }
                 }
             }
+        }
+        Band {
+            values: buffer,
+            rows,
+            len,
+            stride,
+        }
+    }
+
+    /// Writes the band's `outputs` output rows, unfolded, into columns `column..` of `cols` (a
+    /// `[in_channels * kh * kw, depth]` row-major buffer).
+    fn unfold(
+        &self,
+        s: ConvShape,
+        (cols, depth, column): (&mut [f32], usize, usize),
+        outputs: usize,
+    ) {
+        let [_, ow] = s.output;
+        let [kh_len, kw_len] = s.kernel;
+        let sh = s.stride[0];
+        let [dh, dw] = s.dilation;
+        let phase_len = self.rows * self.len;
+        for ci in 0..s.in_channels {
+            for kh in 0..kh_len {
+                for kw in 0..kw_len {
+                    let (phase, shift) = (kw * dw % self.stride, kw * dw / self.stride);
+                    let plane = &self.values[(ci * self.stride + phase) * phase_len..][..phase_len];
+                    let row = (ci * kh_len + kh) * kw_len + kw;
+                    let out = &mut cols[row * depth + column..][..outputs * ow];
+                    for (i, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                        let start = (i * sh + kh * dh) * self.len + shift;
+                        copy_short(out_row, &plane[start..start + ow]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An input row's values into the two column phases of its padded row (stride 2, `pad`
+/// columns of padding in front): value `c` to phase `(c + pad) % 2` at `(c + pad) / 2`, those
+/// past a phase's end dropped. In pairs, which compile to vector shuffles (`step_by` took
+/// about 3 cycles a value, a fifth of the 3x3/2 forward pass at 32x32 on an Intel Xeon).
+fn deinterleave(input: &[f32], pad: usize, [even, odd]: [&mut [f32]; 2]) {
+    // Even input columns land in `a` from `pad / 2` on, odd ones in `b` from `(pad + 1) / 2`.
+    let (a, b) = if pad % 2 == 0 {
+        (even, odd)
+    } else {
+        (odd, even)
+    };
+    let (a_len, b_len) = (a.len(), b.len());
+    let a = &mut a[(pad / 2).min(a_len)..];
+    let b = &mut b[pad.div_ceil(2).min(b_len)..];
+    let pairs = (input.len() / 2).min(a.len()).min(b.len());
+    for ((x, y), pair) in a[..pairs]
+        .iter_mut()
+        .zip(&mut b[..pairs])
+        .zip(input.chunks_exact(2))
+    {
+        *x = pair[0];
+        *y = pair[1];
+    }
+    for (c, &value) in input.iter().enumerate().skip(2 * pairs) {
+        let phase = if c % 2 == 0 { &mut *a } else { &mut *b };
+        if let Some(v) = phase.get_mut(c / 2) {
+            *v = value;
         }
     }
 }
@@ -712,114 +808,6 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`unfold_rows`] for any stride and dilation, bounds computed per kernel tap. With a column
-/// stride above 1 the input rows the output rows read are first split into their [`Phases`]
-/// (in `buffer`), so that each tap's row is a plain copy rather than one value at a time
-/// (which took most of the 7x7/2 stem's weight gradient).
-fn unfold_rows_clipped(
-    image: &[f32],
-    s: ConvShape,
-    buffer: &mut Vec<f32>,
-    (cols, depth, column): (&mut [f32], usize, usize),
-    output_rows: std::ops::Range<usize>,
-) {
-    let [h, w] = s.input;
-    let [oh_len, ow_len] = s.output;
-    let [kh_len, kw_len] = s.kernel;
-    let [sh, sw] = s.stride;
-    let [ph, pw] = s.padding;
-    let [dh, dw] = s.dilation;
-    // The input rows these output rows read, split into their phases.
-    let phases = (sw > 1).then(|| {
-        let reach = |oh: usize| (oh * sh + (kh_len - 1) * dh + 1).saturating_sub(ph).min(h);
-        let first_row = (output_rows.start * sh).saturating_sub(ph).min(h);
-        let end_row = reach(output_rows.end.max(1) - 1).max(first_row);
-        Phases::split(image, s, first_row..end_row, buffer)
-    });
-    for ci in 0..s.in_channels {
-        let channel = &image[ci * h * w..(ci + 1) * h * w];
-        for kh in 0..kh_len {
-            let (oh_low, oh_high) = valid_outputs(kh * dh, ph, sh, h, oh_len);
-            for kw in 0..kw_len {
-                let (ow_low, ow_high) = valid_outputs(kw * dw, pw, sw, w, ow_len);
-                let row = (ci * kh_len + kh) * kw_len + kw;
-                let out = &mut cols[row * depth + column..][..output_rows.len() * ow_len];
-                for (oh, out_row) in output_rows.clone().zip(out.chunks_exact_mut(ow_len)) {
-                    if oh < oh_low || oh >= oh_high || ow_low >= ow_high {
-                        out_row.fill(0.0);
-                        continue;
-                    }
-                    let ih = oh * sh + kh * dh - ph;
-                    out_row[..ow_low].fill(0.0);
-                    out_row[ow_high..].fill(0.0);
-                    let first = ow_low * sw + kw * dw - pw;
-                    let len = ow_high - ow_low;
-                    let src = match &phases {
-                        Some(phases) => phases.row(ci, ih, first, len),
-                        None => &channel[ih * w + first..][..len],
-                    };
-                    out_row[ow_low..ow_high].copy_from_slice(src);
-                }
-            }
-        }
-    }
-}
-
-/// Input rows `rows` of every channel of an image, each split into its column phases for a
-/// column stride `stride`: `[in_channels, stride, rows, ceil(w / stride)]`, phase `p` of a row
-/// holding its columns `p, p + stride, ...`.
-struct Phases<'a> {
-    values: &'a [f32],
-    rows: std::ops::Range<usize>,
-    /// Values per phase of a row.
-    len: usize,
-    stride: usize,
-}
-
-impl<'a> Phases<'a> {
-    /// Splits rows `rows` of every channel of `image` (`[in_channels, h, w]`) into `buffer`.
-    fn split(
-        image: &[f32],
-        s: ConvShape,
-        rows: std::ops::Range<usize>,
-        buffer: &'a mut Vec<f32>,
-    ) -> Phases<'a> {
-        let [h, w] = s.input;
-        let stride = s.stride[1];
-        let len = w.div_ceil(stride);
-        buffer.clear();
-        let per_channel = stride * rows.len() * len;
-        buffer.resize(s.in_channels * per_channel, 0.0);
-        if per_channel > 0 {
-            for (ci, split) in buffer.chunks_exact_mut(per_channel).enumerate() {
-                let channel = &image[ci * h * w..(ci + 1) * h * w];
-                for (p, phase) in split.chunks_exact_mut(rows.len() * len).enumerate() {
-                    for (r, row) in phase.chunks_exact_mut(len).enumerate() {
-                        let input_row = &channel[(rows.start + r) * w..][..w];
-                        let columns = input_row.iter().skip(p).step_by(stride);
-                        for (v, &x) in row.iter_mut().zip(columns) {
-                            *v = x;
-                        }
-                    }
-                }
-            }
-        }
-        Phases {
-            values: buffer,
-            rows,
-            len,
-            stride,
-        }
-    }
-
-    /// Columns `first, first + stride, ...` (`count` of them) of input row `ih` of channel `ci`.
-    fn row(&self, ci: usize, ih: usize, first: usize, count: usize) -> &[f32] {
-        let phase =
-            (ci * self.stride + first % self.stride) * self.rows.len() + ih - self.rows.start;
-        &self.values[phase * self.len + first / self.stride..][..count]
-    }
-}
-
 /// Adds one image's unfolded gradient `dcols` (`[in_channels * kh * kw, oh * ow]`) back into
 /// its input gradient `dx` (`[in_channels, h, w]`): the transpose of [`unfold`].
 fn fold(dcols: &[f32], s: ConvShape, dx: &mut [f32]) {
@@ -830,7 +818,7 @@ fn fold(dcols: &[f32], s: ConvShape, dx: &mut [f32]) {
     }
 }
 
-/// [`fold`] for stride 1 and no dilation, the transpose of [`unfold_rows_padded`]: every tap
+/// [`fold`] for stride 1 and no dilation, the transpose of [`Band::unfold`]: every tap
 /// adds its row of `dcols` into a zero-padded copy of one channel's gradient
 /// (`[oh + kh - 1, ow + kw - 1]`) without bounds, and the interior is then added to `dx`.
 fn fold_padded(dcols: &[f32], s: ConvShape, padded: &mut Vec<f32>, dx: &mut [f32]) {
@@ -1232,6 +1220,32 @@ mod tests {
             .collect();
         let got: Vec<u32> = sum(partials).iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, want);
+    }
+
+    /// Both phases of a padded row against the definition, for even and odd padding and
+    /// widths, phases shorter than the row (values past them dropped) and longer (zeros left).
+    #[test]
+    fn deinterleave_splits_padded_columns() {
+        for pad in 0..5usize {
+            for w in 0..10usize {
+                for len in [0, 1, 3, (w + pad).div_ceil(2), 7] {
+                    let input: Vec<f32> = (1..=w).map(|v| v as f32).collect();
+                    let mut phases = [vec![0f32; len], vec![0f32; len]];
+                    let [even, odd] = &mut phases;
+                    deinterleave(&input, pad, [even, odd]);
+                    for (p, phase) in phases.iter().enumerate() {
+                        for (j, &v) in phase.iter().enumerate() {
+                            let want = (j * 2 + p)
+                                .checked_sub(pad)
+                                .and_then(|c| input.get(c))
+                                .copied()
+                                .unwrap_or(0.0);
+                            assert_eq!(v, want, "pad {pad}, width {w}, phase {p} [{j}]");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

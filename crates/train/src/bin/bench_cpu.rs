@@ -12,7 +12,8 @@
 //! weight decay; the loss read back, so the step is finished) on random images and labels, and
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
 //! With `--eval`: forward passes in evaluation mode instead (the line's `"mode": "eval"`).
-//! With `--ops`: the ops a step spends its time in, one JSON line per op and shape
+//! With `--ops`: the ops a step spends its time in (`--only TEXT`: those whose `<op> <shape>`
+//! contains it), one JSON line per op and shape
 //! (`{"op", "shape", "median_ms", "min_ms"}`, over 7 runs after 5 warm-ups): conv forward, conv input gradient, conv weight gradient
 //! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
 //! through `cutmix-kernels` (what training runs) and through flex's own op (`<op>, flex's`).
@@ -60,6 +61,10 @@ struct Args {
     /// Time single ops instead of a model's step.
     #[arg(long)]
     ops: bool,
+    /// With `--ops`: only the ops whose `<op> <shape>` contains this text (`3x3/2`, `weight
+    /// grad`, `forward 64x256x8x8`: ours alone, `flex's 64x` flex's alone).
+    #[arg(long, requires = "ops")]
+    only: Option<String>,
     /// Time evaluation instead (forward only, BatchNorm's running statistics, no autodiff; the
     /// logits read back), as PyTorch's `model.eval()` under `torch.no_grad()`.
     #[arg(long)]
@@ -119,6 +124,17 @@ fn random(shape: [usize; 4], rng: &mut StdRng, device: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// Which ops `--ops` times: those whose `<op> <shape>` contains `--only`'s text, or all.
+struct Filter(Option<String>);
+
+impl Filter {
+    fn takes(&self, op: &str, shape: &str) -> bool {
+        self.0
+            .as_deref()
+            .is_none_or(|text| format!("{op} {shape}").contains(text))
+    }
+}
+
 fn report(op: &str, shape: String, t: Timing) {
     let (median, min) = (t.median, t.min);
     println!(
@@ -126,7 +142,7 @@ fn report(op: &str, shape: String, t: Timing) {
     );
 }
 
-fn ops() {
+fn ops(filter: &Filter) {
     use burn::backend::Dispatch;
     use burn::backend::ops::ModuleOps;
     use burn::module::Module;
@@ -176,7 +192,9 @@ fn ops() {
             }),
         ];
         for (op, run) in cases {
-            report(op, shape.clone(), time_ms(|| drop(read(run()))));
+            if filter.takes(op, &shape) {
+                report(op, shape.clone(), time_ms(|| drop(read(run()))));
+            }
         }
     }
     let train = device.clone().autodiff();
@@ -196,6 +214,9 @@ fn ops() {
             ("batchnorm+relu train fwd+bwd, flex's", &flex_relu),
         ];
         for (op, forward) in cases {
+            if !filter.takes(op, &shape) {
+                continue;
+            }
             let ms = time_ms(|| {
                 let grads = (forward(x.clone()) * g.clone()).sum().backward();
                 let _ = x.grad(&grads).map(|grad| grad.into_data());
@@ -204,16 +225,20 @@ fn ops() {
         }
         let frozen = bn.valid();
         let x = random([n, c, side, side], &mut rng, &device);
-        let ours = time_ms(|| drop(read(batch_norm_relu(&frozen, x.clone()))));
-        report("batchnorm+relu eval", shape.clone(), ours);
-        let flex = time_ms(|| drop(read(relu(frozen.forward(x.clone())))));
-        report("batchnorm+relu eval, flex's", shape.clone(), flex);
+        if filter.takes("batchnorm+relu eval", &shape) {
+            let ours = time_ms(|| drop(read(batch_norm_relu(&frozen, x.clone()))));
+            report("batchnorm+relu eval", shape.clone(), ours);
+        }
+        if filter.takes("batchnorm+relu eval, flex's", &shape) {
+            let flex = time_ms(|| drop(read(relu(frozen.forward(x.clone())))));
+            report("batchnorm+relu eval, flex's", shape.clone(), flex);
+        }
     }
 }
 
 fn run(args: &Args) -> Result<()> {
     if args.ops {
-        ops();
+        ops(&Filter(args.only.clone()));
         return Ok(());
     }
     if args.list {
