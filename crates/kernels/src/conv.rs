@@ -345,7 +345,7 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     if s.input_grad_runs_on_grid() {
         return grid::input_grad(weight, output_grad, s);
     }
-    if s.runs_in_groups() {
+    if s.input_grad_runs_in_groups() {
         return small::input_grad(weight, output_grad, s);
     }
     let total = s.batch * s.input_len();
@@ -1036,6 +1036,18 @@ mod tests {
             // a 3x2 kernel padded unevenly; output columns and rows that read no input
             (40, 4, 5, [5, 6], [3, 2], [1, 1], [(2, 0), (0, 1)], [1, 1]),
             (40, 2, 3, [3, 3], [3, 3], [1, 1], [(1, 3), (3, 0)], [1, 1]),
+            // 8x8 maps of a wide layer: the input and weight gradients in groups, on their
+            // valid taps (16 items a thread with 2 threads)
+            (
+                32,
+                128,
+                128,
+                [8, 8],
+                [3, 3],
+                [1, 1],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
             // weight-gradient chunks of 16 4x4 maps (256 pixels, a padded row stride), the
             // last one short; a 16x16 map alone is 256 pixels too
             (70, 2, 3, [4, 4], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
@@ -1175,6 +1187,22 @@ mod tests {
         );
         assert!(!shape(8, 3, 1).runs_on_grid(), "8x8 3x3");
         assert!(!shape(8, 3, 1).runs_in_groups(), "8x8 3x3: 64 pixels");
+        let wide_8x8 = ConvShape {
+            batch: 64,
+            in_channels: 256,
+            out_channels: 256,
+            ..shape(8, 3, 1)
+        };
+        assert!(
+            !wide_8x8.runs_in_groups()
+                && wide_8x8.input_grad_runs_in_groups()
+                && wide_8x8.weight_grad_runs_on_valid_taps(),
+            "8x8 3x3, 256 channels: forward alone, backward in groups"
+        );
+        assert!(
+            !shape(8, 3, 1).input_grad_runs_in_groups(),
+            "8x8 3x3, few channels"
+        );
         assert!(shape(4, 3, 1).runs_in_groups(), "4x4 3x3");
         assert!(shape(14, 3, 2).runs_in_groups(), "7x7 outputs");
         assert!(!shape(32, 3, 2).runs_on_grid(), "stride 2");
