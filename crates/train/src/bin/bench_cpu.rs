@@ -12,11 +12,11 @@
 //! weight decay; the loss read back, so the step is finished) on random images and labels, and
 //! prints one JSON line: `{"model", "batch", "steps_ms": [...], "median_ms", "peak_rss_mib"}`.
 //! With `--eval`: forward passes in evaluation mode instead (the line's `"mode": "eval"`).
-//! With `--ops`: the ops a step spends its time in (`--only TEXT`: those whose `<op> <shape>`
-//! contains it), one JSON line per op and shape
-//! (`{"op", "shape", "median_ms", "min_ms"}`, over 7 runs after 5 warm-ups): conv forward, conv input gradient, conv weight gradient
-//! and BatchNorm's training forward + backward, on shapes from the benchmarked models, each
-//! through `cutmix-kernels` (what training runs) and through flex's own op (`<op>, flex's`).
+//! With `--ops`: the ops a step spends its time in, one JSON line per op and shape (`{"op",
+//! "shape", "median_ms", "min_ms"}`, over 7 runs after 5 warm-ups): conv forward, conv input
+//! gradient, conv weight gradient and BatchNorm's training forward + backward, on shapes from
+//! the benchmarked models, each through `cutmix-kernels` (what training runs) and through
+//! flex's own op (`<op>, flex's`). `--only TEXT` times those whose `<op> <shape>` contains it.
 
 use std::time::Instant;
 
@@ -73,7 +73,7 @@ struct Args {
 
 /// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
 /// stride.
-pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 11] = [
+pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 13] = [
     (64, 16, 32, 16, 3, 1),   // CIFAR ResNet-20, layer1
     (64, 32, 16, 32, 3, 1),   // CIFAR ResNet-20, layer2
     (64, 64, 8, 64, 3, 1),    // CIFAR ResNet-20, layer3
@@ -84,6 +84,8 @@ pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 11] = [
     (64, 512, 4, 512, 3, 1),  // ResNet-18 CIFAR stem, layer4
     (8, 3, 224, 64, 7, 2),    // ResNet-50 stem
     (8, 64, 56, 64, 3, 1),    // ResNet-50 layer1 3x3
+    (8, 128, 28, 128, 3, 1),  // ResNet-50 layer2 3x3
+    (8, 256, 14, 256, 3, 1),  // ResNet-50 layer3 3x3
     (8, 256, 56, 64, 1, 1),   // ResNet-50 layer1 1x1 reduce
 ];
 
