@@ -152,7 +152,8 @@ fn flipped(weight: &[f32], s: ConvShape) -> Vec<f32> {
 }
 
 /// Calls `f(index, [co, ci, tap])` for every value of a weight `[out_channels, in_channels,
-/// kh * kw]`, in order.
+/// kh * kw]`, in order (the weight permutations' tests).
+#[cfg(test)]
 fn for_each_weight(s: ConvShape, mut f: impl FnMut(usize, [usize; 3])) {
     let taps = s.kernel[0] * s.kernel[1];
     for co in 0..s.out_channels {
@@ -1241,6 +1242,17 @@ mod tests {
                 "{co} {ci} {tap}"
             );
         });
+        // The per-tap and per-kernel-row layouts, and back.
+        let by_tap = small::by_tap(&weight, s);
+        let rows = shifted::by_kernel_row(&weight, s);
+        let per_row = s.in_channels * s.kernel[1];
+        for_each_weight(s, |at, [co, ci, tap]| {
+            assert_eq!(by_tap[(co * 6 + tap) * 5 + ci], weight[at], "by tap");
+            let (kh, kw) = (tap / 2, tap % 2);
+            let row = (kh * s.out_channels + co) * per_row;
+            assert_eq!(rows[row + ci * 2 + kw], weight[at], "by kernel row");
+        });
+        assert_eq!(small::from_tap(&by_tap, s), weight, "from tap");
         // Three partials of two parallel tasks and a tail, summed in task order.
         let partials: Vec<Vec<f32>> = (0..3).map(|i| values((1 << 15) + 5, i)).collect();
         let want: Vec<u32> = (0..partials[0].len())

@@ -15,26 +15,25 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::{ConvShape, copy_short, matmul, valid_outputs};
 
 /// `[kh, out_channels, in_channels * kw]`: the weight (`[out_channels, in_channels, kh, kw]`)
-/// one kernel row at a time.
+/// one kernel row at a time, an output channel's row per task on every thread.
 pub(super) fn by_kernel_row(weight: &[f32], s: ConvShape) -> Vec<f32> {
     let [kh_len, kw_len] = s.kernel;
     let mut rows = vec![0f32; weight.len()];
     let per_row = s.in_channels * kw_len;
-    for (co, filter) in weight
-        .chunks_exact(s.in_channels * kh_len * kw_len)
+    rows.par_chunks_mut(per_row.max(1))
         .enumerate()
-    {
-        for (ci, taps) in filter.chunks_exact(kh_len * kw_len).enumerate() {
-            for (kh, row) in taps.chunks_exact(kw_len).enumerate() {
-                let start = (kh * s.out_channels + co) * per_row + ci * kw_len;
-                rows[start..start + kw_len].copy_from_slice(row);
+        .for_each(|(i, row)| {
+            let (kh, co) = (i / s.out_channels, i % s.out_channels);
+            for (ci, taps) in row.chunks_exact_mut(kw_len).enumerate() {
+                let start = ((co * s.in_channels + ci) * kh_len + kh) * kw_len;
+                taps.copy_from_slice(&weight[start..start + kw_len]);
             }
-        }
-    }
+        });
     rows
 }
 
