@@ -1,5 +1,6 @@
 //! Convolutions whose output maps have fewer than [`SMALL_MAP`] pixels (ResNet-18's 4x4 on
-//! CIFAR, the 7x7 of ImageNet networks' last stage): several batch items per GEMM.
+//! CIFAR, the 7x7 of ImageNet networks' last stage), and the 8x8 maps of wide layers (256
+//! channels: [`WIDE_CHANNELS`]): several batch items per GEMM.
 //!
 //! One item's forward GEMM, `[out_channels, pixels]`, is one `gemm` transposes to make its
 //! output column-major, so its register tiles run down the pixels: on 16 pixels that is one
@@ -29,32 +30,28 @@ pub(super) const SMALL_MAP: usize = 64;
 /// allows it while every thread still has a group.
 const GROUP_COLUMNS: usize = 128;
 
-/// Stride-1 maps of up to this many pixels (CIFAR's 8x8) run their input gradient and weight
-/// gradient in groups too (on their valid taps) ...
+/// Stride-1 maps of up to this many pixels (CIFAR's 8x8) run in groups too (on their valid
+/// taps) ...
 const WIDE_MAP: usize = 64;
 
 /// ... where the layer has at least this many channels in and out. On an Intel Xeon (2
-/// threads, least of 7, two rounds, against one image per GEMM): 64x256x8x8 input gradient
-/// 17.0-18.3 -> 14.7-14.9 ms, weight gradient 17.2-18.1 -> 15.5; the forward pass even
-/// (14.7-15.3 against 14.7-14.8), and 64 channels slower in groups (weight gradient 1.07-1.09
-/// -> 1.38-1.60). Each image's GEMM reads the whole weight (2.4 MiB at 256 channels, past the
-/// L2 cache) for 64 pixels; a group's reads it once for all of its items.
+/// threads, least of 7, two or three rounds, against one image per GEMM): 64x256x8x8 input
+/// gradient 17.9-18.5 -> 14.9-15.9 ms, weight gradient 17.9-18.7 -> 15.4-15.7, forward pass
+/// 14.9-15.8 -> 14.5-15.1 (even before [`by_tap`] ran on every thread); 64 channels were slower
+/// in groups (weight gradient 1.07-1.09 -> 1.38-1.60). Each image's GEMM reads the whole
+/// weight (2.4 MiB at 256 channels, past the L2 cache) for 64 pixels; a group's reads it once
+/// for all of its items.
 const WIDE_CHANNELS: usize = 128;
 
 impl ConvShape {
-    /// Whether the forward pass runs in groups of items.
+    /// Whether the forward pass and input gradient run in groups of items: maps of fewer than
+    /// [`SMALL_MAP`] pixels, and the stride-1 8x8 maps of wide layers ([`WIDE_MAP`],
+    /// [`WIDE_CHANNELS`]).
     pub(super) fn runs_in_groups(&self) -> bool {
-        self.output_pixels() < SMALL_MAP && self.batch > 1
-    }
-
-    /// Whether the input gradient runs in groups of items: where the forward pass does, and
-    /// on the stride-1 8x8 maps of wide layers ([`WIDE_MAP`], [`WIDE_CHANNELS`]).
-    pub(super) fn input_grad_runs_in_groups(&self) -> bool {
-        self.runs_in_groups()
-            || (self.batch > 1
-                && self.unfolds_padded()
-                && self.output_pixels() <= WIDE_MAP
-                && self.in_channels.min(self.out_channels) >= WIDE_CHANNELS)
+        let wide = self.unfolds_padded()
+            && self.output_pixels() <= WIDE_MAP
+            && self.in_channels.min(self.out_channels) >= WIDE_CHANNELS;
+        (self.output_pixels() < SMALL_MAP || wide) && self.batch > 1
     }
 
     /// Items per group: as many groups as possible, a multiple of the threads, each spanning
@@ -145,7 +142,7 @@ fn unfolded_forward(x: &[f32], (weight, strides): (&[f32], [usize; 2]), s: ConvS
     output
 }
 
-/// [`super::input_grad`] in groups of items ([`ConvShape::input_grad_runs_in_groups`]): for stride 1 the
+/// [`super::input_grad`] in groups of items ([`ConvShape::runs_in_groups`]): for stride 1 the
 /// forward pass of the [`ConvShape::transposed`] convolution, else `Wᵀ · dy` folded back. On an
 /// AMD Zen 4 (minimum of 11 runs, three rounds) the transposed forward pass took 29-31 ms at
 /// 64x512x4x4 against 35-41 for the product and fold, which writes and reads back nine times
@@ -265,7 +262,7 @@ const MIN_PART_COLUMNS: usize = 8;
 impl ConvShape {
     /// Whether the weight gradient runs on the valid taps only ([`ValidTaps`]).
     pub(super) fn weight_grad_runs_on_valid_taps(&self) -> bool {
-        self.input_grad_runs_in_groups() && ValidTaps::new(*self).is_some()
+        self.runs_in_groups() && ValidTaps::new(*self).is_some()
     }
 }
 
