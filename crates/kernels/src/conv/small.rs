@@ -295,9 +295,13 @@ fn flipped_by_tap(weight: &[f32], s: ConvShape) -> Vec<f32> {
     out.par_chunks_mut(taps * s.out_channels)
         .enumerate()
         .for_each(|(ci, row)| {
-            for (t, values) in row.chunks_exact_mut(s.out_channels).enumerate() {
-                for (co, value) in values.iter_mut().enumerate() {
-                    *value = weight[(co * s.in_channels + ci) * taps + taps - 1 - t];
+            // An output channel's taps at a time, one read of `taps` values (tap by tap, each
+            // pass over the output channels read a line per value: 64x512x4x4 input gradient
+            // 12.6-13.8 -> 12.3-12.4 ms on an Intel Xeon, least of 7, three rounds).
+            for co in 0..s.out_channels {
+                let taps_of = &weight[(co * s.in_channels + ci) * taps..][..taps];
+                for (t, &value) in taps_of.iter().rev().enumerate() {
+                    row[t * s.out_channels + co] = value;
                 }
             }
         });
