@@ -65,6 +65,23 @@ unsafe fn place(raw: *mut u8) -> *mut u8 {
     }
 }
 
+/// A request served by `system` (the system allocator's `alloc` or `alloc_zeroed`): as it is
+/// when small, else as a block of [`LINE`] more bytes with the values [`place`]d in it.
+///
+/// # Safety
+/// `layout` must have a non-zero size, and `system` must return null or a block of the layout
+/// it is given.
+unsafe fn served(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    if !is_large(layout) {
+        return system(layout);
+    }
+    let Some(block) = system_layout(layout.size()) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: a block of size + LINE bytes, aligned to 16, or null.
+    unsafe { place(system(block)) }
+}
+
 /// The system block of a large block's values.
 ///
 /// # Safety
@@ -82,27 +99,13 @@ unsafe fn system_block(values: *mut u8) -> *mut u8 {
 // which kind a block is.
 unsafe impl GlobalAlloc for CacheLineAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !is_large(layout) {
-            // SAFETY: forwarded.
-            return unsafe { System.alloc(layout) };
-        }
-        let Some(block) = system_layout(layout.size()) else {
-            return std::ptr::null_mut();
-        };
-        // SAFETY: a block of size + LINE bytes, aligned to 16.
-        unsafe { place(System.alloc(block)) }
+        // SAFETY: forwarded (`System::alloc` has `alloc`'s contract).
+        unsafe { served(layout, |layout| System.alloc(layout)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !is_large(layout) {
-            // SAFETY: forwarded.
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        let Some(block) = system_layout(layout.size()) else {
-            return std::ptr::null_mut();
-        };
-        // SAFETY: as `alloc` (calloc: fresh pages are not written).
-        unsafe { place(System.alloc_zeroed(block)) }
+        // SAFETY: as `alloc` (for a large block, calloc: fresh pages are not written).
+        unsafe { served(layout, |layout| System.alloc_zeroed(layout)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
