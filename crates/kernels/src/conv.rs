@@ -684,41 +684,51 @@ impl<'a> Band<'a> {
         let [dh, dw] = s.dilation;
         let rows = (output_rows.len() - 1) * sh + (kh_len - 1) * dh + 1;
         let len = ow + (kw_len - 1) * dw / stride;
-        let row_read = |r: usize| {
-            (0..kh_len).any(|kh| {
-                r.checked_sub(kh * dh)
-                    .is_some_and(|d| d % sh == 0 && d / sh < output_rows.len())
+        let row_read: Vec<bool> = (0..rows)
+            .map(|r| {
+                (0..kh_len).any(|kh| {
+                    r.checked_sub(kh * dh)
+                        .is_some_and(|d| d % sh == 0 && d / sh < output_rows.len())
+                })
             })
-        };
-        let phase_read = |p: usize| (0..kw_len).any(|kw| kw * dw % stride == p);
+            .collect();
+        // The phases some tap reads, each with the values of it that come from the input:
+        // value j of phase p is padded column j * stride + p, input column j * stride + p - pw.
+        let phases_read: Vec<(usize, std::ops::Range<usize>)> = (0..stride)
+            .filter(|&p| (0..kw_len).any(|kw| kw * dw % stride == p))
+            .map(|p| {
+                let (low, high) = valid_outputs(p, pw, stride, w, len);
+                (p, low..high)
+            })
+            .filter(|(_, values)| !values.is_empty())
+            .collect();
+        let both_of_two = stride == 2 && phases_read.len() == 2;
         buffer.clear();
         buffer.resize(s.in_channels * stride * rows * len, 0.0);
         for (ci, phases) in buffer.chunks_exact_mut(stride * rows * len).enumerate() {
             let channel = &image[ci * h * w..(ci + 1) * h * w];
-            for r in 0..rows {
+            for r in (0..rows).filter(|&r| row_read[r]) {
                 // Padded row r is input row output_rows.start * sh + r - ph.
                 let Some(ih) = (output_rows.start * sh + r)
                     .checked_sub(ph)
-                    .filter(|&ih| ih < h && row_read(r))
+                    .filter(|&ih| ih < h)
                 else {
                     continue;
                 };
                 let input = &channel[ih * w..(ih + 1) * w];
-                if stride == 2 {
+                if both_of_two {
                     let (even, odd) = phases.split_at_mut(rows * len);
                     let at = r * len..(r + 1) * len;
                     deinterleave(input, pw, [&mut even[at.clone()], &mut odd[at]]);
                     continue;
                 }
-                for p in (0..stride).filter(|&p| phase_read(p)) {
-                    // Value j of the phase is padded column j * stride + p, input column
-                    // j * stride + p - pw.
-                    let (low, high) = valid_outputs(p, pw, stride, w, len);
-                    if low == high {
+                for (p, values) in &phases_read {
+                    let first = values.start * stride + p - pw;
+                    let row = &mut phases[(p * rows + r) * len..][values.clone()];
+                    if stride == 1 {
+                        row.copy_from_slice(&input[first..first + row.len()]);
                         continue;
                     }
-                    let first = low * stride + p - pw;
-                    let row = &mut phases[(p * rows + r) * len..][low..high];
                     // Chunks rather than `step_by`, whose steps are calls here.
                     for (v, columns) in row.iter_mut().zip(input[first..].chunks(stride)) {
                         *v = columns[0];
