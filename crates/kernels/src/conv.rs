@@ -25,6 +25,8 @@
 //! Other weight gradients (up to 256 channels of a 3x3 kernel, not 1x1) unfold the input by
 //! pixel, `[depth, kh * kw * ci]` ([`by_pixel`]): the layout `gemm` reads without packing it,
 //! each pixel's row copied from a channels-last copy of the input in runs of `kw * ci` values.
+//! So do stride-1 forward passes and input gradients on maps whose pixels do not fill whole
+//! AVX-512 registers (14x14), multiplied into `[pixels, out_channels]` and put in place.
 //!
 //! Other stride-1 convolutions run the forward pass and input gradient unfolded along the
 //! kernel's width only, as one GEMM per kernel row over shifted windows of that buffer
@@ -241,6 +243,9 @@ pub fn forward(x: &[f32], weight: &[f32], shape: ConvShape) -> Vec<f32> {
     if s.runs_in_groups() {
         return small::forward(x, weight, s);
     }
+    if s.forward_runs_by_pixel() {
+        return by_pixel::forward(x, weight, s);
+    }
     let total = s.batch * s.output_len();
     let mut output = Vec::with_capacity(total);
     let (_, parallelism) = split(s.batch);
@@ -349,6 +354,9 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     }
     if s.runs_in_groups() {
         return small::input_grad(weight, output_grad, s);
+    }
+    if s.input_grad_runs_by_pixel() {
+        return by_pixel::input_grad(weight, output_grad, s);
     }
     let total = s.batch * s.input_len();
     let mut x_grad = Vec::with_capacity(total);
@@ -1088,6 +1096,39 @@ mod tests {
             (3, 4, 5, [11, 10], [3, 3], [2, 2], [(1, 0), (1, 0)], [1, 1]),
             (2, 16, 3, [9, 9], [4, 4], [2, 2], [(1, 1), (1, 1)], [1, 1]),
             (32, 3, 4, [8, 8], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            // the forward pass and input gradient by pixel (routed there where the GEMMs run
+            // AVX-512; below, every shape that unfolds by pixel runs it): a 14x14 map of 16
+            // channels; two tiles of a 40x37 map (910 pixels a tile); stride 2
+            (
+                2,
+                16,
+                16,
+                [14, 14],
+                [3, 3],
+                [1, 1],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
+            (
+                1,
+                32,
+                16,
+                [40, 37],
+                [3, 3],
+                [1, 1],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
+            (
+                2,
+                16,
+                32,
+                [27, 28],
+                [3, 3],
+                [2, 2],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
         ];
         for (batch, ci, co, input, kernel, stride, pad, dilation) in cases {
             let output =
@@ -1120,6 +1161,14 @@ mod tests {
             if s.weight_grad_runs_by_pixel() {
                 let by_pixel = by_pixel::weight_grad(&x, &dy, s);
                 assert_close(&by_pixel, &dw, &format!("{s:?} weight grad by pixel"));
+                let by_pixel = by_pixel::forward(&x, &w, s);
+                assert_close(&by_pixel, &y, &format!("{s:?} output by pixel"));
+            }
+            if s.transposed()
+                .is_some_and(|t| t.weight_grad_runs_by_pixel())
+            {
+                let by_pixel = by_pixel::input_grad(&w, &dy, s);
+                assert_close(&by_pixel, &dx, &format!("{s:?} input grad by pixel"));
             }
         }
     }
@@ -1223,6 +1272,18 @@ mod tests {
         };
         assert!(wide(256).weight_grad_runs_by_pixel(), "256 channels");
         assert!(!wide(512).weight_grad_runs_by_pixel(), "512 channels");
+        // The forward pass and input gradient by pixel: 196 pixels a map, with AVX-512 GEMMs.
+        let layer3 = |side| ConvShape {
+            batch: 8,
+            in_channels: 256,
+            out_channels: 256,
+            ..shape(side, 3, 1)
+        };
+        let avx512 = crate::cpu::gemm_runs_avx512();
+        assert_eq!(layer3(14).forward_runs_by_pixel(), avx512, "14x14");
+        assert_eq!(layer3(14).input_grad_runs_by_pixel(), avx512, "14x14");
+        assert!(!layer3(16).forward_runs_by_pixel(), "16x16: 256 pixels");
+        assert!(!layer3(16).input_grad_runs_by_pixel(), "16x16: 256 pixels");
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct Args {
 
 /// Conv shapes of the benchmarked models: batch, in channels, side, out channels, kernel,
 /// stride.
-pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 13] = [
+pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 19] = [
     (64, 16, 32, 16, 3, 1),   // CIFAR ResNet-20, layer1
     (64, 32, 16, 32, 3, 1),   // CIFAR ResNet-20, layer2
     (64, 64, 8, 64, 3, 1),    // CIFAR ResNet-20, layer3
@@ -81,12 +81,18 @@ pub const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 13] = [
     (64, 128, 16, 128, 3, 1), // ResNet-18 CIFAR stem, layer2
     (64, 64, 32, 128, 3, 2),  // ResNet-18 CIFAR stem, layer2's first (stride 2)
     (64, 256, 8, 256, 3, 1),  // ResNet-18 CIFAR stem, layer3
+    (64, 128, 16, 256, 3, 2), // ResNet-18 CIFAR stem, layer3's first
+    (64, 64, 32, 128, 1, 2),  // ResNet-18 CIFAR stem, layer2's shortcut
     (64, 512, 4, 512, 3, 1),  // ResNet-18 CIFAR stem, layer4
     (8, 3, 224, 64, 7, 2),    // ResNet-50 stem
     (8, 64, 56, 64, 3, 1),    // ResNet-50 layer1 3x3
     (8, 128, 28, 128, 3, 1),  // ResNet-50 layer2 3x3
+    (8, 256, 28, 256, 3, 2),  // ResNet-50 layer3's first 3x3 (stride 2)
     (8, 256, 14, 256, 3, 1),  // ResNet-50 layer3 3x3
     (8, 256, 56, 64, 1, 1),   // ResNet-50 layer1 1x1 reduce
+    (8, 1024, 14, 256, 1, 1), // ResNet-50 layer3 1x1 reduce
+    (8, 256, 14, 1024, 1, 1), // ResNet-50 layer3 1x1 expand
+    (8, 512, 7, 2048, 1, 1),  // ResNet-50 layer4 1x1 expand
 ];
 
 /// BatchNorm shapes: batch, channels, side.
