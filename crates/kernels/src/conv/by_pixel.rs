@@ -53,6 +53,7 @@ impl ConvShape {
     pub(super) fn forward_runs_by_pixel(&self) -> bool {
         crate::cpu::gemm_runs_avx512()
             && self.stride == [1, 1]
+            && self.rows() > 0
             && !self.output_pixels().is_multiple_of(16)
             && self.out_channels.is_multiple_of(16)
             && self.weight_grad_runs_by_pixel()
@@ -182,9 +183,10 @@ fn by_tap_columns(weight: &[f32], s: ConvShape, flip: bool) -> Vec<f32> {
 
 /// [`forward`] by the weight's [`by_tap_columns`]: each item laid out channels-last, then a
 /// tile of its output pixels (about [`TILE_FLOATS`] unfolded) at a time unfolded and multiplied
-/// into `[pixels, out_channels]`, output channels contiguous (the GEMM's vector dimension:
-/// pixels are, in [`super::forward`]'s GEMMs, which run an edge tile on maps of 14x14 and
-/// 7x7), and that put in place in the item's output.
+/// into `[pixels, out_channels]`, output channels contiguous (the GEMM's vector dimension,
+/// where in [`super::forward`]'s GEMMs the pixels are, which end in an edge tile on 14x14
+/// maps), and that put in place in the item's output. `s` must have input channels (a GEMM
+/// with no inner dimension writes nothing).
 fn forward_by(x: &[f32], columns: &[f32], s: ConvShape) -> Vec<f32> {
     let total = s.batch * s.output_len();
     let mut output = Vec::with_capacity(total);
@@ -228,8 +230,8 @@ fn forward_by(x: &[f32], columns: &[f32], s: ConvShape) -> Vec<f32> {
 }
 
 /// Writes `product` (`[pixels.len(), channels]`) into columns `pixels` of `out` (`[channels,
-/// all pixels]`), 16 channels at a time: 16 rows of `out` written in order, each read of
-/// `product` one whole line.
+/// all pixels]`), 16 channels at a time: 16 rows of `out` written in order, 16 values (a cache
+/// line) read of `product` at a time.
 fn put(product: &[f32], channels: usize, pixels: Range<usize>, out: &mut [MaybeUninit<f32>]) {
     const BLOCK: usize = 16;
     let plane = out.len() / channels;
