@@ -1038,6 +1038,9 @@ mod tests {
             (2, 3, 5, [30, 26], [5, 3], [1, 1], [(2, 1), (0, 2)], [1, 1]),
             (3, 2, 5, [24, 24], [2, 2], [1, 1], [(1, 0), (0, 1)], [1, 1]),
             (1, 4, 3, [20, 17], [3, 3], [1, 1], [(0, 2), (1, 1)], [1, 1]),
+            // rows of two whole runs of 16, the output gradient read in place by the weight
+            // gradient; 6 output channels (a partial tile of 8)
+            (4, 5, 6, [12, 32], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             // padding wider than the kernel's reach: an output larger than its input, the
             // grid's gaps set by the output
             (2, 3, 4, [20, 18], [3, 3], [1, 1], [(2, 2), (2, 1)], [1, 1]),

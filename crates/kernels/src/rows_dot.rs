@@ -4,14 +4,20 @@
 //!   a_i[k] · b_j[k]` (a weight gradient: output-gradient channels by shifted input channels),
 //!   in vector registers, a tile of rows of `a` by rows of `b` at a time (AVX2: 4 x 3, 12
 //!   accumulators, 7 loads per 12 fused multiply-adds; AVX-512: 4 x 4, 16 accumulators, 8
-//!   loads per 16), over a block of the rows' length at a time so that every row's block stays
+//!   loads per 16), over a block of the positions at a time so that every row's block stays
 //!   in cache; the lanes are added up once, at the end;
-//! - [`combine`]: weighted sums of rows (a forward pass: weights by shifted input channels).
+//! - [`combine`]: weighted sums of rows (a forward pass: weights by shifted input channels),
+//!   written in place.
+//!
+//! Both take the positions they run over as [`Run`]s of up to 16 (one AVX-512 register): a
+//! convolution's output rows, or 16-wide parts of them, so that the points of the grid outside
+//! the output cost nothing, and the output (or output gradient) is written (or read) where it
+//! lies in `[batch, channels, h, w]`.
 //!
 //! Each runs the widest [`Kernel`] the CPU has, chosen at run time, so one binary runs at full
 //! width on AVX-512 and on AVX2-only machines; the tests run every kernel the CPU has.
 
-use std::ops::Range;
+use std::mem::MaybeUninit;
 
 /// Rows of `a` per register tile.
 const TILE_A: usize = 4;
@@ -25,8 +31,6 @@ const LANES: usize = 8;
 /// registers and ran 1.3-1.7x slower on a Zen 5 EPYC).
 const WIDE_TILE_A: usize = 4;
 const WIDE_TILE_B: usize = 4;
-/// Lanes of an AVX-512 register of f32.
-const WIDE: usize = 16;
 
 /// The instructions [`Sums::add`] and [`combine`] run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,15 +134,17 @@ fn split_512_bit() -> bool {
     false
 }
 
-/// One product's operands: the rows of `a` and of `b` by their start offsets, each row `len`
-/// values long.
+/// One product's operands: the rows of `a` and of `b` by their start offsets, and the
+/// positions summed over, [`Run`]s of up to 16: each run's `len` values of every row of `a`
+/// from `output` on and of every row of `b` from `input` on (a convolution's output gradient
+/// read in place at an output row, its input on the grid where that row reads it).
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
     pub a: &'a [f32],
     pub a_rows: &'a [usize],
     pub b: &'a [f32],
     pub b_rows: &'a [usize],
-    pub len: usize,
+    pub runs: &'a [Run],
 }
 
 /// The running sums of a `[m, n]` set of dot products, added to by one or more [`Rows`] of the
@@ -166,17 +172,25 @@ impl Sums {
         }
     }
 
-    /// Adds `rows`' dot products, `block` values of every row at a time.
+    /// Adds `rows`' dot products, `block` runs of every row at a time.
     pub fn add(&mut self, rows: Rows, block: usize) {
         assert_eq!(rows.a_rows.len(), self.m, "rows of a");
         assert_eq!(rows.b_rows.len(), self.n, "rows of b");
-        for (starts, data, what) in [(rows.a_rows, rows.a, "a"), (rows.b_rows, rows.b, "b")] {
+        assert!(
+            rows.runs.iter().all(|run| (1..=RUN).contains(&run.len)),
+            "a run of 1 to {RUN} positions"
+        );
+        let reach = |at: fn(&Run) -> usize| rows.runs.iter().map(|r| at(r) + r.len).max();
+        for (starts, data, reach, what) in [
+            (rows.a_rows, rows.a, reach(|r| r.output), "a"),
+            (rows.b_rows, rows.b, reach(|r| r.input), "b"),
+        ] {
             assert!(
-                starts.iter().all(|&s| s + rows.len <= data.len()),
+                starts.iter().all(|&s| s + reach.unwrap_or(0) <= data.len()),
                 "a row of {what} runs past its buffer"
             );
         }
-        if self.m == 0 || self.n == 0 || rows.len == 0 {
+        if self.m == 0 || self.n == 0 || rows.runs.is_empty() {
             return;
         }
         let padded = |starts: &[usize], tile: usize| {
@@ -194,18 +208,16 @@ impl Sums {
             b: rows.b,
             b_rows: &padded(rows.b_rows, tile_b),
         };
-        let block = block.max(LANES) / LANES * LANES;
-        for start in (0..rows.len).step_by(block) {
-            let span = start..(start + block).min(rows.len);
+        for block in rows.runs.chunks(block.max(1)) {
             match self.kernel {
                 // SAFETY (both): the CPU has the instructions (checked in `new`), every row
-                // holds `rows.len >= span.end` values (checked above) and `partial` holds every
-                // padded pair's lanes, the rows padded to the kernel's tiles.
+                // holds every run's values (checked above) and `partial` holds every padded
+                // pair's lanes, the rows padded to the kernel's tiles.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => unsafe { tiles.add_avx512(span, &mut self.partial) },
+                Kernel::Avx512 => unsafe { tiles.add_avx512(block, &mut self.partial) },
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2Fma => unsafe { tiles.add_avx2(span, &mut self.partial) },
-                _ => tiles.add_portable(span, &mut self.partial),
+                Kernel::Avx2Fma => unsafe { tiles.add_avx2(block, &mut self.partial) },
+                _ => tiles.add_portable(block, &mut self.partial),
             }
         }
     }
@@ -233,47 +245,42 @@ struct Tiles<'a> {
 }
 
 impl Tiles<'_> {
-    /// Lane `l` of pair `(i, j)` gains the products at `k = l mod 8` of `span`'s whole groups of
-    /// 8; lane 0 the products of its last `span.len() % 8` values.
-    fn add_portable(&self, span: Range<usize>, partial: &mut [f32]) {
+    /// Lane `l` of pair `(i, j)` gains the products at the positions `p` of each run with
+    /// `p = l mod 8` (the AVX2 kernel's order).
+    fn add_portable(&self, runs: &[Run], partial: &mut [f32]) {
         let n = self.b_rows.len();
-        let whole = span.start + (span.len() / LANES) * LANES;
         for (i, &ra) in self.a_rows.iter().enumerate() {
-            let row_a = &self.a[ra..];
             for (j, &rb) in self.b_rows.iter().enumerate() {
-                let row_b = &self.b[rb..];
                 let lanes = &mut partial[(i * n + j) * LANES..][..LANES];
-                let groups = row_a[span.start..whole]
-                    .chunks_exact(LANES)
-                    .zip(row_b[span.start..whole].chunks_exact(LANES));
-                for (xa, xb) in groups {
-                    for lane in 0..LANES {
-                        lanes[lane] += xa[lane] * xb[lane];
+                for run in runs {
+                    let row_a = &self.a[ra + run.output..][..run.len];
+                    let row_b = &self.b[rb + run.input..][..run.len];
+                    for (p, (&xa, &xb)) in row_a.iter().zip(row_b).enumerate() {
+                        lanes[p % LANES] += xa * xb;
                     }
-                }
-                for k in whole..span.end {
-                    lanes[0] += row_a[k] * row_b[k];
                 }
             }
         }
     }
 
-    /// [`Tiles::add_portable`] in AVX2 registers, twelve accumulators per 4 x 3 tile.
+    /// [`Tiles::add_portable`] in AVX2 registers, twelve accumulators per 4 x 3 tile, a run's
+    /// two halves of 8 into the same accumulator, a run of fewer than 16 by masked loads.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; every row must hold `span.end` values; `partial` must
+    /// The CPU must have AVX2 and FMA; every row must hold every run's values; `partial` must
     /// hold `LANES` values per pair of padded rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn add_avx2(&self, span: Range<usize>, partial: &mut [f32]) {
+    unsafe fn add_avx2(&self, runs: &[Run], partial: &mut [f32]) {
         use std::arch::x86_64::*;
         let n = self.b_rows.len();
-        let whole = span.start + (span.len() / LANES) * LANES;
         let (pa, pb, sums) = (self.a.as_ptr(), self.b.as_ptr(), partial.as_mut_ptr());
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         for tile_i in 0..self.a_rows.len() / TILE_A {
             let i0 = tile_i * TILE_A;
-            // SAFETY (this block and the loop's): the offsets address rows of `len` values
-            // inside `a` and `b`, and `k < span.end <= len`; each pair's lanes lie in `partial`.
+            // SAFETY (this block and the loop's): the offsets address rows holding every run's
+            // values inside `a` and `b`, which the loads (masked where a run is short) do not
+            // pass; each pair's lanes lie in `partial`.
             let ra: [*const f32; TILE_A] =
                 std::array::from_fn(|r| unsafe { pa.add(self.a_rows[i0 + r]) });
             for tile_j in 0..n / TILE_B {
@@ -284,24 +291,33 @@ impl Tiles<'_> {
                 unsafe {
                     let mut acc: [[__m256; TILE_B]; TILE_A] =
                         std::array::from_fn(|r| std::array::from_fn(|c| _mm256_loadu_ps(at(r, c))));
-                    let mut k = span.start;
-                    while k < whole {
-                        let vb: [__m256; TILE_B] =
-                            std::array::from_fn(|c| _mm256_loadu_ps(rb[c].add(k)));
-                        for r in 0..TILE_A {
-                            let va = _mm256_loadu_ps(ra[r].add(k));
-                            for c in 0..TILE_B {
-                                acc[r][c] = _mm256_fmadd_ps(va, vb[c], acc[r][c]);
+                    let mut step = |run: &Run, h: usize, mask: __m256i| {
+                        let vb: [__m256; TILE_B] = std::array::from_fn(|c| {
+                            _mm256_maskload_ps(rb[c].add(run.input + h), mask)
+                        });
+                        for (r, sums) in acc.iter_mut().enumerate() {
+                            let va = _mm256_maskload_ps(ra[r].add(run.output + h), mask);
+                            for (sum, &vb) in sums.iter_mut().zip(&vb) {
+                                *sum = _mm256_fmadd_ps(va, vb, *sum);
                             }
                         }
-                        k += LANES;
+                    };
+                    // Whole runs with a constant mask: plain loads once inlined.
+                    let all = _mm256_set1_epi32(-1);
+                    for run in runs {
+                        if run.len == RUN {
+                            step(run, 0, all);
+                            step(run, 8, all);
+                        } else {
+                            let len = _mm256_set1_epi32(run.len as i32);
+                            step(run, 0, _mm256_cmpgt_epi32(len, lanes));
+                            let high = _mm256_add_epi32(lanes, _mm256_set1_epi32(8));
+                            step(run, 8, _mm256_cmpgt_epi32(len, high));
+                        }
                     }
-                    for r in 0..TILE_A {
-                        for c in 0..TILE_B {
-                            _mm256_storeu_ps(at(r, c), acc[r][c]);
-                            for k in whole..span.end {
-                                *at(r, c) = (*ra[r].add(k)).mul_add(*rb[c].add(k), *at(r, c));
-                            }
+                    for (r, sums) in acc.iter().enumerate() {
+                        for (c, &sum) in sums.iter().enumerate() {
+                            _mm256_storeu_ps(at(r, c), sum);
                         }
                     }
                 }
@@ -311,15 +327,14 @@ impl Tiles<'_> {
 
     /// [`Tiles::add_avx2`] in AVX-512 registers: a 4 x 4 tile of 16-lane accumulators, each
     /// started from zero and folded into its pair's 8 partial lanes (lanes `l` and `l + 8`
-    /// added, then the sum to lane `l`) at the end; the last `span.len() % 16` values by masked
-    /// loads.
+    /// added, then the sum to lane `l`) at the end; a run of fewer than 16 by masked loads.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; every row must hold `span.end` values; the rows must be
+    /// The CPU must have AVX-512F; every row must hold every run's values; the rows must be
     /// padded to whole 4 x 4 tiles and `partial` hold `LANES` values per pair of them.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn add_avx512(&self, span: Range<usize>, partial: &mut [f32]) {
+    unsafe fn add_avx512(&self, runs: &[Run], partial: &mut [f32]) {
         use std::arch::x86_64::*;
         const A: usize = WIDE_TILE_A;
         const B: usize = WIDE_TILE_B;
@@ -327,9 +342,9 @@ impl Tiles<'_> {
         let (pa, pb, sums) = (self.a.as_ptr(), self.b.as_ptr(), partial.as_mut_ptr());
         for tile_i in 0..self.a_rows.len() / A {
             let i0 = tile_i * A;
-            // SAFETY (this block and the loop's): the offsets address rows of `len` values
-            // inside `a` and `b`; the masked loads read only `k < span.end <= len`; each pair's
-            // lanes lie in `partial`.
+            // SAFETY (this block and the loop's): the offsets address rows holding every run's
+            // values inside `a` and `b`, which the masked loads do not pass; each pair's lanes
+            // lie in `partial`.
             let ra: [*const f32; A] =
                 std::array::from_fn(|r| unsafe { pa.add(self.a_rows[i0 + r]) });
             for tile_j in 0..n / B {
@@ -344,22 +359,26 @@ impl Tiles<'_> {
                     // of them spills to the stack, and its store-to-load round trip every
                     // iteration halved this loop's speed (measured on an Intel Xeon).
                     let mut acc = [[_mm512_setzero_ps(); B]; A];
-                    let mut step = |k: usize, mask: __mmask16| {
-                        let vb: [__m512; B] =
-                            std::array::from_fn(|c| _mm512_maskz_loadu_ps(mask, rb[c].add(k)));
+                    let mut step = |run: &Run, mask: __mmask16| {
+                        let vb: [__m512; B] = std::array::from_fn(|c| {
+                            _mm512_maskz_loadu_ps(mask, rb[c].add(run.input))
+                        });
                         for (r, sums) in acc.iter_mut().enumerate() {
-                            let va = _mm512_maskz_loadu_ps(mask, ra[r].add(k));
+                            let va = _mm512_maskz_loadu_ps(mask, ra[r].add(run.output));
                             for (sum, &vb) in sums.iter_mut().zip(&vb) {
                                 *sum = _mm512_fmadd_ps(va, vb, *sum);
                             }
                         }
                     };
-                    let whole = span.end - (span.len() % WIDE);
-                    for k in (span.start..whole).step_by(WIDE) {
-                        step(k, !0);
-                    }
-                    if whole < span.end {
-                        step(whole, (1u16 << (span.end - whole)) - 1);
+                    // Whole runs with a constant mask (a mask computed in the loop left the
+                    // compiler one register short: an accumulator went through the stack every
+                    // run, 8x64x56x56's weight gradient 7.9 -> 10.7 ms on an Intel Xeon).
+                    for run in runs {
+                        if run.len == RUN {
+                            step(run, !0);
+                        } else {
+                            step(run, ((1u32 << run.len) - 1) as __mmask16);
+                        }
                     }
                     for (r, sums) in acc.iter().enumerate() {
                         for (c, &sum) in sums.iter().enumerate() {
@@ -385,137 +404,215 @@ const COMBINE_ROWS: usize = 6;
 /// accumulators, 11 loads per 24 fused multiply-adds (6 by 2 took 8 per 12, and a 16-channel
 /// layer ran 18 rows for its 16).
 const WIDE_COMBINE_ROWS: usize = 8;
-/// Positions per register tile of [`combine`] (two AVX2 registers).
-const COMBINE_SPAN: usize = 16;
+/// The most positions of a [`Run`]: one AVX-512 register, two AVX2 registers.
+pub const RUN: usize = 16;
 
-/// The weighted sums of rows, `out[i][k] = sum over r of weights[i][r] · b[b_rows[r] + k]` for
-/// `k < len`: a matrix product whose right operand's rows are offsets into one buffer (a
-/// convolution's shifted input channels), `[m, len]` row-major, with `weights` `[m, rows]`.
-/// Each of `b`'s rows must be readable for `len` rounded up to 16 values.
+/// Up to [`RUN`] neighbouring positions of [`combine`]'s output: `len` values from `output` on
+/// in every output row, each the weighted sum of the rows of `b` read from `input` on (a
+/// convolution's output row, or a 16-wide part of one, and where its input lies on the grid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub input: usize,
+    pub output: usize,
+    pub len: usize,
+}
+
+/// The weighted sums of rows, written in place: for every run, output row `i < m` and
+/// position `p < run.len`,
+/// `out[i * stride + run.output + p] = sum over r of weights[i][r] · b[b_rows[r] + run.input + p]`,
+/// a matrix product whose right operand's rows are offsets into one buffer (a convolution's
+/// shifted input channels) and whose output columns are runs anywhere in `out` (a
+/// convolution's output rows, straight into `[batch, channels, h, w]`, skipping the grid's
+/// padding), with `weights` `[m, rows]`. Every row of `b` must be readable for [`RUN`] values
+/// from every run's `input` (the AVX2 kernel loads whole registers and stores only the run's
+/// positions); the runs must not overlap in `out`. Writes every value it addresses and no
+/// other.
+#[allow(clippy::too_many_arguments)]
 pub fn combine(
     weights: &[f32],
     m: usize,
     b: &[f32],
     b_rows: &[usize],
-    len: usize,
+    runs: &[Run],
+    out: &mut [MaybeUninit<f32>],
+    stride: usize,
     kernel: Kernel,
-) -> Vec<f32> {
+) {
     let rows = b_rows.len();
     assert_eq!(weights.len(), m * rows, "weights [m, rows]");
-    let span = len.next_multiple_of(COMBINE_SPAN);
+    if m == 0 || runs.is_empty() {
+        return;
+    }
     assert!(
-        b_rows.iter().all(|&s| s + span <= b.len()),
+        runs.iter().all(|run| (1..=RUN).contains(&run.len)),
+        "a run of 1 to {RUN} positions"
+    );
+    let reach = runs.iter().map(|run| run.input).max().unwrap_or(0) + RUN;
+    assert!(
+        b_rows.iter().all(|&s| s + reach <= b.len()),
         "a row of b runs past its buffer"
     );
-    // The weights packed [tile][row][tile_rows], zero in a last tile's missing rows.
-    let tile_rows = kernel.combine_rows();
-    let tiles = m.div_ceil(tile_rows);
+    let end = runs
+        .iter()
+        .map(|run| run.output + run.len)
+        .max()
+        .unwrap_or(0);
+    assert!((m - 1) * stride + end <= out.len(), "a run past the output");
+    if rows == 0 {
+        for run in runs {
+            for i in 0..m {
+                out[i * stride + run.output..][..run.len].fill(MaybeUninit::new(0.0));
+            }
+        }
+        return;
+    }
+    let target = Target {
+        out: out.as_mut_ptr().cast(),
+        stride,
+        m,
+    };
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 | Kernel::Avx2Fma => {
+            assert!(kernel.runs_here(), "{} on this CPU", kernel.name());
+            let packed = packed(weights, rows, kernel.combine_rows());
+            // SAFETY: the CPU has the kernel's instructions (checked above); every row of b
+            // holds `RUN` values from every run's input, and every run's positions of the `m`
+            // output rows lie in `out` (checked above); `packed` holds whole tiles.
+            unsafe {
+                if kernel == Kernel::Avx512 {
+                    combine_avx512(&packed, b, b_rows, runs, target);
+                } else {
+                    combine_avx2(&packed, b, b_rows, runs, target);
+                }
+            }
+        }
+        _ => combine_portable(weights, m, b, b_rows, runs, out, stride),
+    }
+}
+
+/// `weights` (`[m, rows]`) packed `[tile][row][tile_rows]` for a register tile of `tile_rows`
+/// output rows, zero in a last tile's missing rows.
+#[cfg(target_arch = "x86_64")]
+fn packed(weights: &[f32], rows: usize, tile_rows: usize) -> Vec<f32> {
+    let tiles = (weights.len() / rows).div_ceil(tile_rows);
     let mut packed = vec![0f32; tiles * rows * tile_rows];
-    for (i, row) in weights.chunks_exact(rows.max(1)).enumerate().take(m) {
+    for (i, row) in weights.chunks_exact(rows).enumerate() {
         let (tile, lane) = (i / tile_rows, i % tile_rows);
         for (r, &w) in row.iter().enumerate() {
             packed[(tile * rows + r) * tile_rows + lane] = w;
         }
     }
-    let total = tiles * tile_rows * span;
-    let mut out = match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 | Kernel::Avx2Fma if rows > 0 => {
-            assert!(kernel.runs_here(), "{} on this CPU", kernel.name());
-            let mut out = Vec::with_capacity(total);
-            // SAFETY: the CPU has the kernel's instructions (checked above); every row of b
-            // holds `span` values (checked above); `packed` and `out` are sized for `tiles`
-            // whole tiles, and the kernel writes every value of `out` (its first block of rows
-            // stores without loading), so all `total` are initialised.
-            unsafe {
-                if kernel == Kernel::Avx512 {
-                    combine_avx512(&packed, b, b_rows, span, out.as_mut_ptr());
-                } else {
-                    combine_avx2(&packed, b, b_rows, span, out.as_mut_ptr());
-                }
-                out.set_len(total);
-            }
-            out
-        }
-        _ => {
-            let mut out = vec![0f32; total];
-            if rows > 0 {
-                combine_portable(&packed, b, b_rows, span, &mut out);
-            }
-            out
-        }
-    };
-    out.truncate(m * span);
-    if span != len {
-        // Drop each row's last `span - len` values.
-        for i in 1..m {
-            out.copy_within(i * span..i * span + len, i * len);
-        }
-        out.truncate(m * len);
-    }
-    out
+    packed
 }
 
-/// [`combine`] over packed weights and whole tiles, in plain Rust.
-fn combine_portable(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, out: &mut [f32]) {
+/// Where [`combine`]'s kernels write: output row `i`'s run at `out + i * stride + run.output`,
+/// for `i < m` (a last tile's missing rows are not written).
+#[derive(Clone, Copy)]
+struct Target {
+    out: *mut f32,
+    stride: usize,
+    m: usize,
+}
+
+impl Target {
+    /// Output rows `tile * rows_per_tile ..` that exist.
+    fn live(self, tile: usize, rows_per_tile: usize) -> usize {
+        (self.m - tile * rows_per_tile).min(rows_per_tile)
+    }
+
+    /// Output row `i` at `run`.
+    ///
+    /// # Safety
+    /// `i < m`, and the run lies in the output ([`combine`]'s checks).
+    unsafe fn at(self, i: usize, run: &Run) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.out.add(i * self.stride + run.output) }
+    }
+}
+
+/// [`combine`] in plain Rust, each sum over the rows in order.
+fn combine_portable(
+    weights: &[f32],
+    m: usize,
+    b: &[f32],
+    b_rows: &[usize],
+    runs: &[Run],
+    out: &mut [MaybeUninit<f32>],
+    stride: usize,
+) {
     let rows = b_rows.len();
-    for (tile, weights) in packed.chunks_exact(rows * COMBINE_ROWS).enumerate() {
-        let out = &mut out[tile * COMBINE_ROWS * span..][..COMBINE_ROWS * span];
-        for (w, &start) in weights.chunks_exact(COMBINE_ROWS).zip(b_rows) {
-            let row = &b[start..start + span];
-            for (lane, &weight) in w.iter().enumerate() {
-                for (o, &x) in out[lane * span..(lane + 1) * span].iter_mut().zip(row) {
-                    *o += weight * x;
+    for run in runs {
+        for i in 0..m {
+            let mut sums = [0f32; RUN];
+            for (&w, &start) in weights[i * rows..(i + 1) * rows].iter().zip(b_rows) {
+                let x = &b[start + run.input..][..run.len];
+                for (sum, &x) in sums.iter_mut().zip(x) {
+                    *sum += w * x;
                 }
+            }
+            for (o, &sum) in out[i * stride + run.output..][..run.len]
+                .iter_mut()
+                .zip(&sums)
+            {
+                o.write(sum);
             }
         }
     }
 }
 
-/// Rows of `b` per block of [`combine_avx2`], and positions per block: a block of rows' block
-/// of positions (a few KiB) stays in L1 while every tile of output rows runs over it.
+/// Rows of `b` per block of [`combine_avx2`] and [`combine_avx512`], and runs per block: a
+/// block of rows' block of runs (a few KiB) stays in L1 while every tile of output rows runs
+/// over it.
 const COMBINE_BLOCK_ROWS: usize = 64;
-const COMBINE_BLOCK_SPAN: usize = COMBINE_SPAN * 16;
+const COMBINE_BLOCK_RUNS: usize = 16;
 
-/// [`combine_portable`] in AVX2 registers: 6 output rows by 16 positions, 12 accumulators, over
-/// blocks of rows and positions.
+/// [`combine_portable`] in AVX2 registers: 6 output rows by one run (16 positions, two
+/// registers), 12 accumulators, over blocks of rows and of runs; a run of fewer than 16
+/// positions by masked loads and stores of its output.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; every row of `b` must hold `span` (a multiple of 16) values;
-/// `packed` must hold whole tiles and `out` address `tiles * COMBINE_ROWS * span` writable
-/// values (uninitialised: every one is written before it is read).
+/// The CPU must have AVX2 and FMA; [`combine`]'s checks must hold, and `packed` hold whole
+/// tiles of [`COMBINE_ROWS`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
+unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], runs: &[Run], to: Target) {
     use std::arch::x86_64::*;
-    const VECTORS: usize = COMBINE_SPAN / 8;
+    const ROWS: usize = COMBINE_ROWS;
     let rows = b_rows.len();
-    let tiles = packed.len() / (rows * COMBINE_ROWS);
+    let tiles = packed.len() / (rows * ROWS);
     let pb = b.as_ptr();
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for r0 in (0..rows).step_by(COMBINE_BLOCK_ROWS) {
         let block_rows = &b_rows[r0..(r0 + COMBINE_BLOCK_ROWS).min(rows)];
-        for k0 in (0..span).step_by(COMBINE_BLOCK_SPAN) {
-            let k1 = (k0 + COMBINE_BLOCK_SPAN).min(span);
+        for block in runs.chunks(COMBINE_BLOCK_RUNS) {
             for tile in 0..tiles {
-                let weights = packed[(tile * rows + r0) * COMBINE_ROWS..].as_ptr();
-                for k in (k0..k1).step_by(COMBINE_SPAN) {
-                    // SAFETY: `b_rows[r] + k + 16 <= span` values of each row, the packed
-                    // weights of this tile and its output rows are in bounds (the caller's
-                    // contract).
+                let weights = packed[(tile * rows + r0) * ROWS..].as_ptr();
+                let live = to.live(tile, ROWS);
+                for run in block {
+                    // Lane `l` of half `h` is in the run where `8 h + l < len`.
+                    let len = _mm256_set1_epi32(run.len as i32);
+                    let masks = [
+                        _mm256_cmpgt_epi32(len, lanes),
+                        _mm256_cmpgt_epi32(len, _mm256_add_epi32(lanes, _mm256_set1_epi32(8))),
+                    ];
+                    // SAFETY: every row of b holds `RUN` values from the run's input; output
+                    // rows `tile * ROWS + lane` for `lane < live` exist, and the masks keep
+                    // their accesses to the run's `len` positions (the caller's contract).
                     unsafe {
-                        let at = |lane: usize| po.add((tile * COMBINE_ROWS + lane) * span + k);
-                        let mut acc = [[_mm256_setzero_ps(); VECTORS]; COMBINE_ROWS];
+                        let at = |lane: usize| to.at(tile * ROWS + lane, run);
+                        let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
                         if r0 > 0 {
-                            for (lane, sums) in acc.iter_mut().enumerate() {
-                                *sums =
-                                    std::array::from_fn(|v| _mm256_loadu_ps(at(lane).add(8 * v)));
+                            for (lane, sums) in acc.iter_mut().enumerate().take(live) {
+                                *sums = std::array::from_fn(|h| {
+                                    _mm256_maskload_ps(at(lane).add(8 * h), masks[h])
+                                });
                             }
                         }
                         for (r, &start) in block_rows.iter().enumerate() {
-                            let p = pb.add(start + k);
-                            let x: [__m256; VECTORS] =
-                                std::array::from_fn(|v| _mm256_loadu_ps(p.add(8 * v)));
-                            let w = weights.add(r * COMBINE_ROWS);
+                            let p = pb.add(start + run.input);
+                            let x = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                            let w = weights.add(r * ROWS);
                             for (lane, sums) in acc.iter_mut().enumerate() {
                                 let weight = _mm256_broadcast_ss(&*w.add(lane));
                                 for (sum, &x) in sums.iter_mut().zip(&x) {
@@ -523,9 +620,9 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize,
                                 }
                             }
                         }
-                        for (lane, sums) in acc.iter().enumerate() {
-                            for (v, &sum) in sums.iter().enumerate() {
-                                _mm256_storeu_ps(at(lane).add(8 * v), sum);
+                        for (lane, sums) in acc.iter().enumerate().take(live) {
+                            for (h, &sum) in sums.iter().enumerate() {
+                                _mm256_maskstore_ps(at(lane).add(8 * h), masks[h], sum);
                             }
                         }
                     }
@@ -535,53 +632,59 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize,
     }
 }
 
-/// [`combine_avx2`] in AVX-512 registers: 8 output rows by 48 positions, 24 accumulators; a
-/// block's last 16 or 32 positions, where 48 are not left, by masked loads and stores.
+/// [`combine_avx2`] in AVX-512 registers: 8 output rows by three runs (one register each), 24
+/// accumulators; a run of fewer than 16 positions, and a block's missing runs, by masked loads
+/// and stores.
 ///
 /// # Safety
 /// As [`combine_avx2`], with AVX-512F and `packed` in tiles of [`WIDE_COMBINE_ROWS`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], span: usize, po: *mut f32) {
+unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], runs: &[Run], to: Target) {
     use std::arch::x86_64::*;
     const ROWS: usize = WIDE_COMBINE_ROWS;
     const VECTORS: usize = 3;
-    const STEP: usize = VECTORS * WIDE;
-    /// Five steps, about [`COMBINE_BLOCK_SPAN`].
-    const BLOCK_SPAN: usize = 5 * STEP;
+    /// Five steps, about [`COMBINE_BLOCK_RUNS`].
+    const BLOCK_RUNS: usize = 5 * VECTORS;
     let rows = b_rows.len();
     let tiles = packed.len() / (rows * ROWS);
     let pb = b.as_ptr();
     for r0 in (0..rows).step_by(COMBINE_BLOCK_ROWS) {
         let block_rows = &b_rows[r0..(r0 + COMBINE_BLOCK_ROWS).min(rows)];
-        for k0 in (0..span).step_by(BLOCK_SPAN) {
-            let k1 = (k0 + BLOCK_SPAN).min(span);
+        for block in runs.chunks(BLOCK_RUNS) {
             for tile in 0..tiles {
                 let weights = packed[(tile * rows + r0) * ROWS..].as_ptr();
-                for k in (k0..k1).step_by(STEP) {
-                    // `span` and the block are multiples of 16: register `v`'s 16 positions
-                    // are there unless the block ends before them.
-                    let masks: [__mmask16; VECTORS] =
-                        std::array::from_fn(|v| if k + WIDE * v < k1 { !0 } else { 0 });
-                    // SAFETY: the masks keep every access to `b_rows[r] + k + 16 * v < span`
-                    // values of each row and to this tile's output rows; the packed weights of
-                    // this tile are in bounds (the caller's contract).
+                let live = to.live(tile, ROWS);
+                for step in block.chunks(VECTORS) {
+                    // A step's missing runs repeat its first, with nothing loaded or stored
+                    // (plain loops: `array::from_fn` here was left a call, its result passed
+                    // through the stack, 3% of ResNet-20's step).
+                    let mut runs = [step[0]; VECTORS];
+                    let mut masks: [__mmask16; VECTORS] = [0; VECTORS];
+                    for (v, run) in step.iter().enumerate() {
+                        runs[v] = *run;
+                        masks[v] = (((1u32 << run.len) - 1) & 0xffff) as __mmask16;
+                    }
+                    // SAFETY: the masks keep every access to the runs' `len` values of each row
+                    // of b and of output rows `tile * ROWS + lane`, `lane < live`; the packed
+                    // weights of this tile are in bounds (the caller's contract).
                     unsafe {
-                        let at = |lane: usize, v: usize| {
-                            po.add((tile * ROWS + lane) * span + k + WIDE * v)
-                        };
+                        let at = |lane: usize, v: usize| to.at(tile * ROWS + lane, &runs[v]);
                         let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
                         if r0 > 0 {
-                            for (lane, sums) in acc.iter_mut().enumerate() {
+                            for (lane, sums) in acc.iter_mut().enumerate().take(live) {
                                 *sums = std::array::from_fn(|v| {
                                     _mm512_maskz_loadu_ps(masks[v], at(lane, v))
                                 });
                             }
                         }
+                        let mut from = [pb; VECTORS];
+                        for (from, run) in from.iter_mut().zip(&runs) {
+                            *from = pb.add(run.input);
+                        }
                         for (r, &start) in block_rows.iter().enumerate() {
-                            let p = pb.add(start + k);
                             let x: [__m512; VECTORS] = std::array::from_fn(|v| {
-                                _mm512_maskz_loadu_ps(masks[v], p.add(WIDE * v))
+                                _mm512_maskz_loadu_ps(masks[v], from[v].add(start))
                             });
                             let w = weights.add(r * ROWS);
                             for (lane, sums) in acc.iter_mut().enumerate() {
@@ -591,7 +694,7 @@ unsafe fn combine_avx512(packed: &[f32], b: &[f32], b_rows: &[usize], span: usiz
                                 }
                             }
                         }
-                        for (lane, sums) in acc.iter().enumerate() {
+                        for (lane, sums) in acc.iter().enumerate().take(live) {
                             for (v, &sum) in sums.iter().enumerate() {
                                 _mm512_mask_storeu_ps(at(lane, v), masks[v], sum);
                             }
@@ -619,31 +722,42 @@ mod tests {
             .collect()
     }
 
-    /// Every kernel this CPU runs (AVX-512, AVX2 + FMA, portable) against f64 sums, with row counts that leave partial tiles, overlapping
-    /// rows, lengths that leave a tail under 8, blocks smaller than a row, and two `add`s into
-    /// the same sums.
+    /// Every kernel this CPU runs (AVX-512, AVX2 + FMA, portable) against f64 sums, with row
+    /// counts that leave partial tiles, overlapping rows, runs of 16 and fewer (under 8, and
+    /// between 8 and 16), blocks of fewer runs than a row, and two `add`s into the same sums.
     #[test]
     fn both_kernels_match_f64_sums() {
         let kernels = Kernel::available();
         println!("rows_dot kernels on this CPU: {kernels:?}");
-        for (m, n, len, block) in [
-            (5, 7, 61, 16),
-            (4, 3, 8, 8),
-            (1, 1, 3, 64),
-            (9, 13, 300, 1000),
-            (8, 12, 64, 32),
+        for (m, n, width, lines, block) in [
+            (5, 7, 61, 1, 1),
+            (4, 3, 8, 1, 1),
+            (1, 1, 3, 2, 4),
+            (9, 13, 300, 1, 100),
+            (8, 12, 32, 2, 2),
+            (4, 4, 45, 3, 3),
         ] {
-            let a = values(m * 11 + len, 1);
-            let b = values(n * 5 + len + 2, 2);
+            // Each line of a `width + 1` values apart, of b `width + 4` apart.
+            let runs: Vec<Run> = (0..lines)
+                .flat_map(|line| {
+                    (0..width).step_by(RUN).map(move |p| Run {
+                        input: line * (width + 4) + p,
+                        output: line * (width + 1) + p,
+                        len: (width - p).min(RUN),
+                    })
+                })
+                .collect();
+            let a = values(m * 11 + lines * (width + 1), 1);
+            let b = values(n * 5 + lines * (width + 4) + 2, 2);
             let a_rows: Vec<usize> = (0..m).map(|i| i * 11).collect();
-            // b's rows overlap: starts 5 apart, each `len` long (a shifted tap's rows).
+            // b's rows overlap: starts 5 apart (a shifted tap's rows).
             let b_rows: Vec<usize> = (0..n).map(|j| j * 5 + j % 3).collect();
             let rows = Rows {
                 a: &a,
                 a_rows: &a_rows,
                 b: &b,
                 b_rows: &b_rows,
-                len,
+                runs: &runs,
             };
             for &kernel in &kernels {
                 let mut sums = Sums::new(m, n, kernel);
@@ -652,13 +766,20 @@ mod tests {
                 let got = sums.finish();
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..len)
-                            .map(|k| 2.0 * a[a_rows[i] + k] as f64 * b[b_rows[j] + k] as f64)
+                        let (a, b, a_rows, b_rows) = (&a, &b, &a_rows, &b_rows);
+                        let want: f64 = runs
+                            .iter()
+                            .flat_map(|run| {
+                                (0..run.len).map(move |p| {
+                                    2.0 * a[a_rows[i] + run.output + p] as f64
+                                        * b[b_rows[j] + run.input + p] as f64
+                                })
+                            })
                             .sum();
                         let g = got[i * n + j] as f64;
                         assert!(
                             (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{kernel:?} {m}x{n} len {len}: [{i}, {j}] {g} vs {want}"
+                            "{kernel:?} {m}x{n} width {width}: [{i}, {j}] {g} vs {want}"
                         );
                     }
                 }
@@ -666,40 +787,69 @@ mod tests {
         }
     }
 
-    /// Every kernel's weighted sums of rows against f64, with partial tiles of 6 and of 8 output
-    /// rows, lengths that are not a multiple of 16 (or of 48), overlapping rows, several blocks
-    /// of rows and of positions.
+    /// Every kernel's weighted sums of rows against f64, written in place at runs of 16 and
+    /// fewer positions (a map 37 wide: two whole runs and one of 5 per row), with partial
+    /// tiles of 6 and of 8 output rows, overlapping rows, several blocks of rows and of runs,
+    /// a step of three runs cut short; the values between runs left as they were.
     #[test]
     fn combine_matches_f64_sums() {
-        for (m, rows, len) in [
-            (7, 5, 37usize),
-            (6, 9, 16),
-            (1, 1, 3),
-            (13, 20, 100),
-            // More rows than a block of rows and more positions than a block of positions.
-            (8, 70, 300),
-            // Two whole AVX-512 tiles (a 16-channel layer), a block ending 16 positions into a
-            // step; three tiles, the last of one row, with a second block of a whole step.
-            (16, 66, 200),
-            (17, 9, 288),
+        for (m, rows, width, lines) in [
+            (7, 5, 37usize, 1usize),
+            (6, 9, 16, 1),
+            (1, 1, 3, 1),
+            (13, 20, 100, 1),
+            // More rows than a block of rows and more runs than a block of runs.
+            (8, 70, 300, 2),
+            // Two whole AVX-512 tiles (a 16-channel layer) over 13 runs; three tiles, the last
+            // of one row, with a second block of runs.
+            (16, 66, 16, 13),
+            (17, 9, 32, 9),
+            (3, 0, 20, 2),
         ] {
             let weights = values(m * rows, 3);
-            let b = values(rows * 4 + len.next_multiple_of(16) + 3, 4);
+            // Each line's input `width + 3` values apart, its output `width + 2` apart.
+            let runs: Vec<Run> = (0..lines)
+                .flat_map(|line| {
+                    (0..width).step_by(RUN).map(move |p| Run {
+                        input: line * (width + 3) + p,
+                        output: line * (width + 2) + p,
+                        len: (width - p).min(RUN),
+                    })
+                })
+                .collect();
+            let stride = lines * (width + 2) + 1;
+            let b = values(rows * 4 + lines * (width + 3) + RUN + 3, 4);
             let b_rows: Vec<usize> = (0..rows).map(|r| r * 4 + r % 3).collect();
             for kernel in Kernel::available() {
-                let got = combine(&weights, m, &b, &b_rows, len, kernel);
-                assert_eq!(got.len(), m * len);
-                for i in 0..m {
-                    for k in 0..len {
-                        let want: f64 = (0..rows)
-                            .map(|r| weights[i * rows + r] as f64 * b[b_rows[r] + k] as f64)
-                            .sum();
-                        let g = got[i * len + k] as f64;
-                        assert!(
-                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{kernel:?} {m}x{rows} len {len}: [{i}, {k}] {g} vs {want}"
-                        );
+                let mut out = vec![MaybeUninit::new(f32::NAN); m * stride];
+                combine(&weights, m, &b, &b_rows, &runs, &mut out, stride, kernel);
+                // SAFETY: every value was initialised (NaN, or written).
+                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let mut written = vec![false; got.len()];
+                for run in &runs {
+                    for i in 0..m {
+                        for p in 0..run.len {
+                            let want: f64 = (0..rows)
+                                .map(|r| {
+                                    weights[i * rows + r] as f64
+                                        * b[b_rows[r] + run.input + p] as f64
+                                })
+                                .sum();
+                            let at = i * stride + run.output + p;
+                            written[at] = true;
+                            let g = got[at] as f64;
+                            assert!(
+                                (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{kernel:?} {m}x{rows} width {width}: [{i}, {at}] {g} vs {want}"
+                            );
+                        }
                     }
+                }
+                for (at, (&g, written)) in got.iter().zip(&written).enumerate() {
+                    assert!(
+                        *written || g.is_nan(),
+                        "{kernel:?}: {at} written outside the runs"
+                    );
                 }
             }
         }
@@ -716,7 +866,11 @@ mod tests {
                 a_rows: &[0],
                 b: &a,
                 b_rows: &[3],
-                len: 8,
+                runs: &[Run {
+                    input: 0,
+                    output: 0,
+                    len: 8,
+                }],
             },
             8,
         );

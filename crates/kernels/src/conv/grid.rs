@@ -10,18 +10,17 @@
 //! shifted by tap `(kh, kw)`: at grid point `(r, c)` it holds input `(r + kh - ph, c + kw - pw)`.
 //! So, with `j` running over the grid points:
 //! - forward: `y[co][j] = sum over (ci, tap) of W[co, ci, tap] · x[ci][j + shift(tap)]`, a
-//!   [`rows_dot::combine`], read back at the points with `r < oh`, `c < ow`;
+//!   [`rows_dot::combine`] over the points with `r < oh`, `c < ow` only, a run of up to 16 of
+//!   an output row's points at a time, written straight into the output;
 //! - input gradient: the forward pass of the output gradient laid on the input's grid (padded
 //!   by `kh - 1 - ph`, `kw - 1 - pw`) by the flipped, transposed weight;
 //! - weight gradient: `dW[co, ci, tap] = sum over j of dy[co][j] · x[ci][j + shift(tap)]`, a
-//!   [`rows_dot::Sums`], with the output gradient laid on the same grid, zero outside its
-//!   `oh x ow`, so what a shifted row reads there (padding, the next row or item) adds nothing.
+//!   [`rows_dot::Sums`] over the output's points only, the output gradient read in place.
 //!
 //! The grid is larger than the map it holds (for a 3x3 kernel by 6% at 32x32, 13% at 16x16,
 //! 27% at 8x8, 56% at 4x4), so this runs where it is at most 25% larger
 //! ([`ConvShape::runs_on_grid`]).
 
-use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -224,11 +223,6 @@ impl Grid {
             .map(|r| (r / taps) * self.len + (r % taps / kw) * self.width + r % kw)
             .collect()
     }
-
-    /// The rows of each channel (the unshifted channels).
-    fn channel_rows(&self, channels: usize) -> Vec<usize> {
-        (0..channels).map(|c| c * self.len).collect()
-    }
 }
 
 /// How far the last tap's row reaches past the last channel's end.
@@ -236,27 +230,80 @@ fn reach([kh, kw]: [usize; 2], width: usize) -> usize {
     (kh - 1) * width + kw - 1
 }
 
-/// Writes `on_grid` (`[channels, items, rows, width]`) at the points `r < h`, `c < w` into
-/// `out` (`[items, channels, h, w]`), every value of it.
-fn read_back(
-    on_grid: &[f32],
+/// Where each output row of `items` items lies on the grid and in the output
+/// (`[items, channels, h, w]`), cut into [`rows_dot::Run`]s of up to 16 positions.
+fn output_runs(
+    items: usize,
     [channels, h, w]: [usize; 3],
-    width: usize,
-    out: &mut [MaybeUninit<f32>],
-) {
-    let plane_len = h * w;
-    let items = out.len() / (channels * plane_len).max(1);
-    let len = on_grid.len() / channels.max(1);
-    let plane = len / items.max(1);
-    for (i, item) in out.chunks_exact_mut(channels * plane_len).enumerate() {
-        for (c, map) in item.chunks_exact_mut(plane_len).enumerate() {
-            let grid = &on_grid[c * len + i * plane..];
-            for (y, row) in map.chunks_exact_mut(w).enumerate() {
-                for (o, &v) in row.iter_mut().zip(&grid[y * width..y * width + w]) {
-                    o.write(v);
-                }
+    [rows, width]: [usize; 2],
+) -> Vec<rows_dot::Run> {
+    let mut runs = Vec::with_capacity(items * h * w.div_ceil(rows_dot::RUN));
+    for n in 0..items {
+        for y in 0..h {
+            for x in (0..w).step_by(rows_dot::RUN) {
+                runs.push(rows_dot::Run {
+                    input: (n * rows + y) * width + x,
+                    output: n * channels * h * w + y * w + x,
+                    len: (w - x).min(rows_dot::RUN),
+                });
             }
         }
+    }
+    runs
+}
+
+/// A run of items' output gradient as [`rows_dot::Sums`] reads it beside their input's grid:
+/// in place, an output row at a time, where the rows are whole registers (16, 32 wide); on the
+/// same grid (zero outside the map) where they are not, whose flat runs of 16 cross from row
+/// to row (a 56-wide map in runs of 16, 16, 16, 8 read 8x64x56x56's weight gradient 6.9-7.1 ->
+/// 7.7-8.5 ms on an Intel Xeon; its grid is 4% larger than the map).
+struct OutputGrad<'a> {
+    laid: Option<Grid>,
+    in_place: &'a [f32],
+    /// The start of each channel.
+    rows: Vec<usize>,
+    runs: Vec<rows_dot::Run>,
+}
+
+impl<'a> OutputGrad<'a> {
+    fn new(output_grad: &'a [f32], s: ConvShape, items: Range<usize>, grid: [usize; 2]) -> Self {
+        let output = [s.out_channels, s.output[0], s.output[1]];
+        if s.output[1].is_multiple_of(rows_dot::RUN) {
+            // Each output row of these items where the items' gradient lies in all of it.
+            let mut runs = output_runs(items.len(), output, grid);
+            for run in &mut runs {
+                run.output += items.start * s.output_len();
+            }
+            let rows = (0..s.out_channels).map(|c| c * s.output_pixels()).collect();
+            return OutputGrad {
+                laid: None,
+                in_place: output_grad,
+                rows,
+                runs,
+            };
+        }
+        let laid = Grid::lay(output_grad, output, items, grid, 0, 0);
+        let runs = (0..laid.len)
+            .step_by(rows_dot::RUN)
+            .map(|k| rows_dot::Run {
+                input: k,
+                output: k,
+                len: (laid.len - k).min(rows_dot::RUN),
+            })
+            .collect();
+        let rows = (0..s.out_channels).map(|c| c * laid.len).collect();
+        OutputGrad {
+            laid: Some(laid),
+            in_place: output_grad,
+            rows,
+            runs,
+        }
+    }
+
+    fn values(&self) -> &[f32] {
+        self.laid
+            .as_ref()
+            .map_or(self.in_place, |laid| &laid.values)
     }
 }
 
@@ -285,19 +332,23 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
         .for_each(|(out, items)| {
             let channels = [s.in_channels, s.input[0], s.input[1]];
             let reach = reach(s.kernel, grid[1]);
-            let laid = Grid::lay(x, channels, items, grid, s.lead(), reach);
+            let laid = Grid::lay(x, channels, items.clone(), grid, s.lead(), reach);
             let rows = laid.tap_rows(s.in_channels, s.kernel);
-            let y = rows_dot::combine(
+            let output = [s.out_channels, s.output[0], s.output[1]];
+            let runs = output_runs(items.len(), output, grid);
+            rows_dot::combine(
                 weight,
                 s.out_channels,
                 &laid.values,
                 &rows,
-                laid.len,
+                &runs,
+                out,
+                s.output_pixels(),
                 kernel,
             );
-            read_back(&y, [s.out_channels, s.output[0], s.output[1]], grid[1], out);
         });
-    // SAFETY: the runs' chunks cover the `total` values and `read_back` wrote every one.
+    // SAFETY: the runs' chunks cover the `total` values, and `combine` wrote every one: each
+    // output row of every item is a run's positions of every channel.
     unsafe { out.set_len(total) };
     out
 }
@@ -321,22 +372,18 @@ pub(super) fn weight_grad(x: &[f32], output_grad: &[f32], s: ConvShape) -> Vec<f
             let channels = [s.in_channels, s.input[0], s.input[1]];
             let reach = reach(s.kernel, grid[1]);
             let input = Grid::lay(x, channels, items.clone(), grid, s.lead(), reach);
-            let channels = [s.out_channels, s.output[0], s.output[1]];
-            let dy = Grid::lay(output_grad, channels, items, grid, 0, 0);
+            let dy = OutputGrad::new(output_grad, s, items, grid);
+            let b_rows = input.tap_rows(s.in_channels, s.kernel);
             let mut sums = Sums::new(s.out_channels, s.rows(), kernel);
-            let (a_rows, b_rows) = (
-                dy.channel_rows(s.out_channels),
-                input.tap_rows(s.in_channels, s.kernel),
-            );
             let rows = Rows {
-                a: &dy.values,
-                a_rows: &a_rows,
+                a: dy.values(),
+                a_rows: &dy.rows,
                 b: &input.values,
                 b_rows: &b_rows,
-                len: dy.len,
+                runs: &dy.runs,
             };
             let block = (BLOCK_FLOATS / (s.in_channels + s.out_channels)).min(MAX_BLOCK);
-            sums.add(rows, block);
+            sums.add(rows, (block / rows_dot::RUN).max(1));
             sums.finish()
         })
         .collect();
