@@ -148,8 +148,8 @@ fn batch_norm_training_matches_burn_with_gradients_and_running_statistics() {
             assert_same_grads((&x_ours, &ours_bn, &g_ours), (&x_burn, &burn_bn, &g_burn));
         }
         assert_close(
-            ours_bn.running_mean.value(),
-            burn_bn.running_mean.value(),
+            ours_bn.running_mean.value_sync(),
+            burn_bn.running_mean.value_sync(),
             1e-5,
             "running mean",
         );
@@ -201,6 +201,38 @@ fn batch_norm_relu_training_matches_burn_with_gradients() {
         let g_burn = (y_burn * weights.clone()).sum().backward();
         let g_ours = (y_ours * weights).sum().backward();
         assert_same_grads((&x_ours, &ours_bn, &g_ours), (&x_burn, &burn_bn, &g_burn));
+    }
+}
+
+/// Training steps on different threads (a step run on whichever of rayon's threads is free,
+/// `on_cpu_threads`) move the running statistics exactly as the same steps on one thread:
+/// Burn keeps an update per thread and averages them, which the kernels' update must not leave
+/// pending.
+#[test]
+fn running_statistics_do_not_depend_on_the_thread_a_step_runs_on() {
+    let device = Device::flex().autodiff();
+    let inputs: Vec<Tensor<4>> = (0..3)
+        .map(|i| random([4, 3, 5, 5], i as f32, &device))
+        .collect();
+    let one_thread = batch_norm_layer(3, &device);
+    for x in &inputs {
+        batch_norm(&one_thread, x.clone());
+    }
+    let threads = batch_norm_layer(3, &device);
+    for x in &inputs {
+        std::thread::scope(|scope| {
+            scope.spawn(|| batch_norm(&threads, x.clone()));
+        });
+    }
+    for (what, a, b) in [
+        ("mean", &one_thread.running_mean, &threads.running_mean),
+        ("variance", &one_thread.running_var, &threads.running_var),
+    ] {
+        assert_eq!(
+            bits(a.value_sync()),
+            bits(b.value_sync()),
+            "running {what} after steps on three threads"
+        );
     }
 }
 

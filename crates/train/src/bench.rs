@@ -148,8 +148,11 @@ impl StepBench {
             .mixing
             .apply(images, &self.labels, self.num_classes, &mut self.rng);
         let model = self.model.take().expect("the model is in place");
-        let logits = model.forward_train(mixed.images, &mut self.rng);
-        let (grads, loss) = loss_and_grads(&model, logits, mixed.targets, 1.0);
+        let rng = &mut self.rng;
+        let (grads, loss) = cutmix_kernels::on_cpu_threads(&self.device, || {
+            let logits = model.forward_train(mixed.images, rng);
+            loss_and_grads(&model, logits, mixed.targets, 1.0)
+        });
         self.model = Some(apply_step(
             model,
             &mut self.optimizer,

@@ -99,7 +99,7 @@ pub fn localize(
             .map(|i| to_rgb(&batch.images[i * pixels..(i + 1) * pixels], size, mean, std))
             .collect();
         let (images, labels) = images_tensor(batch, device);
-        let features = model.features(images);
+        let features = cutmix_kernels::on_cpu_threads(device, || model.features(images));
         let [n, channels, h, w] = features.dims();
         let pooled: Tensor<2> = features
             .clone()

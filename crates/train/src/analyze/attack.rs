@@ -53,11 +53,12 @@ impl Attacker {
             &self.device,
         )
         .require_grad();
-        let logits = self.model.forward(input.clone());
+        let logits =
+            cutmix_kernels::on_cpu_threads(&self.device, || self.model.forward(input.clone()));
         let values = host(logits.clone());
         let targets = one_hot(&targets(&values), self.classes, &self.device);
         let loss = cross_entropy_with_logits(logits.div_scalar(temperature), targets);
-        let grads = loss.backward();
+        let grads = cutmix_kernels::on_cpu_threads(&self.device, || loss.backward());
         let gradient = input
             .grad(&grads)
             .expect("the input takes part in the loss");

@@ -49,7 +49,7 @@ impl Subject {
     fn forward(&self, images: Vec<f32>, n: usize, size: usize) -> Tensor<2> {
         let input =
             Tensor::<4>::from_data(TensorData::new(images, [n, 3, size, size]), &self.device);
-        self.model.forward(input)
+        cutmix_kernels::on_cpu_threads(&self.device, || self.model.forward(input))
     }
 
     /// `[n][classes]` logits of `n` normalised `[3][size][size]` images.

@@ -286,8 +286,11 @@ fn run(args: &Args) -> Result<()> {
         );
         let targets = one_hot(&labels, config.num_classes, &device);
         let current = model.take().expect("the model is in place");
-        let logits = current.forward_train(images, &mut rng);
-        let (next, out) = train_step(current, &mut optimizer, logits, targets, 0.1);
+        // As the trainer runs its steps (`on_cpu_threads`).
+        let (next, out) = cutmix_kernels::on_cpu_threads(&device, || {
+            let logits = current.forward_train(images, &mut rng);
+            train_step(current, &mut optimizer, logits, targets, 0.1)
+        });
         model = Some(next);
         if !out.loss.is_finite() {
             bail!("{name}: loss {} at step {step}", out.loss);
@@ -316,7 +319,7 @@ fn evaluate(
             TensorData::new(values.clone(), [batch, 3, side, side]),
             &device,
         );
-        model.forward(images).into_data();
+        cutmix_kernels::on_cpu_threads(&device, || model.forward(images).into_data());
         Ok(())
     })?;
     print_times(name, "\"mode\": \"eval\", ", batch, &times);

@@ -293,20 +293,28 @@ fn train_batch(
     } else {
         &setup.mixing
     };
-    let (logits, targets) = mixed_forward(
-        run.model(),
-        fed.images,
-        fed.labels,
-        setup.num_classes(),
-        mixing,
-        config.augment.at.stage(),
-        &mut mix_rng,
-        &mut model_rng,
-    );
-    let targets = smooth_targets(targets, config.train.label_smoothing);
-    let seen = logits.clone().detach();
-    let scale = 1.0 / config.train.accumulate as f32;
-    let (grads, loss) = loss_and_grads(run.model(), logits, targets, scale);
+    let model = run.model();
+    let (images, labels) = (fed.images, fed.labels);
+    let (num_classes, stage) = (setup.num_classes(), config.augment.at.stage());
+    let train = &config.train;
+    let device = images.device();
+    let (seen, grads, loss) = cutmix_kernels::on_cpu_threads(&device, || {
+        let (logits, targets) = mixed_forward(
+            model,
+            images,
+            labels,
+            num_classes,
+            mixing,
+            stage,
+            &mut mix_rng,
+            &mut model_rng,
+        );
+        let targets = smooth_targets(targets, train.label_smoothing);
+        let seen = logits.clone().detach();
+        let scale = 1.0 / train.accumulate as f32;
+        let (grads, loss) = loss_and_grads(model, logits, targets, scale);
+        (seen, grads, loss)
+    });
     if accumulation.add(run.model(), grads, fed.lr) {
         accumulation.step(run, setup);
     }
@@ -536,7 +544,7 @@ pub fn evaluate(
         let mut batch = batch?;
         tally.skipped.append(&mut batch.skipped);
         if let Some((images, label_ids)) = batch.tensors.take() {
-            let logits = model.forward(images);
+            let logits = cutmix_kernels::on_cpu_threads(device, || model.forward(images));
             let targets = one_hot(&batch.labels, num_classes, device);
             let loss = cross_entropy_with_logits(logits.clone(), targets);
             pending.push(

@@ -208,6 +208,17 @@ pub fn backward(
 pub fn apply_step(
     model: Model,
     optimizer: &mut ModuleOptimizer,
+    grads: GradientsParams,
+    update: Update,
+) -> Model {
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    cutmix_kernels::on_cpu_threads(&device, || update_model(model, optimizer, grads, update))
+}
+
+/// [`apply_step`] on the calling thread.
+fn update_model(
+    model: Model,
+    optimizer: &mut ModuleOptimizer,
     mut grads: GradientsParams,
     update: Update,
 ) -> Model {
