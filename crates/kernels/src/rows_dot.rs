@@ -417,27 +417,38 @@ pub struct Run {
     pub len: usize,
 }
 
+/// [`combine`]'s right operand: rows of `values` by their start offsets (they may overlap: a
+/// convolution's input channels shifted by each tap), read at the runs' `input` offsets.
+#[derive(Clone, Copy)]
+pub struct Shifted<'a> {
+    pub values: &'a [f32],
+    pub rows: &'a [usize],
+    pub runs: &'a [Run],
+}
+
 /// The weighted sums of rows, written in place: for every run, output row `i < m` and
 /// position `p < run.len`,
-/// `out[i * stride + run.output + p] = sum over r of weights[i][r] · b[b_rows[r] + run.input + p]`,
-/// a matrix product whose right operand's rows are offsets into one buffer (a convolution's
-/// shifted input channels) and whose output columns are runs anywhere in `out` (a
-/// convolution's output rows, straight into `[batch, channels, h, w]`, skipping the grid's
-/// padding), with `weights` `[m, rows]`. Every row of `b` must be readable for [`RUN`] values
-/// from every run's `input` (the AVX2 kernel loads whole registers and stores only the run's
-/// positions); the runs must not overlap in `out`. Writes every value it addresses and no
-/// other.
-#[allow(clippy::too_many_arguments)]
+/// `out[i * stride + run.output + p] = sum over r of weights[i][r] · b[rows[r] + run.input + p]`
+/// (`b`, `rows` = `input.values`, `input.rows`), a matrix product whose right operand's rows are offsets into one
+/// buffer (a convolution's shifted input channels) and whose output columns are runs anywhere
+/// in `out` (a convolution's output rows, straight into `[batch, channels, h, w]`, skipping
+/// the grid's padding), with `weights` `[m, rows]`. Every row of `b` must be readable for
+/// [`RUN`] values from every run's `input` (the AVX2 kernel loads whole registers and stores
+/// only the run's positions); the runs must not overlap in `out`. Writes every value it
+/// addresses and no other.
 pub fn combine(
     weights: &[f32],
     m: usize,
-    b: &[f32],
-    b_rows: &[usize],
-    runs: &[Run],
+    input: Shifted,
     out: &mut [MaybeUninit<f32>],
     stride: usize,
     kernel: Kernel,
 ) {
+    let Shifted {
+        values: b,
+        rows: b_rows,
+        runs,
+    } = input;
     let rows = b_rows.len();
     assert_eq!(weights.len(), m * rows, "weights [m, rows]");
     if m == 0 || runs.is_empty() {
@@ -487,7 +498,7 @@ pub fn combine(
                 }
             }
         }
-        _ => combine_portable(weights, m, b, b_rows, runs, out, stride),
+        _ => combine_portable(weights, m, input, out, stride),
     }
 }
 
@@ -535,12 +546,15 @@ impl Target {
 fn combine_portable(
     weights: &[f32],
     m: usize,
-    b: &[f32],
-    b_rows: &[usize],
-    runs: &[Run],
+    input: Shifted,
     out: &mut [MaybeUninit<f32>],
     stride: usize,
 ) {
+    let Shifted {
+        values: b,
+        rows: b_rows,
+        runs,
+    } = input;
     let rows = b_rows.len();
     for run in runs {
         for i in 0..m {
@@ -822,7 +836,12 @@ mod tests {
             let b_rows: Vec<usize> = (0..rows).map(|r| r * 4 + r % 3).collect();
             for kernel in Kernel::available() {
                 let mut out = vec![MaybeUninit::new(f32::NAN); m * stride];
-                combine(&weights, m, &b, &b_rows, &runs, &mut out, stride, kernel);
+                let input = Shifted {
+                    values: &b,
+                    rows: &b_rows,
+                    runs: &runs,
+                };
+                combine(&weights, m, input, &mut out, stride, kernel);
                 // SAFETY: every value was initialised (NaN, or written).
                 let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
                 let mut written = vec![false; got.len()];
