@@ -736,6 +736,20 @@ mod tests {
             .collect()
     }
 
+    /// `lines` lines of `width` points cut into runs of up to 16, the lines `[input, output]`
+    /// values apart.
+    fn lines_of_runs(lines: usize, width: usize, [input, output]: [usize; 2]) -> Vec<Run> {
+        (0..lines)
+            .flat_map(|line| {
+                (0..width).step_by(RUN).map(move |p| Run {
+                    input: line * input + p,
+                    output: line * output + p,
+                    len: (width - p).min(RUN),
+                })
+            })
+            .collect()
+    }
+
     /// Every kernel this CPU runs (AVX-512, AVX2 + FMA, portable) against f64 sums, with row
     /// counts that leave partial tiles, overlapping rows, runs of 16 and fewer (under 8, and
     /// between 8 and 16), blocks of fewer runs than a row, and two `add`s into the same sums.
@@ -752,15 +766,7 @@ mod tests {
             (4, 4, 45, 3, 3),
         ] {
             // Each line of a `width + 1` values apart, of b `width + 4` apart.
-            let runs: Vec<Run> = (0..lines)
-                .flat_map(|line| {
-                    (0..width).step_by(RUN).map(move |p| Run {
-                        input: line * (width + 4) + p,
-                        output: line * (width + 1) + p,
-                        len: (width - p).min(RUN),
-                    })
-                })
-                .collect();
+            let runs = lines_of_runs(lines, width, [width + 4, width + 1]);
             let a = values(m * 11 + lines * (width + 1), 1);
             let b = values(n * 5 + lines * (width + 4) + 2, 2);
             let a_rows: Vec<usize> = (0..m).map(|i| i * 11).collect();
@@ -822,15 +828,7 @@ mod tests {
         ] {
             let weights = values(m * rows, 3);
             // Each line's input `width + 3` values apart, its output `width + 2` apart.
-            let runs: Vec<Run> = (0..lines)
-                .flat_map(|line| {
-                    (0..width).step_by(RUN).map(move |p| Run {
-                        input: line * (width + 3) + p,
-                        output: line * (width + 2) + p,
-                        len: (width - p).min(RUN),
-                    })
-                })
-                .collect();
+            let runs = lines_of_runs(lines, width, [width + 3, width + 2]);
             let stride = lines * (width + 2) + 1;
             let b = values(rows * 4 + lines * (width + 3) + RUN + 3, 4);
             let b_rows: Vec<usize> = (0..rows).map(|r| r * 4 + r % 3).collect();
