@@ -415,6 +415,25 @@ fn zeroed(values: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { &mut *(values as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
+/// `total` floats, `chunk` at a time on every thread: each chunk zeroed ([`zeroed`]) by the
+/// thread that then runs `fill(state, its index, it)`, with a `state` per rayon job from
+/// `init`, as `for_each_init`.
+fn zeroed_chunks<S>(
+    total: usize,
+    chunk: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut values = Vec::with_capacity(total);
+    values.spare_capacity_mut()[..total]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each_init(init, |state, (i, chunk)| fill(state, i, zeroed(chunk)));
+    // SAFETY: every chunk of the `total` values was zeroed above.
+    unsafe { values.set_len(total) };
+    values
+}
+
 /// The gradient of the weight, `[out_channels, in_channels, kernel_h, kernel_w]` row-major.
 pub fn weight_grad(x: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<f32> {
     let s = shape;

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::{
     ConvShape, copy_short, flipped, fold, matmul, row_stride, split, sum, unfold, valid_outputs,
+    zeroed_chunks,
 };
 
 /// Output maps with fewer pixels than this run in groups of items.
@@ -104,42 +105,39 @@ pub(super) fn forward(x: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
 /// [`forward`] through im2col, a group of items per GEMM, with the weight `[out_channels,
 /// rows]` given by its values and (row, column) strides.
 fn unfolded_forward(x: &[f32], (weight, strides): (&[f32], [usize; 2]), s: ConvShape) -> Vec<f32> {
-    let mut output = vec![0f32; s.batch * s.output_len()];
     let group = s.group();
     let (_, parallelism) = split(s.batch.div_ceil(group));
     let (rows, pixels) = (s.rows(), s.output_pixels());
-    output
-        .par_chunks_mut(group * s.output_len())
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(cols, staged), (g, out)| {
-                let items = out.len() / s.output_len();
-                let width = items * pixels;
-                cols.resize(rows * width, 0.0);
-                for i in 0..items {
-                    let n = g * group + i;
-                    let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
-                    unfold(image, s, cols, width, i * pixels);
-                }
-                staged.resize(s.out_channels * width, 0.0);
-                // SAFETY: staged is [out_channels, width] and cols [rows, width], row-major,
-                // weight [out_channels, rows] at its strides (the caller's); staged is a buffer
-                // of its own.
-                unsafe {
-                    matmul(
-                        [s.out_channels, width, rows],
-                        (staged.as_mut_ptr(), [width, 1]),
-                        false,
-                        (weight.as_ptr(), strides),
-                        (cols.as_ptr(), [width, 1]),
-                        parallelism,
-                    );
-                }
-                scatter(staged, s.out_channels, pixels, out);
-            },
-        );
-    output
+    zeroed_chunks(
+        s.batch * s.output_len(),
+        group * s.output_len(),
+        || (Vec::new(), Vec::new()),
+        |(cols, staged), g, out| {
+            let items = out.len() / s.output_len();
+            let width = items * pixels;
+            cols.resize(rows * width, 0.0);
+            for i in 0..items {
+                let n = g * group + i;
+                let image = &x[n * s.input_len()..(n + 1) * s.input_len()];
+                unfold(image, s, cols, width, i * pixels);
+            }
+            staged.resize(s.out_channels * width, 0.0);
+            // SAFETY: staged is [out_channels, width] and cols [rows, width], row-major,
+            // weight [out_channels, rows] at its strides (the caller's); staged is a buffer
+            // of its own.
+            unsafe {
+                matmul(
+                    [s.out_channels, width, rows],
+                    (staged.as_mut_ptr(), [width, 1]),
+                    false,
+                    (weight.as_ptr(), strides),
+                    (cols.as_ptr(), [width, 1]),
+                    parallelism,
+                );
+            }
+            scatter(staged, s.out_channels, pixels, out);
+        },
+    )
 }
 
 /// [`super::input_grad`] in groups of items ([`ConvShape::runs_in_groups`]): for stride 1 the
@@ -164,55 +162,52 @@ pub(super) fn input_grad(weight: &[f32], output_grad: &[f32], s: ConvShape) -> V
             ),
         };
     }
-    let mut x_grad = vec![0f32; s.batch * s.input_len()];
     let group = s.group();
     let (_, parallelism) = split(s.batch.div_ceil(group));
     let (rows, pixels) = (s.rows(), s.output_pixels());
     let pointwise = s.is_pointwise();
-    x_grad
-        .par_chunks_mut(group * s.input_len())
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(dy, dcols, item_cols), (g, dx)| {
-                let items = dx.len() / s.input_len();
-                let width = items * pixels;
-                let first = g * group * s.output_len();
-                gather(
-                    &output_grad[first..first + items * s.output_len()],
-                    s.out_channels,
-                    pixels,
-                    dy,
+    zeroed_chunks(
+        s.batch * s.input_len(),
+        group * s.input_len(),
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(dy, dcols, item_cols), g, dx| {
+            let items = dx.len() / s.input_len();
+            let width = items * pixels;
+            let first = g * group * s.output_len();
+            gather(
+                &output_grad[first..first + items * s.output_len()],
+                s.out_channels,
+                pixels,
+                dy,
+            );
+            dcols.resize(rows * width, 0.0);
+            // SAFETY: dcols is [rows, width] row-major, weight [out_channels, rows] read as
+            // its transpose [rows, out_channels], dy [out_channels, width]; dcols is a
+            // buffer of its own.
+            unsafe {
+                matmul(
+                    [rows, width, s.out_channels],
+                    (dcols.as_mut_ptr(), [width, 1]),
+                    false,
+                    (weight.as_ptr(), [1, rows]),
+                    (dy.as_ptr(), [width, 1]),
+                    parallelism,
                 );
-                dcols.resize(rows * width, 0.0);
-                // SAFETY: dcols is [rows, width] row-major, weight [out_channels, rows] read as
-                // its transpose [rows, out_channels], dy [out_channels, width]; dcols is a
-                // buffer of its own.
-                unsafe {
-                    matmul(
-                        [rows, width, s.out_channels],
-                        (dcols.as_mut_ptr(), [width, 1]),
-                        false,
-                        (weight.as_ptr(), [1, rows]),
-                        (dy.as_ptr(), [width, 1]),
-                        parallelism,
-                    );
+            }
+            if pointwise {
+                scatter(dcols, rows, pixels, dx);
+                return;
+            }
+            // Each item's columns, contiguous, folded into its gradient.
+            for (i, dx) in dx.chunks_exact_mut(s.input_len()).enumerate() {
+                item_cols.resize(rows * pixels, 0.0);
+                for (r, row) in item_cols.chunks_exact_mut(pixels).enumerate() {
+                    row.copy_from_slice(&dcols[r * width + i * pixels..][..pixels]);
                 }
-                if pointwise {
-                    scatter(dcols, rows, pixels, dx);
-                    return;
-                }
-                // Each item's columns, contiguous, folded into its gradient.
-                for (i, dx) in dx.chunks_exact_mut(s.input_len()).enumerate() {
-                    item_cols.resize(rows * pixels, 0.0);
-                    for (r, row) in item_cols.chunks_exact_mut(pixels).enumerate() {
-                        row.copy_from_slice(&dcols[r * width + i * pixels..][..pixels]);
-                    }
-                    fold(item_cols, s, dx);
-                }
-            },
-        );
-    x_grad
+                fold(item_cols, s, dx);
+            }
+        },
+    )
 }
 
 /// Output columns `ox` that read the same kernel columns `kw` (all of the input: stride 1).
@@ -373,25 +368,22 @@ impl ValidTaps {
     /// The output of every item, `[batch, out_channels, oh, ow]`, by `weight` ([`by_tap`]).
     fn forward(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
         let s = self.s;
-        let mut output = vec![0f32; s.batch * s.output_len()];
         let group = self.group();
         let (_, parallelism) = split(s.batch);
-        output
-            .par_chunks_mut(group * s.output_len())
-            .enumerate()
-            .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(band, staged), (g, out)| {
-                    let items = out.len() / s.output_len();
-                    let first = g * group * s.input_len();
-                    let x = &x[first..first + items * s.input_len()];
-                    staged.clear();
-                    staged.resize(s.out_channels * items * s.output_pixels(), 0.0);
-                    self.multiply(x, items, weight, band, staged, parallelism);
-                    self.scatter(staged, items, out);
-                },
-            );
-        output
+        zeroed_chunks(
+            s.batch * s.output_len(),
+            group * s.output_len(),
+            || (Vec::new(), Vec::new()),
+            |(band, staged), g, out| {
+                let items = out.len() / s.output_len();
+                let first = g * group * s.input_len();
+                let x = &x[first..first + items * s.input_len()];
+                staged.clear();
+                staged.resize(s.out_channels * items * s.output_pixels(), 0.0);
+                self.multiply(x, items, weight, band, staged, parallelism);
+                self.scatter(staged, items, out);
+            },
+        )
     }
 
     /// The weight gradient, `[out_channels, in_channels, kh, kw]`: one partial sum per group.
