@@ -603,13 +603,9 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], runs: &[Run]
             for tile in 0..tiles {
                 let weights = packed[(tile * rows + r0) * ROWS..].as_ptr();
                 let live = to.live(tile, ROWS);
-                for run in block {
-                    // Lane `l` of half `h` is in the run where `8 h + l < len`.
-                    let len = _mm256_set1_epi32(run.len as i32);
-                    let masks = [
-                        _mm256_cmpgt_epi32(len, lanes),
-                        _mm256_cmpgt_epi32(len, _mm256_add_epi32(lanes, _mm256_set1_epi32(8))),
-                    ];
+                // One run's sums into place, `masks` keeping its accesses to the output to the
+                // run's positions.
+                let step = |run: &Run, masks: [__m256i; 2]| {
                     // SAFETY: every row of b holds `RUN` values from the run's input; output
                     // rows `tile * ROWS + lane` for `lane < live` exist, and the masks keep
                     // their accesses to the run's `len` positions (the caller's contract).
@@ -639,6 +635,25 @@ unsafe fn combine_avx2(packed: &[f32], b: &[f32], b_rows: &[usize], runs: &[Run]
                                 _mm256_maskstore_ps(at(lane).add(8 * h), masks[h], sum);
                             }
                         }
+                    }
+                };
+                // Whole runs with a constant mask, so plain loads and stores once inlined (a
+                // masked store is microcoded on AMD's Zen 2 and Zen 3).
+                let all = _mm256_set1_epi32(-1);
+                for run in block {
+                    if run.len == RUN {
+                        step(run, [all, all]);
+                    } else {
+                        // Lane `l` of half `h` is in the run where `8 h + l < len`.
+                        let len = _mm256_set1_epi32(run.len as i32);
+                        let high = _mm256_add_epi32(lanes, _mm256_set1_epi32(8));
+                        step(
+                            run,
+                            [
+                                _mm256_cmpgt_epi32(len, lanes),
+                                _mm256_cmpgt_epi32(len, high),
+                            ],
+                        );
                     }
                 }
             }
