@@ -358,8 +358,6 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     if s.input_grad_runs_by_pixel() {
         return by_pixel::input_grad(weight, output_grad, s);
     }
-    let total = s.batch * s.input_len();
-    let mut x_grad = Vec::with_capacity(total);
     let (_, parallelism) = split(s.batch);
     let (rows, pixels) = (s.rows(), s.output_pixels());
     let weight_rows = if s.unfolds_padded() {
@@ -367,11 +365,11 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
     } else {
         Vec::new()
     };
-    x_grad.spare_capacity_mut()[..total]
-        .par_chunks_mut(s.input_len())
-        .enumerate()
-        .for_each_init(Vec::new, |dcols, (n, dx)| {
-            let dx = zeroed(dx);
+    zeroed_chunks(
+        s.batch * s.input_len(),
+        s.input_len(),
+        Vec::new,
+        |dcols, n, dx| {
             let dy = &output_grad[n * s.output_len()..(n + 1) * s.output_len()];
             if s.unfolds_padded() {
                 shifted::input_grad_image(&weight_rows, dy, s, dcols, dx, parallelism);
@@ -400,10 +398,8 @@ pub fn input_grad(weight: &[f32], output_grad: &[f32], shape: ConvShape) -> Vec<
             if !pointwise {
                 fold(dcols, s, dx);
             }
-        });
-    // SAFETY: every image's gradient was zeroed (then written) above.
-    unsafe { x_grad.set_len(total) };
-    x_grad
+        },
+    )
 }
 
 /// Zeroes `values` and returns them as floats: done by the thread that then fills them, while

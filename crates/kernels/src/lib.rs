@@ -214,7 +214,8 @@ pub fn on_flex(device: &Device) -> bool {
 /// (waking them through the kernel) and sleeps until they are done, a round trip per op, some
 /// hundred a training step. Called from a thread of the pool, the kernel runs its loop there,
 /// with the other threads joining from their queues, and the thread that called it stays busy.
-/// On an Intel Xeon (2 threads) CIFAR ResNet-20's training step ran 95-99 -> 92-96 ms.
+/// On an Intel Xeon (2 threads) CIFAR ResNet-20's training step ran 103.7-108.2 -> 101.0-102.3 ms
+/// (medians of 12 steps, four rounds alternated; BENCHMARKS.md).
 /// Keep what must stay on the calling thread (MPI, which is initialised for the main thread
 /// alone) out of `work`.
 pub fn on_cpu_threads<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
